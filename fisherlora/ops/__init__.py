@@ -1,0 +1,172 @@
+"""The curvature ops (DESIGN.md §3), with backend dispatch.
+
+Every op validates its arguments here, once, whatever the backend, so that all backends raise
+the same clear errors; then :mod:`fisherlora.ops.dispatch` picks the implementation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fisherlora.ops import dispatch
+from fisherlora.ops.reference import pack_triu, packed_dim, packed_size, symmetrize_, unpack_triu
+
+__all__ = [
+    "syrk_accumulate_",
+    "fisher_energy",
+    "projected_sq_accumulate_",
+    "symmetrize_",
+    "pack_triu",
+    "unpack_triu",
+    "packed_size",
+    "packed_dim",
+    "available_backends",
+]
+
+available_backends = dispatch.available_backends
+
+_INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_mask(mask: torch.Tensor | None, x: torch.Tensor, op: str) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.device != x.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but x is on {x.device}")
+    if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        raise TypeError(f"{op}: mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
+    if mask.shape != x.shape[:-1]:
+        if mask.numel() != x[..., 0].numel():
+            raise ValueError(
+                f"{op}: mask of shape {tuple(mask.shape)} does not match the token dims "
+                f"{tuple(x.shape[:-1])} of x"
+            )
+        mask = mask.reshape(x.shape[:-1])
+    return mask
+
+
+def _check_x(x: torch.Tensor, op: str) -> None:
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{op}: x must be bf16/fp16/fp32/fp64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have shape (..., d), got a scalar")
+
+
+def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str) -> None:
+    if acc.dtype not in _ACC_DTYPES:
+        raise TypeError(f"{op}: acc must be float32 (or float64 for references), got {acc.dtype}")
+    if acc.device != x.device:
+        raise ValueError(f"{op}: acc is on {acc.device} but x is on {x.device}")
+    if not acc.is_contiguous():
+        raise ValueError(f"{op}: acc must be contiguous")
+
+
+def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     scale: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """Accumulate a masked, scaled Gram matrix: ``acc += scale · x_mᵀ x_m`` in place.
+
+    This is the K-FAC factor update (``A += aaᵀ`` for layer inputs, ``G += ggᵀ`` for output
+    gradients; Martens & Grosse 2015, eq. 1; DESIGN.md §1 step 1).
+
+    Args:
+        acc: float32 (float64 for references) accumulator on ``x``'s device, either dense
+            ``(d, d)`` or the packed upper triangle ``(d(d+1)/2,)`` (layout in
+            :mod:`fisherlora.ops.reference`). For a dense ``acc`` only the upper triangle
+            (diagonal included) is guaranteed after the call; call :func:`symmetrize_` once when
+            accumulation is finished.
+        x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references), any strides.
+        mask: optional ``x.shape[:-1]`` bool or 0/1 integer tensor; rows where it is false are
+            skipped (no gathered copy of ``x`` is made by the fast backends).
+        scale: multiplies the update (a Python float).
+        backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"triton"`` or ``"ext"``.
+
+    Returns:
+        ``acc``.
+
+    Raises:
+        TypeError: wrong dtype of ``acc``, ``x`` or ``mask``.
+        ValueError: shapes or devices that do not match.
+        RuntimeError: an explicitly requested backend is unavailable.
+    """
+    op = "syrk_accumulate_"
+    _check_x(x, op)
+    _check_acc(acc, x, op)
+    d = x.shape[-1]
+    if acc.shape not in ((d, d), (packed_size(d),)):
+        raise ValueError(
+            f"{op}: acc must be ({d}, {d}) or packed ({packed_size(d)},) for x with d={d}, "
+            f"got {tuple(acc.shape)}"
+        )
+    mask = _check_mask(mask, x, op)
+    _, fn = dispatch.resolve(op, backend, x.device)
+    fn(acc, x, mask, float(scale))
+    return acc
+
+
+def fisher_energy(M: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Per-column curvature ``e_j = q_jᵀ M q_j``, i.e. ``diag(Qᵀ M Q)``.
+
+    With ``M = G`` and ``Q = U`` (left singular vectors) and ``M = A``, ``Q = V`` this gives the
+    two factors of the Fisher energy ``e_i = (u_iᵀ G u_i)(v_iᵀ A v_i)`` of the direction
+    ``u_i v_iᵀ`` under ``F ≈ A ⊗ G`` (DESIGN.md §1 step 3).
+
+    Args:
+        M: symmetric float32/float64 matrix, dense ``(d, d)`` (both triangles read) or packed
+            upper triangle ``(d(d+1)/2,)``.
+        Q: ``(d, k)`` directions, fp32/fp64 or bf16/fp16.
+        backend: as in :func:`syrk_accumulate_`.
+
+    Returns:
+        ``(k,)`` tensor, float32 (float64 if ``M`` is float64), on ``M``'s device.
+
+    Raises:
+        TypeError, ValueError: wrong dtypes, shapes or devices.
+    """
+    op = "fisher_energy"
+    if M.dtype not in _ACC_DTYPES:
+        raise TypeError(f"{op}: M must be float32 or float64, got {M.dtype}")
+    if Q.dtype not in _INPUT_DTYPES or Q.dim() != 2:
+        raise TypeError(f"{op}: Q must be a (d, k) floating tensor, got {Q.dtype} {tuple(Q.shape)}")
+    if M.device != Q.device:
+        raise ValueError(f"{op}: M is on {M.device} but Q is on {Q.device}")
+    d = Q.shape[0]
+    if M.shape not in ((d, d), (packed_size(d),)):
+        raise ValueError(f"{op}: M must be ({d}, {d}) or packed ({packed_size(d)},), got {tuple(M.shape)}")
+    _, fn = dispatch.resolve(op, backend, M.device)
+    return fn(M, Q)
+
+
+def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor,
+                             mask: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+    """Accumulate squared projections: ``acc += Σ_t (Qᵀ x_t)²`` over unmasked rows, in place.
+
+    Summed over a calibration set this is ``diag(Qᵀ (Σ_t x_t x_tᵀ) Q)`` without ever forming the
+    ``(d, d)`` factor: the projected memory mode (DESIGN.md §4).
+
+    Args:
+        acc: ``(k,)`` float32 (float64 for references) accumulator on ``x``'s device.
+        x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references).
+        Q: ``(d, k)`` directions (fp32/fp64, or bf16/fp16).
+        mask: optional ``x.shape[:-1]`` bool or 0/1 tensor of the rows to count.
+        backend: as in :func:`syrk_accumulate_`.
+
+    Returns:
+        ``acc``.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: as :func:`syrk_accumulate_`.
+    """
+    op = "projected_sq_accumulate_"
+    _check_x(x, op)
+    _check_acc(acc, x, op)
+    if Q.dim() != 2 or Q.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: Q must be (d={x.shape[-1]}, k), got {tuple(Q.shape)}")
+    if Q.device != x.device:
+        raise ValueError(f"{op}: Q is on {Q.device} but x is on {x.device}")
+    if acc.shape != (Q.shape[1],):
+        raise ValueError(f"{op}: acc must be ({Q.shape[1]},), got {tuple(acc.shape)}")
+    mask = _check_mask(mask, x, op)
+    _, fn = dispatch.resolve(op, backend, x.device)
+    fn(acc, x, Q, mask)
+    return acc

@@ -1,0 +1,117 @@
+"""Backend selection for the curvature ops. The only module that knows which backends exist.
+
+A backend is a module exposing the three op functions with the reference signatures
+(``syrk_accumulate_(acc, x, mask, scale)``, ``fisher_energy(M, Q)``,
+``projected_sq_accumulate_(acc, x, Q, mask)``) and ``supports(device_type) -> bool``:
+
+- ``torch``: :mod:`fisherlora.ops.reference`, always there, any device, float64-capable.
+- ``triton``: :mod:`fisherlora.kernels` (GPU; on CPU only under ``TRITON_INTERPRET=1``).
+- ``ext``: :mod:`fisherlora.ops.ext`, the compiled extension ``fisherlora._C``
+  (C++ on CPU always, CUDA when built with a toolkit).
+
+Backends are imported lazily, on first use, so ``import fisherlora`` neither needs Triton or the
+extension nor touches CUDA. A backend that fails to import is reported once (a warning naming the
+cause) and ``backend="auto"`` falls back to the next one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "triton", "ext")
+OPS = ("syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_")
+
+#: ``backend="auto"`` tries these in order, by device type (first available wins).
+AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
+
+_MODULES = {
+    "torch": "fisherlora.ops.reference",
+    "triton": "fisherlora.kernels",
+    "ext": "fisherlora.ops.ext",
+}
+_HOW_TO_GET = {
+    "triton": "install it with `pip install triton` (on CPU, set TRITON_INTERPRET=1 for tests)",
+    "ext": "rebuild with `pip install --no-build-isolation -e .` after installing torch",
+}
+
+_loaded: dict[str, ModuleType | None] = {}
+_errors: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+def _load(backend: str) -> ModuleType | None:
+    if backend not in _loaded:
+        try:
+            _loaded[backend] = importlib.import_module(_MODULES[backend])
+        except Exception as exc:  # ImportError, or a broken build raising something else
+            _loaded[backend] = None
+            _errors[backend] = f"{type(exc).__name__}: {exc}"
+    return _loaded[backend]
+
+
+def _supports(module: ModuleType, device_type: str) -> bool:
+    if module.__name__ == _MODULES["torch"]:
+        return True
+    return bool(module.supports(device_type))
+
+
+def load_error(backend: str) -> str | None:
+    """Why ``backend`` could not be imported (``None`` if it imported or was never tried)."""
+    _load(backend)
+    return _errors.get(backend)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends usable for tensors on ``device``, in ``backend="auto"`` preference order."""
+    device_type = torch.device(device).type
+    order = AUTO_ORDER.get(device_type, ("torch",))
+    if device_type == "cpu":
+        order = order + ("triton",)  # usable on CPU only through the interpreter; never auto
+    found = []
+    for name in order:
+        module = _load(name)
+        if module is not None and _supports(module, device_type):
+            found.append(name)
+    return found
+
+
+def resolve(op: str, backend: str, device: torch.device) -> tuple[str, callable]:
+    """The ``(backend name, function)`` that runs ``op`` for tensors on ``device``.
+
+    Raises ``ValueError`` for an unknown op or backend name, ``RuntimeError`` when an explicitly
+    requested backend is not available (naming the cause and how to get it).
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    device_type = device.type
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("torch",)):
+            module = _load(name)
+            if module is None:
+                if name not in _warned and name != "torch":
+                    _warned.add(name)
+                    warnings.warn(
+                        f"fisherlora: the {name!r} backend is unavailable ({_errors[name]}); "
+                        f"falling back. To use it, {_HOW_TO_GET[name]}.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                continue
+            if _supports(module, device_type):
+                return name, getattr(module, op)
+        raise RuntimeError(f"no backend supports {op} on device type {device_type!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(
+            f"fisherlora backend {backend!r} is unavailable: {_errors[backend]}. "
+            f"To use it, {_HOW_TO_GET.get(backend, '')}."
+        )
+    if not _supports(module, device_type):
+        raise RuntimeError(f"fisherlora backend {backend!r} does not support {device_type!r} tensors")
+    return backend, getattr(module, op)

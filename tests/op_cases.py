@@ -1,0 +1,130 @@
+"""One parametrisation of the curvature ops' correctness cases, shared by every backend's tests.
+
+Each backend test module imports :data:`SYRK_CASES`, :data:`ENERGY_CASES` and
+:data:`PROJECTED_CASES` and checks its backend against the float64 reference with
+:func:`assert_close_to_reference`; none of them re-declares the matrix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+D_VALUES = (1, 7, 64, 129, 300)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LAYOUTS = ("dense", "packed")
+TOKENS = (0, 1, 37)
+LEADING = ("flat", "batched", "strided")  # (T, d), (B, T, d), and a non-contiguous view
+MASKS = ("none", "all_false", "random")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    d: int
+    dtype: torch.dtype
+    layout: str
+    tokens: int
+    leading: str
+    mask: str
+    k: int = 0  # number of directions for fisher_energy / projected ops
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"d{self.d}-{dt}-{self.layout}-T{self.tokens}-{self.leading}-mask_{self.mask}"
+
+    def make_x(self, device="cpu", seed=0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inputs ``x`` with the case's leading shape and dtype, and its mask (or None)."""
+        g = torch.Generator().manual_seed(seed * 7919 + self.d * 31 + self.tokens)
+        T, d = self.tokens, self.d
+        if self.leading == "flat":
+            x = torch.randn(T, d, generator=g)
+        elif self.leading == "batched":
+            # split T tokens into a (B, T', d) block, padding with extra rows the mask may drop
+            B = 2 if T > 1 else 1
+            Tp = -(-T // B)
+            x = torch.randn(B, Tp, d, generator=g)
+        else:  # strided: a transposed (d, T) buffer seen as (T, d), plus a column step
+            x = torch.randn(d, 2 * T, generator=g).mT[::2]
+        x = x.to(self.dtype).to(device)
+        token_shape = x.shape[:-1]
+        if self.mask == "none":
+            mask = None
+        elif self.mask == "all_false":
+            mask = torch.zeros(token_shape, dtype=torch.bool, device=device)
+        else:
+            mask = (torch.rand(token_shape, generator=g) > 0.4).to(device)
+        return x, mask
+
+    def make_q(self, device="cpu", seed=0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + 17 * self.d)
+        q, _ = torch.linalg.qr(torch.randn(self.d, max(self.d, self.k), generator=g, dtype=torch.float64))
+        return q[:, : self.k].float().to(device)
+
+    def make_sym(self, device="cpu", seed=0) -> torch.Tensor:
+        """A float32 SPD ``(d, d)`` matrix, dense or packed per the case."""
+        g = torch.Generator().manual_seed(seed + 101 * self.d)
+        a = torch.randn(self.d, self.d + 3, generator=g, dtype=torch.float64)
+        M = (a @ a.mT / self.d).float().to(device)
+        if self.layout == "packed":
+            from fisherlora.ops import pack_triu
+
+            return pack_triu(M)
+        return M
+
+
+def _cover(dims_full, dims_cycled):
+    """Full product over ``dims_full``; the ``dims_cycled`` values rotate so each is covered."""
+    cycled = list(itertools.product(*dims_cycled))
+    out = []
+    for n, full in enumerate(itertools.product(*dims_full)):
+        out.append(full + cycled[n % len(cycled)])
+    return out
+
+
+def _cases(with_k: bool) -> list:
+    cases = []
+    for d, dtype, layout, tokens, leading, mask in _cover((D_VALUES, DTYPES, LAYOUTS), (TOKENS, LEADING, MASKS)):
+        k = max(1, d // 2 + 1) if with_k else 0
+        c = OpCase(d, dtype, layout, tokens, leading, mask, k)
+        cases.append(pytest.param(c, id=c.id))
+    return cases
+
+
+SYRK_CASES = _cases(with_k=False)
+ENERGY_CASES = [p for p in _cases(with_k=True) if p.values[0].mask == "none"] + [
+    p for p in _cases(with_k=True) if p.values[0].d in (64, 129) and p.values[0].mask != "none"
+]
+PROJECTED_CASES = [p for p in _cases(with_k=True) if p.values[0].layout == "dense"]
+
+
+def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor,
+                              name: str = "", factor: float = 2.0, rel_floor: float = 1e-6) -> None:
+    """Check a backend's result against the float64 reference, with a measured tolerance.
+
+    A low-precision backend may be at most ``factor`` times as far from the float64 reference as
+    PyTorch's own result at the same precision (``torch_out``), plus a floor of ``rel_floor``
+    times the reference's scale (STYLE.md point 3). The message names the mismatch count, the
+    worst index and any NaN/inf.
+    """
+    out64 = out.detach().to(torch.float64).cpu()
+    ref64 = ref64.detach().to(torch.float64).cpu()
+    torch_err = (torch_out.detach().to(torch.float64).cpu() - ref64).abs().max().item() if ref64.numel() else 0.0
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    tol = factor * torch_err + rel_floor * max(scale, 1.0)
+    assert out64.shape == ref64.shape, f"{name}: shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
+    bad_finite = ~torch.isfinite(out64)
+    assert not bad_finite.any(), f"{name}: {int(bad_finite.sum())} non-finite values, first at {bad_finite.nonzero()[0].tolist()}"
+    err = (out64 - ref64).abs()
+    if err.numel() and err.max().item() > tol:
+        n_bad = int((err > tol).sum())
+        worst = err.flatten().argmax().item()
+        idx = torch.unravel_index(torch.tensor(worst), err.shape)
+        raise AssertionError(
+            f"{name}: {n_bad}/{err.numel()} elements beyond tol {tol:.3e} (torch's own error {torch_err:.3e}); "
+            f"worst {err.max().item():.3e} at {tuple(int(i) for i in idx)}: got {out64.flatten()[worst].item():.6e}, "
+            f"reference {ref64.flatten()[worst].item():.6e}"
+        )
