@@ -57,6 +57,9 @@ class OpCase:
             mask = torch.zeros(token_shape, dtype=torch.bool, device=device)
         else:
             mask = (torch.rand(token_shape, generator=g) > 0.4).to(device)
+        if mask is not None:
+            # masked-out rows (padding) may hold anything: a backend must never read them
+            x = x.masked_fill(~mask.unsqueeze(-1), float("nan"))
         return x, mask
 
     def make_q(self, device="cpu", seed=0) -> torch.Tensor:

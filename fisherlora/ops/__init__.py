@@ -77,7 +77,8 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
             accumulation is finished.
         x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references), any strides.
         mask: optional ``x.shape[:-1]`` bool or 0/1 integer tensor; rows where it is false are
-            skipped (no gathered copy of ``x`` is made by the fast backends).
+            skipped (no gathered copy of ``x`` is made by the fast backends) and never read:
+            NaN/inf in masked-out rows (e.g. padding) do not reach ``acc``.
         scale: multiplies the update (a Python float).
         backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"triton"`` or ``"ext"``.
 
@@ -148,7 +149,8 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
         acc: ``(k,)`` float32 (float64 for references) accumulator on ``x``'s device.
         x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references).
         Q: ``(d, k)`` directions (fp32/fp64, or bf16/fp16).
-        mask: optional ``x.shape[:-1]`` bool or 0/1 tensor of the rows to count.
+        mask: optional ``x.shape[:-1]`` bool or 0/1 tensor of the rows to count; masked-out rows
+            are never read (NaN/inf there do not propagate).
         backend: as in :func:`syrk_accumulate_`.
 
     Returns:

@@ -70,10 +70,13 @@ def symmetrize_(acc: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as ``(T, d)`` in ``dtype`` with masked-out rows zeroed (reference only: it copies)."""
+    """``x`` as ``(T, d)`` in ``dtype`` with masked-out rows zeroed (reference only: it copies).
+
+    ``torch.where`` rather than a product, so NaN/inf in masked-out rows never propagate.
+    """
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     if mask is not None:
-        x2 = x2 * mask.reshape(-1, 1).to(dtype)
+        x2 = torch.where(mask.reshape(-1, 1).bool(), x2, 0)
     return x2
 
 
