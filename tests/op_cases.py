@@ -41,15 +41,14 @@ class OpCase:
         g = torch.Generator().manual_seed(seed * 7919 + self.d * 31 + self.tokens)
         T, d = self.tokens, self.d
         if self.leading == "flat":
-            x = torch.randn(T, d, generator=g)
+            x = torch.randn(T, d, generator=g).to(self.dtype).to(device)
         elif self.leading == "batched":
             # split T tokens into a (B, T', d) block, padding with extra rows the mask may drop
             B = 2 if T > 1 else 1
             Tp = -(-T // B)
-            x = torch.randn(B, Tp, d, generator=g)
-        else:  # strided: a transposed (d, T) buffer seen as (T, d), plus a column step
-            x = torch.randn(d, 2 * T, generator=g).mT[::2]
-        x = x.to(self.dtype).to(device)
+            x = torch.randn(B, Tp, d, generator=g).to(self.dtype).to(device)
+        else:  # strided: a transposed (d, 2T) buffer seen as (T, d) with a row step of 2
+            x = torch.randn(d, 2 * T, generator=g).to(self.dtype).to(device).mT[::2]
         token_shape = x.shape[:-1]
         if self.mask == "none":
             mask = None
@@ -58,8 +57,9 @@ class OpCase:
         else:
             mask = (torch.rand(token_shape, generator=g) > 0.4).to(device)
         if mask is not None:
-            # masked-out rows (padding) may hold anything: a backend must never read them
-            x = x.masked_fill(~mask.unsqueeze(-1), float("nan"))
+            # masked-out rows (padding) may hold anything: a backend must never read them.
+            # In place, so the strided case keeps its strides.
+            x.masked_fill_(~mask.unsqueeze(-1), float("nan"))
         return x, mask
 
     def make_q(self, device="cpu", seed=0) -> torch.Tensor:
