@@ -1,0 +1,105 @@
+"""Triton backend of the curvature ops (``fisherlora.kernels``; DESIGN.md §3).
+
+One module per op, each holding its ``@triton.jit`` kernels, host launcher and a docstring with
+shapes, dtypes and formula:
+
+- :mod:`.syrk`: ``acc += scale · x_mᵀ x_m`` (upper-triangle tiles, dense or packed ``acc``)
+- :mod:`.fisher_energy`: ``diag(Qᵀ M Q)`` streamed over tiles of ``M``'s upper triangle
+- :mod:`.projected_sq`: ``acc += Σ_t (Qᵀ x_t)²`` tiled over tokens
+
+This module is the backend seen by :mod:`fisherlora.ops.dispatch`: :func:`supports` and the
+three op functions (positional arguments already validated by :mod:`fisherlora.ops`). Each op is
+a ``torch.library.custom_op`` (namespace ``fisherlora``, names prefixed ``triton_``) with a fake
+implementation, so it can be traced by ``torch.compile``.
+
+Runs on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (set before this module is imported),
+for tests. Importing it imports Triton but never queries CUDA.
+
+float64 tensors (allowed by :mod:`fisherlora.ops` for references) are handed to the float64
+reference: the kernels accumulate in float32 by contract, and a silent downcast would lose the
+precision a float64 caller asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fisherlora.ops import reference as _reference
+
+from . import _common
+from . import fisher_energy as _energy_mod
+from . import projected_sq as _projected_mod
+from . import syrk as _syrk_mod
+
+__all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "INTERPRET"]
+
+INTERPRET = _common.INTERPRET
+
+
+def supports(device_type: str) -> bool:
+    """CUDA always; CPU only when Triton runs interpreted (``TRITON_INTERPRET=1`` at import)."""
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and INTERPRET
+
+
+def _is_f64(*tensors: torch.Tensor | None) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+@torch.library.custom_op("fisherlora::triton_syrk_accumulate_", mutates_args=("acc",))
+def _syrk_op(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
+    if _is_f64(acc, x):
+        _reference.syrk_accumulate_(acc, x, mask, scale)
+    else:
+        _syrk_mod.syrk_accumulate_(acc, x, mask, scale)
+
+
+@_syrk_op.register_fake
+def _(acc, x, mask, scale):
+    return None
+
+
+@torch.library.custom_op("fisherlora::triton_fisher_energy", mutates_args=())
+def _energy_op(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    if _is_f64(M, Q):
+        return _reference.fisher_energy(M, Q)
+    return _energy_mod.fisher_energy(M, Q)
+
+
+@_energy_op.register_fake
+def _(M, Q):
+    dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
+    return M.new_empty((Q.shape[1],), dtype=dtype)
+
+
+@torch.library.custom_op("fisherlora::triton_projected_sq_accumulate_", mutates_args=("acc",))
+def _projected_op(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if _is_f64(acc, x, Q):
+        _reference.projected_sq_accumulate_(acc, x, Q, mask)
+    else:
+        _projected_mod.projected_sq_accumulate_(acc, x, Q, mask)
+
+
+@_projected_op.register_fake
+def _(acc, x, Q, mask):
+    return None
+
+
+def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """``acc += scale · x_mᵀ x_m`` (upper triangle); see :mod:`.syrk`."""
+    _syrk_op(acc, x, mask, float(scale))
+    return acc
+
+
+def fisher_energy(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``diag(Qᵀ M Q)``; see :mod:`.fisher_energy`."""
+    return _energy_op(M, Q)
+
+
+def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor,
+                             mask: torch.Tensor | None) -> torch.Tensor:
+    """``acc += Σ_t (Qᵀ x_t)²`` over unmasked rows; see :mod:`.projected_sq`."""
+    _projected_op(acc, x, Q, mask)
+    return acc
