@@ -8,12 +8,84 @@ Environment variables:
   MAX_JOBS                parallel compile jobs (honoured by torch's ninja builder)
 """
 
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+
 from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    """``True``/``False`` for an environment variable set to 1/0 (or yes/no), ``None`` when unset."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _nvidia_wheel_includes():
+    """Header folders of the ``nvidia-*`` wheels a CUDA build of torch depends on (cuBLAS, ...).
+
+    torch's CUDA headers include e.g. ``cublas_v2.h``, which pip-installed CUDA torch ships in
+    ``site-packages/nvidia/cu13/include`` (CUDA 13) or ``nvidia/<lib>/include`` (CUDA 12), not in
+    the toolkit that ``nvcc`` comes from (DESIGN.md §5).
+    """
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for root in spec.submodule_search_locations:
+        found += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return [path for path in found if os.path.isdir(path)]
 
 
 def extensions():
-    """The compiled extension modules; empty until ``csrc/`` has sources (see csrc/README.md)."""
-    return [], {}
+    """The compiled extension ``fisherlora._C`` (see csrc/README.md), or nothing when skipped.
+
+    CPU kernels are always built (C++ with OpenMP); the CUDA kernels are added when torch is a
+    CUDA build and nvcc is found (or ``FISHERLORA_CUDA=1``; ``FISHERLORA_CUDA=0`` turns them off).
+    """
+    if _flag("FISHERLORA_SKIP_EXT"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:  # an isolated build, or torch not installed yet
+        raise RuntimeError(
+            "building fisherlora's extension needs torch installed first; install torch, then "
+            "`pip install --no-build-isolation .` (or set FISHERLORA_SKIP_EXT=1 for a pure-Python install)"
+        ) from exc
+
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    with_cuda = _flag("FISHERLORA_CUDA")
+    if with_cuda is None:
+        with_cuda = torch.version.cuda is not None and bool(nvcc) and os.path.exists(nvcc)
+
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
+    cxx_flags = ["-O3", *openmp]
+    sources = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
+    kwargs = {
+        "extra_compile_args": {"cxx": cxx_flags},
+        "extra_link_args": openmp,
+        "include_dirs": [os.path.join(HERE, "csrc")],
+    }
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect at build time
+        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu"]
+        kwargs["include_dirs"] += _nvidia_wheel_includes()
+        kwargs["define_macros"] = [("FISHERLORA_WITH_CUDA", None)]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
+        ext = CUDAExtension("fisherlora._C", sources, **kwargs)
+    else:
+        ext = CppExtension("fisherlora._C", sources, **kwargs)
+    # ninja builds the sources in parallel; torch's builder honours MAX_JOBS
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

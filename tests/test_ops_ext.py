@@ -1,0 +1,206 @@
+"""The compiled backend (``backend="ext"``, ``fisherlora._C``) against the float64 reference.
+
+Same shape/dtype/mask matrix as every backend (tests/op_cases.py). CPU tensors here; the CUDA
+kernels run the same cases when a GPU is present (``gpu`` marker).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from fisherlora import ops
+from fisherlora.ops import dispatch
+from tests.op_cases import ENERGY_CASES, PROJECTED_CASES, SYRK_CASES, assert_close_to_reference
+
+if importlib.util.find_spec("fisherlora._C") is None:  # genuinely not built: skip; broken: fail below
+    pytest.skip(f"fisherlora._C is not built ({dispatch.load_error('ext')})", allow_module_level=True)
+
+from fisherlora.ops import ext  # noqa: E402  (a built but broken extension fails here, loudly)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _device(device):
+    if device == "cuda" and not (torch.cuda.is_available() and ext.supports("cuda")):
+        pytest.skip("needs a CUDA device and an extension built with CUDA")
+    return device
+
+
+def _syrk64(x, mask):
+    rows = x.reshape(-1, x.shape[-1]).double().cpu()
+    if mask is not None:
+        rows = rows[mask.reshape(-1).bool().cpu()]
+    return rows.T @ rows
+
+
+def _acc(case, dtype, device):
+    shape = (case.d, case.d) if case.layout == "dense" else (ops.packed_size(case.d),)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _full(acc, d):
+    return ops.symmetrize_(acc.clone()) if acc.dim() == 2 else ops.unpack_triu(acc, d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SYRK_CASES)
+def test_syrk_ext_matches_reference(case, device):
+    device = _device(device)
+    x, mask = case.make_x(device)
+    ref = 0.5 * _syrk64(x, mask)
+    torch_acc = ops.syrk_accumulate_(_acc(case, torch.float32, "cpu"), x.cpu(),
+                                     None if mask is None else mask.cpu(), 0.5, backend="torch")
+    out = ops.syrk_accumulate_(_acc(case, torch.float32, device), x, mask, 0.5, backend="ext")
+    assert_close_to_reference(_full(out, case.d), ref, _full(torch_acc, case.d), case.id, rel_floor=1e-5)
+    # float64 accumulator: the kernel itself, without fp32 rounding, matches to float64 precision
+    out64 = ops.syrk_accumulate_(_acc(case, torch.float64, device), x, mask, 0.5, backend="ext")
+    assert_close_to_reference(_full(out64, case.d), ref, ref, case.id + "-acc64", rel_floor=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ENERGY_CASES)
+def test_fisher_energy_ext_matches_reference(case, device):
+    device = _device(device)
+    M, Q = case.make_sym(device), case.make_q(device).to(case.dtype)  # Q in the case's dtype
+    dense = M if case.layout == "dense" else ops.unpack_triu(M, case.d)
+    ref = torch.diag(Q.double().T @ dense.double() @ Q.double()).cpu()
+    torch_out = ops.fisher_energy(M.cpu(), Q.cpu(), backend="torch")
+    out = ops.fisher_energy(M, Q, backend="ext")
+    assert out.dtype == torch.float32 and out.shape == (case.k,) and out.device.type == device
+    assert_close_to_reference(out, ref, torch_out, case.id, rel_floor=1e-5)
+    out64 = ops.fisher_energy(M.double(), Q, backend="ext")
+    assert out64.dtype == torch.float64
+    assert_close_to_reference(out64, ref, ref, case.id + "-acc64", rel_floor=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", PROJECTED_CASES)
+def test_projected_sq_ext_matches_reference(case, device):
+    device = _device(device)
+    x, mask = case.make_x(device)
+    Q = case.make_q(device)
+    ref = torch.diag(Q.double().T.cpu() @ _syrk64(x, mask) @ Q.double().cpu())
+    torch_acc = ops.projected_sq_accumulate_(torch.zeros(case.k), x.cpu(), Q.cpu(),
+                                             None if mask is None else mask.cpu(), backend="torch")
+    out = ops.projected_sq_accumulate_(torch.zeros(case.k, device=device), x, Q, mask, backend="ext")
+    assert_close_to_reference(out, ref, torch_acc, case.id, rel_floor=1e-5)
+    out64 = ops.projected_sq_accumulate_(torch.zeros(case.k, dtype=torch.float64, device=device), x, Q, mask,
+                                         backend="ext")
+    assert_close_to_reference(out64, ref, ref, case.id + "-acc64", rel_floor=1e-12)
+
+
+def test_auto_backend_picks_ext_on_cpu():
+    assert dispatch.resolve("syrk_accumulate_", "auto", torch.device("cpu"))[0] == "ext"
+    assert ops.available_backends("cpu")[0] == "ext"
+
+
+def test_integer_mask_accumulation_and_scale():
+    x = torch.randn(3, 40, 70, dtype=torch.float64)
+    mask = (torch.rand(3, 40) > 0.3).to(torch.int32)
+    acc = torch.full((70, 70), 1.0, dtype=torch.float64)
+    ops.syrk_accumulate_(acc, x, mask, 0.25, backend="ext")
+    ops.syrk_accumulate_(acc, x, mask, 0.25, backend="ext")
+    ref = 1.0 + 0.5 * _syrk64(x, mask)
+    torch.testing.assert_close(ops.symmetrize_(acc).triu(), ref.triu(), rtol=1e-12, atol=1e-12)
+
+
+def test_strided_inputs_need_no_copy_semantics():
+    # non-contiguous leading dims (a permuted batch) and a non-contiguous, transposed Q and M
+    x = torch.randn(5, 30, 2, 300).permute(2, 1, 0, 3)[:, ::2]
+    Q = torch.randn(600, 300, dtype=torch.float64).mT[:, ::2]  # (300, 300) with odd strides
+    acc = torch.zeros(300, 300, dtype=torch.float64)
+    ops.syrk_accumulate_(acc, x, backend="ext")
+    ref = _syrk64(x, None)
+    torch.testing.assert_close(ops.symmetrize_(acc), ref, rtol=1e-10, atol=1e-9)
+    M = ref.mT  # a transposed view: dense M may have any strides
+    torch.testing.assert_close(ops.fisher_energy(M, Q, backend="ext"), torch.diag(Q.T @ ref @ Q), rtol=1e-10,
+                               atol=1e-8)
+    acc_p = torch.zeros(300, dtype=torch.float64)
+    ops.projected_sq_accumulate_(acc_p, x, Q, backend="ext")
+    torch.testing.assert_close(acc_p, torch.diag(Q.T @ ref @ Q), rtol=1e-10, atol=1e-8)
+
+
+def test_projected_with_low_precision_q_and_many_columns():
+    # Q in bf16 with k > 512 columns takes the column-chunked conversion path
+    x = torch.randn(300, 24)
+    Q = torch.randn(24, 700).to(torch.bfloat16)
+    acc = torch.zeros(700, dtype=torch.float64)
+    ops.projected_sq_accumulate_(acc, x, Q, backend="ext")
+    ref = ((x.double() @ Q.double()) ** 2).sum(0)
+    torch.testing.assert_close(acc, ref, rtol=1e-10, atol=1e-8)
+
+
+def test_results_are_deterministic_across_runs_and_thread_counts():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(700, 600, generator=g).to(torch.bfloat16)
+    mask = torch.rand(700, generator=g) > 0.5
+    Q = torch.randn(600, 200, generator=g)
+
+    def run():
+        acc = torch.zeros(ops.packed_size(600))
+        ops.syrk_accumulate_(acc, x, mask, backend="ext")
+        proj = ops.projected_sq_accumulate_(torch.zeros(200), x, Q, mask, backend="ext")
+        return acc, ops.fisher_energy(acc, Q, backend="ext"), proj
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda o: o.syrk_accumulate_(torch.zeros(4, 4, dtype=torch.half), torch.randn(3, 4), None, 1.0),
+         "acc must be float32"),
+        (lambda o: o.syrk_accumulate_(torch.zeros(4, 4), torch.randint(0, 3, (3, 4)), None, 1.0),
+         "x must be bf16/fp16/fp32/fp64"),
+        (lambda o: o.syrk_accumulate_(torch.zeros(5, 5), torch.randn(3, 4), None, 1.0),
+         r"acc must be \(4, 4\) or packed \(10,\)"),
+        (lambda o: o.syrk_accumulate_(torch.zeros(8, 8)[:4, :4], torch.randn(3, 4), None, 1.0), "contiguous"),
+        (lambda o: o.syrk_accumulate_(torch.zeros(4, 4), torch.randn(3, 4), torch.ones(5, dtype=torch.bool),
+                                      1.0), "does not match the token dims"),
+        (lambda o: o.syrk_accumulate_(torch.zeros(4, 4), torch.randn(3, 4), torch.ones(3), 1.0),
+         "mask must be bool or an integer"),
+        (lambda o: o.fisher_energy(torch.zeros(4, 4, dtype=torch.half), torch.randn(4, 2)),
+         "M must be float32"),
+        (lambda o: o.fisher_energy(torch.zeros(4, 4), torch.randn(4)), r"Q must be a \(d, k\)"),
+        (lambda o: o.fisher_energy(torch.zeros(9), torch.randn(4, 2)), r"packed \(10,\)"),
+        (lambda o: o.projected_sq_accumulate_(torch.zeros(3), torch.randn(5, 4), torch.randn(4, 2), None),
+         r"acc must be \(2,\)"),
+        (lambda o: o.projected_sq_accumulate_(torch.zeros(2), torch.randn(5, 4), torch.randn(3, 2), None),
+         r"Q must be \(d=4, k\)"),
+        (lambda o: o.projected_sq_accumulate_(torch.zeros(2), torch.randn(5, 4),
+                                              torch.randint(0, 2, (4, 2)), None), "Q must be bf16"),
+    ],
+)
+def test_kernels_check_their_inputs(call, match):
+    # straight through torch.ops, bypassing fisherlora.ops' validation: TORCH_CHECK must catch it
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.fisherlora_ext)
+
+
+def test_public_api_rejects_bad_arguments_for_ext():
+    with pytest.raises(TypeError, match="acc must be float32"):
+        ops.syrk_accumulate_(torch.zeros(4, 4, dtype=torch.bfloat16), torch.randn(3, 4), backend="ext")
+    with pytest.raises(ValueError, match=r"acc must be \(4, 4\)"):
+        ops.syrk_accumulate_(torch.zeros(3, 3), torch.randn(3, 4), backend="ext")
+    with pytest.raises(ValueError, match="is on meta but x is on cpu"):
+        ops.syrk_accumulate_(torch.zeros(4, 4, device="meta"), torch.randn(3, 4), backend="ext")
+    with pytest.raises(ValueError, match="Q is on meta"):
+        ops.projected_sq_accumulate_(torch.zeros(2), torch.randn(3, 4), torch.zeros(4, 2, device="meta"),
+                                     backend="ext")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_reject_mixed_devices():
+    _device("cuda")
+    with pytest.raises(RuntimeError, match="but x is on"):
+        torch.ops.fisherlora_ext.syrk_accumulate_(torch.zeros(4, 4, device="cuda"), torch.randn(3, 4), None,
+                                                  1.0)
