@@ -1,0 +1,12 @@
+"""Shared pytest setup."""
+
+import os
+
+import torch
+
+# Triton kernels run interpreted on CPU-only machines (DESIGN.md §5). The variable must be set
+# before the @triton.jit functions are defined, i.e. before fisherlora.kernels is imported.
+# device_count() asks NVML first, so this does not initialise CUDA.
+_cuda_visible = torch.backends.cuda.is_built() and torch.cuda.device_count() > 0
+if "TRITON_INTERPRET" not in os.environ and not _cuda_visible:
+    os.environ["TRITON_INTERPRET"] = "1"
