@@ -1,0 +1,1 @@
+"""Benchmarks (not part of the installed package): ``pytest bench/ --benchmark-only``."""

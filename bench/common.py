@@ -1,0 +1,114 @@
+"""Shared benchmark setup: device choice, op inputs, synchronisation, peak-memory measurement.
+
+A plain module of functions, imported by every ``bench/`` file (``from bench import common``) so
+that each op's inputs are built in one place (STYLE.md point 12).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+#: ``FISHERLORA_BENCH_QUICK=1`` shrinks every benchmark to toy sizes (seconds on a CPU); the smoke
+#: test in ``tests/`` uses it so the benchmark files never rot.
+QUICK_ENV = "FISHERLORA_BENCH_QUICK"
+
+
+def quick() -> bool:
+    return os.environ.get(QUICK_ENV) == "1"
+
+
+def pick_device() -> torch.device:
+    """CUDA when a device is visible (``FISHERLORA_BENCH_DEVICE`` overrides), else CPU."""
+    name = os.environ.get("FISHERLORA_BENCH_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generator(device: torch.device, seed: int = 0) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def tokens_input(tokens: int, d: int, dtype: torch.dtype, mask_frac: float, device: torch.device,
+                 batch: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hook-like activations ``(batch, tokens // batch, d)`` and a token mask.
+
+    ``mask_frac`` is the fraction of tokens masked OUT (padding); ``0`` gives ``mask=None``.
+    Masked-out rows hold NaN, as padding may: a correct backend never reads them.
+    """
+    batch = max(1, min(batch, tokens))
+    g = generator(device, seed)
+    x = torch.randn(batch, tokens // batch, d, device=device, dtype=torch.float32, generator=g).to(dtype)
+    if mask_frac <= 0:
+        return x, None
+    mask = torch.rand(x.shape[:-1], device=device, generator=g) >= mask_frac
+    x.masked_fill_(~mask.unsqueeze(-1), float("nan"))
+    return x, mask
+
+
+def directions(d: int, k: int, dtype: torch.dtype, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """``(d, k)`` orthonormal columns (float32 QR), cast to ``dtype``."""
+    g = generator(device, seed)
+    q, _ = torch.linalg.qr(torch.randn(d, k, device=device, generator=g))
+    return q.to(dtype).contiguous()
+
+
+def spd_factor(d: int, device: torch.device, packed: bool = False, tokens: int = 256,
+               seed: int = 2) -> torch.Tensor:
+    """A float32 symmetric positive semi-definite ``(d, d)`` matrix (or its packed triangle)."""
+    from fisherlora.ops import pack_triu
+
+    g = generator(device, seed)
+    a = torch.randn(tokens, d, device=device, generator=g)
+    M = a.T @ a / tokens
+    return pack_triu(M) if packed else M
+
+
+def syrk_flops(tokens: int, d: int) -> float:
+    """FLOPs counted for one SYRK update: ``T·d²`` (the upper triangle's multiply-adds ×2)."""
+    return float(tokens) * d * d
+
+
+def energy_flops(d: int, k: int) -> float:
+    """FLOPs of ``diag(Qᵀ M Q)`` counted as the symmetric kernel does them: ``d²·k``."""
+    return float(d) * d * k
+
+
+def projected_flops(tokens: int, d: int, k: int) -> float:
+    return 2.0 * tokens * d * k
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """Peak bytes allocated by one call of ``fn`` beyond what was allocated before it.
+
+    CUDA: the caching allocator's peak statistic. CPU: the allocation events recorded by the
+    PyTorch profiler (``profile_memory=True``), summed in time order. Returns ``(bytes, method)``;
+    ``bytes`` is None when no method applies.
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda_max_memory_allocated"
+    if device.type == "cpu":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        running = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            running += e.nbytes()
+            peak = max(peak, running)
+        return peak, "torch_profiler_memory_events"
+    return None, "unavailable"

@@ -1,0 +1,31 @@
+"""The op benchmarks run end to end at toy size on CPU, so bench/ never rots (seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_op_benchmarks_run_at_toy_size(tmp_path):
+    out = tmp_path / "ops.json"
+    env = dict(os.environ, FISHERLORA_BENCH_QUICK="1", FISHERLORA_BENCH_DEVICE="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "bench" / "test_bench_ops.py"), "--benchmark-only", f"--benchmark-json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads(out.read_text())["benchmarks"]
+    seen = {(b["extra_info"]["op"], b["extra_info"]["provider"]) for b in results}
+    for op in ("syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_"):
+        assert {(op, "naive"), (op, "torch")} <= seen, f"{op}: providers run {sorted(seen)}"
+    for b in results:
+        info = b["extra_info"]
+        assert info["median_s"] > 0 and info["tflops"] > 0 and info["peak_mem_bytes"] is not None, b["name"]
