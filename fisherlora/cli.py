@@ -1,0 +1,178 @@
+"""The ``fisherlora`` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import sys
+import time
+from pathlib import Path
+
+from fisherlora.config import FisherLoraConfig
+
+_EXAMPLES = """\
+examples:
+  fisherlora init                                   # embedded SmolLM2-135M on 128 GSM8K pairs, r=16
+  fisherlora init --rank 8 --target-modules q_proj,v_proj --output out/qv-r8
+  fisherlora init --model ./my-llama --data train.jsonl --prompt-field instruction --response-field output
+  fisherlora init --data notes.txt --fisher-type true --mc-samples 2 --save-residual
+  fisherlora report out/qv-r8
+
+Loading the result:
+  base = AutoModelForCausalLM.from_pretrained(...)          # the ORIGINAL base model
+  model = fisherlora.load(base, "out/qv-r8")                # rebuilds the residual weights
+  # or, with --save-residual, plain PEFT: PeftModel.from_pretrained(<out>/residual model, "<out>")
+"""
+
+_CONFIG_FLAGS_SKIP = {"target_modules"}  # parsed specially (comma list or regex)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FisherLoraConfig field, with its help text, type and choices."""
+    group = parser.add_argument_group("method (FisherLoraConfig)")
+    for f in dataclasses.fields(FisherLoraConfig):
+        if f.name in _CONFIG_FLAGS_SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f.metadata.get("help", "")
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif isinstance(default, enum.Enum):
+            group.add_argument(flag, choices=[m.value for m in type(default)], default=default.value,
+                               help=f"{help_text} (default: %(default)s)")
+        else:
+            group.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
+    group.add_argument("--target-modules", default="all-linear",
+                       help="comma-separated module names (q_proj,v_proj), a regex over full names, or "
+                            "'all-linear' (every Linear except the output head) (default: %(default)s)")
+
+
+def _config_from_args(args) -> FisherLoraConfig:
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(FisherLoraConfig) if hasattr(args, f.name)}
+    tm = args.target_modules
+    is_regex = any(c in tm for c in "*+?[]()|\\^$") or tm == "all-linear"
+    kwargs["target_modules"] = tm if is_regex else [t.strip() for t in tm.split(",") if t.strip()]
+    return FisherLoraConfig(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fisherlora",
+        description="Initialise LoRA adapters from the Fisher information of your own data (FILet, "
+                    "arXiv 2605.01046). Kronecker-factored statistics A = E[aaᵀ] (layer inputs) and "
+                    "G = E[ggᵀ] (output gradients) rank each weight's singular directions by their "
+                    "Fisher energy (uᵀGu)(vᵀAv); the top r become the LoRA factors and the rest stays "
+                    "in a residual base weight, so the model's outputs are unchanged at step 0.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXAMPLES,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="compute statistics, choose directions, write a PEFT adapter",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
+                          description="Run the calibration passes, the decomposition and write the adapter.")
+    io = init.add_argument_group("model and data")
+    io.add_argument("--model", default="smollm2-135m",
+                    help="local transformers folder, a .gguf file, or 'smollm2-135m' (embedded, default)")
+    io.add_argument("--data", default="gsm8k",
+                    help="'gsm8k' (embedded test split, default) or a local .jsonl/.json/.csv/.parquet/.txt file")
+    io.add_argument("--prompt-field", default="question", help="prompt column of supervised pairs (default: %(default)s)")
+    io.add_argument("--response-field", default="answer",
+                    help="response column; the loss is taken on these tokens only (default: %(default)s)")
+    io.add_argument("--text-field", default=None, help="plain-text column (loss on every token); overrides the pair")
+    io.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    io.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="model dtype (default: float32 on CPU, bfloat16 on GPU); statistics stay float32")
+    _add_config_flags(init)
+    out = init.add_argument_group("output")
+    out.add_argument("--output", "-o", default="fisherlora-out", help="output directory (default: %(default)s)")
+    out.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    out.add_argument("--save-residual", action="store_true",
+                     help="also write the residual base model to <output>/residual (for plain PEFT users)")
+    out.add_argument("--save-statistics", action="store_true",
+                     help="also write the K-FAC factors to <output>/statistics.safetensors")
+    out.add_argument("--statistics", default=None,
+                     help="reuse factors from a statistics.safetensors file instead of new calibration passes")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    rep = sub.add_parser("report", help="print the summary of an output directory")
+    rep.add_argument("output", help="a directory written by `fisherlora init`")
+    return parser
+
+
+def _print_summary(report: dict, out_dir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fisherlora.report import summary_rows
+
+    table = Table(title=f"fisherlora → {out_dir}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in summary_rows(report):
+        table.add_row(k, v)
+    Console(stderr=False).print(table)
+
+
+def cmd_init(args) -> int:
+    import torch
+
+    from fisherlora import data as fdata
+    from fisherlora.collect import FisherStatistics
+    from fisherlora.initialize import atomic_output_dir, initialize, peak_memory_mb
+
+    config = _config_from_args(args)
+    out_dir = Path(args.output)
+    with atomic_output_dir(out_dir, overwrite=args.overwrite):  # refuse a bad output path before any work
+        pass
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    timings = {}
+    t0 = time.perf_counter()
+    model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    timings["load model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats, batches, n_seq = None, None, None
+    if args.statistics:
+        stats = FisherStatistics.load(args.statistics, device=device)
+    else:
+        records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed)
+        cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
+                                     response_field=args.response_field, text_field=args.text_field)
+        batches, n_seq = fdata.calibration_batches(cal, tok, config.batch_size), len(cal)
+    timings["data"] = time.perf_counter() - t0
+    result = initialize(model, None, batches, config, statistics=stats, num_batches=n_seq, progress=not args.quiet)
+    result.timings = {**timings, **result.timings}
+    result.extra = {"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch.")}
+    result.peak_memory_mb = peak_memory_mb(device)
+    result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
+                residual=args.save_residual, tokenizer=tok)
+    _print_summary(result.report(), out_dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    path = Path(args.output) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: not a fisherlora output directory")
+    _print_summary(json.loads(path.read_text()), args.output)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = {"init": cmd_init, "report": cmd_report}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+        print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""Hook-based collection of Kronecker-factored Fisher statistics (DESIGN.md §1 step 1).
+
+For every target layer ``s = W a`` (``W`` of shape ``(d_out, d_in)``) the collector accumulates
+
+- ``A = (1/N_A) Σ a aᵀ``, ``(d_in, d_in)``, over the layer inputs of every counted token and call;
+- ``G = (1/N_G) Σ g gᵀ``, ``(d_out, d_out)``, with ``g = ∂L/∂s`` the gradient of the SUM of the
+  per-token losses with respect to the layer output (so ``g`` is a per-token gradient, and
+  micro-batching does not change the factors);
+
+the K-FAC approximation ``F ≈ A ⊗ G`` of the layer's Fisher block (Martens & Grosse 2015).
+
+Conventions (tested in ``tests/test_collect.py``):
+
+- **Counted tokens** are those with ``attention_mask == 1``; padding never counts, in ``A`` or
+  ``G``. Supervised label masks (``label == -100``) only remove tokens from the *loss*; ``A``
+  still counts every non-padding token, and so does ``G`` (a prompt token's output gradient is
+  generally non-zero through attention). ``N_A`` and ``N_G`` are the numbers of counted
+  (token, call) pairs (times label draws for ``G`` under the true Fisher).
+- A layer called twice in one forward counts both calls. Gradient checkpointing's recomputation
+  (forward hooks firing again inside backward) is not counted twice.
+- Layers that read the same input tensor in a forward (q/k/v, gate/up) share one ``A``: the
+  sharing is discovered from tensor identity on the first forward, and the factor is
+  accumulated once per input.
+- Statistics are kept in float32 (float64 on request) whatever the model dtype.
+- No weight gradient is computed: every parameter has ``requires_grad=False`` during
+  collection; gradients reach the hooks because the input embeddings' output (or, for a model
+  without input embeddings, its floating-point inputs) is made to require grad.
+- The model's train/eval mode is left as the caller set it (``eval()`` for the Fisher of the
+  deterministic network; ``train()`` where gradient checkpointing, which ``transformers`` only
+  applies in training mode, is wanted). Its ``requires_grad`` flags, ``training`` flags, hooks
+  and the RNG state are restored on exit, also when an exception is raised inside the block.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+
+from fisherlora import ops
+
+__all__ = ["FisherStatistics", "StatisticsCollector", "find_target_modules", "is_conv1d"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for ``transformers``' ``Conv1D`` (weight stored ``(d_in, d_out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Conv1D layer."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
+    """The layers PEFT's ``LoraConfig`` would adapt, by full module name, in model order.
+
+    Uses PEFT's own matching (``check_target_module_exists``, and its ``all-linear`` expansion,
+    which leaves out the output head), so fisherlora and PEFT always agree on the targets.
+
+    Raises:
+        ValueError: nothing matches, or a match is not a Linear/Conv1D layer.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    config = copy.deepcopy(lora_config)
+    config = _maybe_include_all_linear_layers(config, model)
+    found = {}
+    for name, module in model.named_modules():
+        if name and check_target_module_exists(config, name):
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise ValueError(
+                    f"target module {name!r} is a {type(module).__name__}; fisherlora supports nn.Linear "
+                    "and transformers' Conv1D"
+                )
+            found[name] = module
+    if not found:
+        raise ValueError(
+            f"target_modules={lora_config.target_modules!r} matches no module of {type(model).__name__}; "
+            f"some module names: {[n for n, _ in list(model.named_modules())[1:8]]}"
+        )
+    return found
+
+
+@dataclass
+class FisherStatistics:
+    """Normalised K-FAC factors of a set of layers.
+
+    Attributes:
+        A: factor key -> ``(d_in, d_in)`` activation covariance ``E[aaᵀ]`` (float32/float64).
+        G: layer name -> ``(d_out, d_out)`` gradient covariance ``E[ggᵀ]``.
+        a_key: layer name -> key of its (possibly shared) ``A``.
+        a_count: factor key -> counted (token, call) pairs ``N_A``.
+        g_count: layer name -> counted (token, call, draw) triples ``N_G``.
+        shapes: layer name -> ``(d_out, d_in)``.
+        info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
+    """
+
+    A: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    a_key: dict[str, str]
+    a_count: dict[str, int]
+    g_count: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    info: dict = field(default_factory=dict)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G)`` of layer ``name``."""
+        return self.A[self.a_key[name]], self.G[name]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.G)
+
+    def save(self, path) -> None:
+        """Write to a safetensors file (tensors ``A.<key>``, ``G.<name>``; the rest as metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
+        tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
+        meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
+                "shapes": self.shapes, "info": self.info}
+        save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> FisherStatistics:
+        """Read a file written by :meth:`save`; raises ``ValueError`` for another kind of file."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            raw = (f.metadata() or {}).get("fisherlora")
+            if raw is None:
+                raise ValueError(f"{path} is not a fisherlora statistics file (no 'fisherlora' metadata)")
+            meta = json.loads(raw)
+            A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
+            G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
+        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"])
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class StatisticsCollector:
+    """Context manager that hooks target layers and accumulates their K-FAC factors.
+
+    Inside the ``with`` block the caller runs forward passes (passing ``attention_mask`` as a
+    keyword, as ``transformers`` models take it) and backward passes of a sum-reduced loss; on
+    exit every hook is removed and the model restored. :meth:`statistics` then returns the
+    normalised factors.
+
+    Example::
+
+        with StatisticsCollector(model, find_target_modules(model, lora_config)) as col:
+            for batch in loader:
+                out = model(**batch)
+                loss = token_loss_sum(out.logits, batch["labels"])
+                loss.backward()
+        stats = col.statistics()
+
+    Args:
+        model: the root module (the ``attention_mask`` keyword of its forward is captured).
+        modules: layer name -> Linear/Conv1D module to hook (see :func:`find_target_modules`).
+        stats_dtype: ``torch.float32`` (default) or ``torch.float64``.
+        backend: op backend for the factor updates (``"auto"``, ``"torch"``, ...).
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
+                 stats_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+        if not modules:
+            raise ValueError("StatisticsCollector needs at least one target module")
+        self.model = model
+        self.modules = dict(modules)
+        self.stats_dtype = stats_dtype
+        self.backend = backend
+        self.shapes = {n: layer_shape(m) for n, m in self.modules.items()}
+        self._A: dict[str, torch.Tensor] = {}
+        self._G: dict[str, torch.Tensor] = {}
+        self.a_key: dict[str, str] = {}
+        self.a_count: dict[str, int] = {}
+        self.g_count: dict[str, int] = {n: 0 for n in self.modules}
+        self._mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple] = {}
+        self._handles: list = []
+        self._saved: dict | None = None
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> StatisticsCollector:
+        model = self.model
+        self._saved = {
+            "requires_grad": [(p, p.requires_grad) for p in model.parameters()],
+            "training": [(m, m.training) for m in model.modules()],
+            "rng": torch.random.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        }
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if isinstance(embed, nn.Module):
+                self._handles.append(embed.register_forward_hook(_make_output_require_grad))
+            else:
+                self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+        self._mask = None
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        for p, flag in saved["requires_grad"]:
+            p.requires_grad_(flag)
+        for m, flag in saved["training"]:
+            m.training = flag
+        torch.random.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+    # ----------------------------------------------------------------------------- hooks
+    def _root_pre_hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = None if mask is None else mask.bool()
+        self._seen.clear()
+        return None
+
+    def _rows_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None:
+            return None
+        if mask.numel() != x[..., 0].numel():
+            raise ValueError(
+                f"layer {name!r}: attention_mask of shape {tuple(mask.shape)} does not match its input "
+                f"tokens {tuple(x.shape[:-1])}"
+            )
+        return mask.reshape(x.shape[:-1])
+
+    def _forward_hook(self, name: str, module: nn.Module, args, output) -> None:
+        x = args[0]
+        mask = self._rows_mask(name, x)
+        if not _in_backward():
+            self._accumulate_A(name, x, mask)
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(partial(self._grad_hook, name, mask))
+
+    @torch.no_grad()
+    def _accumulate_A(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        entry = self._seen.get(id(x))
+        if entry is not None and entry[0]() is x and entry[1] == x._version:
+            shared = entry[2]
+            if self.a_key.setdefault(name, shared) != shared:
+                raise RuntimeError(
+                    f"layer {name!r} read the input of {shared!r} in this forward but not in an earlier one; "
+                    "fisherlora needs a fixed sharing of activation factors"
+                )
+            return
+        key = self.a_key.setdefault(name, name)
+        if key not in self._A:
+            d_in = self.shapes[name][1]
+            self._A[key] = torch.zeros(d_in, d_in, dtype=self.stats_dtype, device=x.device)
+            self.a_count[key] = 0
+        ops.syrk_accumulate_(self._A[key], x.detach(), mask, backend=self.backend)
+        self.a_count[key] += _count(x, mask)
+        self._seen[id(x)] = (weakref.ref(x), x._version, key)
+
+    @torch.no_grad()
+    def _grad_hook(self, name: str, mask: torch.Tensor | None, grad: torch.Tensor) -> None:
+        if name not in self._G:
+            d_out = self.shapes[name][0]
+            self._G[name] = torch.zeros(d_out, d_out, dtype=self.stats_dtype, device=grad.device)
+        ops.syrk_accumulate_(self._G[name], grad, mask, backend=self.backend)
+        self.g_count[name] += _count(grad, mask)
+
+    # ----------------------------------------------------------------------------- results
+    def statistics(self, info: dict | None = None) -> FisherStatistics:
+        """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G``.
+
+        Raises:
+            RuntimeError: a layer saw no forward or no gradient (naming it), or a factor holds
+                NaN/inf (naming the layers that use it).
+        """
+        missing = [n for n in self.modules if n not in self.a_key]
+        if missing:
+            raise RuntimeError(f"no forward pass reached the target layers {missing[:5]} (of {len(missing)})")
+        no_grad = [n for n in self.modules if n not in self._G or self.g_count[n] == 0]
+        if no_grad:
+            raise RuntimeError(
+                f"no output gradient reached {no_grad[:5]} (of {len(no_grad)}): run backward() on a loss "
+                "inside the collector, on data with at least one counted token"
+            )
+        A, G = {}, {}
+        for key, acc in self._A.items():
+            A[key] = ops.symmetrize_(acc.clone()) / max(self.a_count[key], 1)
+        for name, acc in self._G.items():
+            G[name] = ops.symmetrize_(acc.clone()) / max(self.g_count[name], 1)
+        for key, mat in A.items():
+            if not torch.isfinite(mat).all():
+                users = [n for n, k in self.a_key.items() if k == key]
+                raise FloatingPointError(f"non-finite values in the activation covariance A of layer(s) {users}")
+        for name, mat in G.items():
+            if not torch.isfinite(mat).all():
+                raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
+        return FisherStatistics(A, G, dict(self.a_key), dict(self.a_count), dict(self.g_count),
+                                dict(self.shapes), dict(info or {}))
+
+
+def _count(x: torch.Tensor, mask: torch.Tensor | None) -> int:
+    return int(mask.sum()) if mask is not None else x[..., 0].numel()
+
+
+def _make_output_require_grad(module, args, output):
+    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return None
+
+
+def _make_inputs_require_grad(module, args, kwargs):
+    if not torch.is_grad_enabled():
+        return None
+
+    def lift(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
+            return t.detach().requires_grad_(True)
+        return t
+
+    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
+
+
+# --------------------------------------------------------------------------- the package's driver
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum (not mean) of next-token cross-entropies over label tokens, and their count.
+
+    ``logits`` ``(B, T, V)`` predict ``labels[:, 1:]``; labels of -100 are ignored.
+    """
+    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    shift_labels = labels[:, 1:]
+    loss = nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=-100, reduction="sum",
+    )
+    return loss, int((shift_labels != -100).sum())
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only real tokens, so a sequence's positions do not depend on its
+    padding side (left padding otherwise shifts them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def run_calibration(model: nn.Module, batches: Iterable[dict], collector: StatisticsCollector, *,
+                    fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
+                    progress: Iterator | None = None) -> dict:
+    """Drive forward and backward passes of a causal LM over calibration batches.
+
+    Each batch holds ``input_ids`` and ``attention_mask`` ``(B, T)``, and ``labels`` ``(B, T)``
+    (-100 where no loss is taken). The loss is :func:`token_loss_sum`. Under the true Fisher,
+    labels at the label positions are drawn ``mc_samples`` times from the model's own
+    predictive distribution (a ``torch.Generator`` seeded with ``seed``; the global RNG is not
+    touched) and each draw is back-propagated; the forward pass, and so ``A``, is shared.
+
+    Returns:
+        ``{"batches", "sequences", "tokens", "label_tokens", "loss_sum"}`` totals.
+
+    Raises:
+        ValueError: empty data, or a batch without ``input_ids``.
+    """
+    accepts_positions = "position_ids" in _forward_params(model)
+    totals = {"batches": 0, "sequences": 0, "tokens": 0, "label_tokens": 0, "loss_sum": 0.0}
+    gen = None
+    for batch in batches:
+        if "input_ids" not in batch:
+            raise ValueError(f"a calibration batch needs 'input_ids'; got keys {sorted(batch)}")
+        device = next(model.parameters()).device
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        labels = batch.get("labels")
+        labels = input_ids.masked_fill(attention_mask == 0, -100) if labels is None else labels.to(device)
+        kwargs = {"attention_mask": attention_mask}
+        if accepts_positions:
+            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
+        with torch.enable_grad():
+            logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+            if fisher_type == "true":
+                if gen is None:
+                    gen = torch.Generator(device=logits.device).manual_seed(seed)
+                probs = torch.softmax(logits.detach()[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
+                keep = labels[:, 1:] != -100
+                for draw in range(mc_samples):
+                    sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
+                    sampled = sampled.reshape(keep.shape).masked_fill(~keep, -100)
+                    draw_labels = torch.cat([labels[:, :1], sampled], dim=1)
+                    loss, n_label = token_loss_sum(logits, draw_labels)
+                    loss.backward(retain_graph=draw < mc_samples - 1)
+            else:
+                loss, n_label = token_loss_sum(logits, labels)
+                loss.backward()
+        totals["batches"] += 1
+        totals["sequences"] += input_ids.shape[0]
+        totals["tokens"] += int(attention_mask.sum())
+        totals["label_tokens"] += n_label
+        totals["loss_sum"] += float(loss.detach())
+        if progress is not None:
+            progress.update(input_ids.shape[0])
+        del logits, loss
+    if totals["batches"] == 0:
+        raise ValueError("the calibration data is empty: no batch was produced")
+    return totals
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -1,0 +1,134 @@
+"""Configuration of a Fisher-guided LoRA initialisation (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class FisherType(str, enum.Enum):
+    """Which Fisher the K-FAC factors estimate.
+
+    ``empirical``: gradients of the loss on the data's own labels. ``true``: labels sampled from
+    the model's predictive distribution (``mc_samples`` draws per token), the Fisher information
+    proper (Kunstner et al. 2019 discuss the difference).
+    """
+
+    EMPIRICAL = "empirical"
+    TRUE = "true"
+
+
+class Score(str, enum.Enum):
+    """How singular directions are ranked. ``fisher``: ``e_i = (u_iᵀGu_i)(v_iᵀAv_i)``, the Fisher
+    energy of the unit direction ``u_i v_iᵀ``; ``fisher_sigma``: ``σ_i² e_i``, the energy of the
+    whole component."""
+
+    FISHER = "fisher"
+    FISHER_SIGMA = "fisher_sigma"
+
+
+class Magnitude(str, enum.Enum):
+    """The singular value each chosen direction carries in the adapter (DESIGN.md §1 step 5).
+
+    ``sigma``: its own ``σ_i`` (PiSSA on the chosen triplets). ``top_sigma``: the ``r`` largest
+    singular values of ``W``, assigned in energy order. ``unit``: 1. ``energy``: the ``sigma``
+    adapter's norm ``‖σ_I‖₂`` shared out in proportion to the Fisher energy.
+    """
+
+    SIGMA = "sigma"
+    TOP_SIGMA = "top_sigma"
+    UNIT = "unit"
+    ENERGY = "energy"
+
+
+_DTYPES = ("float32", "float64")
+_BACKENDS = ("auto", "torch", "triton", "ext")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(kw_only=True)
+class FisherLoraConfig:
+    """Everything that decides a fisherlora initialisation besides the model and the data.
+
+    The LoRA shape fields (``rank``, ``alpha``, ``use_rslora``, ``target_modules``) build the
+    PEFT ``LoraConfig`` through :meth:`to_lora_config` when none is passed to
+    :func:`fisherlora.get_peft_model`; a passed ``LoraConfig`` wins over them.
+
+    Raises:
+        ValueError: on construction, naming the offending field.
+    """
+
+    rank: int = _help("LoRA rank r per target layer", default=16)
+    alpha: float = _help("lora_alpha; the adapter is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)", default=16.0)
+    use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)", default=False)
+    target_modules: str | list[str] = _help(
+        "module names (suffixes), a regex matched against full names, or 'all-linear' (every "
+        "Linear/Conv1D except the output head)",
+        default="all-linear",
+    )
+    num_samples: int = _help("calibration set size, in sequences", default=128)
+    max_length: int = _help("tokens per sequence, longer ones are truncated", default=512)
+    batch_size: int = _help("sequences per forward/backward pass", default=4)
+    fisher_type: FisherType = _help("'empirical' (data labels) or 'true' (sampled labels)", default=FisherType.EMPIRICAL)
+    mc_samples: int = _help("label draws per batch for fisher_type='true'", default=1)
+    score: Score = _help("ranking of singular directions: 'fisher' or 'fisher_sigma'", default=Score.FISHER)
+    magnitude: Magnitude = _help("'sigma', 'top_sigma', 'unit' or 'energy'", default=Magnitude.SIGMA)
+    damping: float = _help(
+        "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G",
+        default=0.0,
+    )
+    stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32")
+    backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto")
+    seed: int = _help("seed for the calibration sample and for true-Fisher label draws", default=0)
+
+    def __post_init__(self):
+        for name in ("fisher_type", "score", "magnitude"):
+            enum_cls = {"fisher_type": FisherType, "score": Score, "magnitude": Magnitude}[name]
+            value = getattr(self, name)
+            try:
+                setattr(self, name, enum_cls(value))
+            except ValueError:
+                choices = ", ".join(repr(m.value) for m in enum_cls)
+                raise ValueError(f"FisherLoraConfig.{name} must be one of {choices}, got {value!r}") from None
+        positive_ints = ("rank", "num_samples", "max_length", "batch_size", "mc_samples")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FisherLoraConfig.{name} must be a positive integer, got {value!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"FisherLoraConfig.alpha must be positive, got {self.alpha!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"FisherLoraConfig.damping must be >= 0, got {self.damping!r}")
+        if self.stats_dtype not in _DTYPES:
+            raise ValueError(f"FisherLoraConfig.stats_dtype must be one of {_DTYPES}, got {self.stats_dtype!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"FisherLoraConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        tm = self.target_modules
+        if isinstance(tm, (list, tuple)):
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                raise ValueError(f"FisherLoraConfig.target_modules must be non-empty names, got {tm!r}")
+            self.target_modules = list(tm)
+        elif not isinstance(tm, str) or not tm:
+            raise ValueError(f"FisherLoraConfig.target_modules must be a string or a list of names, got {tm!r}")
+
+    def to_lora_config(self, **overrides):
+        """The PEFT ``LoraConfig`` with this config's rank, alpha, rsLoRA and target modules."""
+        from peft import LoraConfig
+
+        kwargs = dict(r=self.rank, lora_alpha=self.alpha, use_rslora=self.use_rslora,
+                      target_modules=self.target_modules, lora_dropout=0.0, bias="none",
+                      init_lora_weights=True)
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (enums as their values)."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, enum.Enum):
+                out[k] = v.value
+        return out

@@ -1,0 +1,218 @@
+"""Singular bases, Fisher energy, selection and the LoRA factors (DESIGN.md §1 steps 2-5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fisherlora import ops
+from fisherlora.config import Magnitude, Score
+
+__all__ = [
+    "LayerSelection",
+    "thin_svd",
+    "direction_energy",
+    "select_directions",
+    "decompose_layer",
+    "adapter_magnitudes",
+    "lora_factors",
+]
+
+
+def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``W = U diag(S) Vh`` in float32, ``k = min(d_out, d_in)``.
+
+    bf16/fp16 weights are upcast (the solvers do not support them); if the float32 solver fails
+    (ill-conditioned input), the decomposition is retried in float64 on the CPU.
+
+    Args:
+        W: ``(d_out, d_in)`` weight, any floating dtype and device.
+
+    Returns:
+        ``U`` ``(d_out, k)``, ``S`` ``(k,)`` descending, ``Vh`` ``(k, d_in)``; float32 on ``W``'s device.
+    """
+    W32 = W.detach().to(torch.float32)
+    try:
+        U, S, Vh = torch.linalg.svd(W32, full_matrices=False)
+        if torch.isfinite(S).all():
+            return U, S, Vh
+    except (RuntimeError, torch.linalg.LinAlgError):
+        pass
+    U, S, Vh = torch.linalg.svd(W.detach().to("cpu", torch.float64), full_matrices=False)
+    return tuple(t.to(W.device, torch.float32) for t in (U, S, Vh))
+
+
+def direction_energy(U: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, G: torch.Tensor,
+                     damping: float = 0.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fisher energy of each unit direction ``u_i v_iᵀ`` under ``F ≈ A ⊗ G``.
+
+    ``e_i = vec(u_i v_iᵀ)ᵀ (A ⊗ G) vec(u_i v_iᵀ) = (u_iᵀ G u_i)(v_iᵀ A v_i)`` (FILet,
+    arXiv 2605.01046; the Kronecker identity ``(A ⊗ G) vec(X) = vec(G X A)``), with Tikhonov
+    damping ``λ`` added to each factor: ``(u_iᵀGu_i + λ)(v_iᵀAv_i + λ)``.
+
+    Args:
+        U: ``(d_out, k)`` left singular vectors. Vh: ``(k, d_in)`` right singular vectors.
+        A: ``(d_in, d_in)`` activation covariance. G: ``(d_out, d_out)`` gradient covariance.
+            Dense or packed, float32/float64.
+
+    Returns:
+        ``(gu, av, e)``, each ``(k,)`` in the statistics' dtype: ``diag(UᵀGU) + λ``,
+        ``diag(VᵀAV) + λ`` and their product.
+    """
+    gu = ops.fisher_energy(G, U.to(G.dtype), backend=backend) + damping
+    av = ops.fisher_energy(A, Vh.mT.to(A.dtype), backend=backend) + damping
+    return gu, av, gu * av
+
+
+def select_directions(score: torch.Tensor, sigma: torch.Tensor, r: int) -> torch.Tensor:
+    """Indices of the ``r`` largest scores, in descending score order, ties broken by larger ``σ``.
+
+    Raises:
+        ValueError: ``r`` exceeds the number of directions.
+    """
+    k = score.numel()
+    if r > k:
+        raise ValueError(f"rank {r} exceeds the {k} singular directions of the layer")
+    by_sigma = torch.argsort(sigma, descending=True, stable=True)
+    order = by_sigma[torch.argsort(score[by_sigma], descending=True, stable=True)]
+    return order[:r]
+
+
+@dataclass
+class LayerSelection:
+    """What was chosen in one layer, kept for the report (all tensors on the CPU, float64).
+
+    Attributes:
+        name: module name. shape: ``(d_out, d_in)``. rank: ``r``.
+        indices: ``(r,)`` chosen singular indices (0 = largest σ), in score order.
+        sigma: ``(k,)`` all singular values. energy: ``(k,)`` Fisher energies ``e_i``.
+        score: ``(k,)`` the ranking score (``e`` or ``σ² e``).
+        magnitudes: ``(r,)`` the singular values the adapter carries.
+    """
+
+    name: str
+    shape: tuple[int, int]
+    rank: int
+    indices: torch.Tensor
+    sigma: torch.Tensor
+    energy: torch.Tensor
+    score: torch.Tensor
+    magnitudes: torch.Tensor
+
+    @property
+    def captured(self) -> float:
+        """Fraction of the layer's total score held by the chosen directions."""
+        total = float(self.score.sum())
+        return float(self.score[self.indices].sum()) / total if total > 0 else 0.0
+
+    @property
+    def energy_captured(self) -> float:
+        """Fraction of the total Fisher energy ``Σ e_i`` held by the chosen directions."""
+        total = float(self.energy.sum())
+        return float(self.energy[self.indices].sum()) / total if total > 0 else 0.0
+
+    @property
+    def pissa_overlap(self) -> float:
+        """Fraction of the chosen directions that PiSSA (top-r σ) would also choose."""
+        return float((self.indices < self.rank).sum()) / self.rank
+
+    def to_dict(self) -> dict:
+        idx = self.indices
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "rank": self.rank,
+            "indices": idx.tolist(),
+            "sigma": self.sigma[idx].tolist(),
+            "energy": self.energy[idx].tolist(),
+            "magnitudes": self.magnitudes.tolist(),
+            "score_captured": self.captured,
+            "energy_captured": self.energy_captured,
+            "pissa_overlap": self.pissa_overlap,
+            "sigma_max": float(self.sigma[0]),
+        }
+
+
+def adapter_magnitudes(sigma: torch.Tensor, energy: torch.Tensor, indices: torch.Tensor,
+                       magnitude: Magnitude | str) -> torch.Tensor:
+    """Singular value carried by each chosen direction (DESIGN.md §1 step 5).
+
+    Args:
+        sigma: ``(k,)`` descending singular values. energy: ``(k,)`` Fisher energies.
+        indices: ``(r,)`` chosen indices in score order.
+        magnitude: ``sigma`` (own ``σ_i``), ``top_sigma`` (``σ_1..σ_r`` in score order),
+            ``unit`` (1), ``energy`` (``‖σ_I‖₂ · e_i / ‖e_I‖₂``; falls back to ``sigma`` if all
+            chosen energies are zero).
+
+    Returns:
+        ``(r,)`` float64 magnitudes.
+    """
+    magnitude = Magnitude(magnitude)
+    s = sigma.to(torch.float64)
+    r = indices.numel()
+    if magnitude is Magnitude.SIGMA:
+        return s[indices]
+    if magnitude is Magnitude.TOP_SIGMA:
+        return s[:r].clone()
+    if magnitude is Magnitude.UNIT:
+        return torch.ones(r, dtype=torch.float64, device=s.device)
+    e = energy.to(torch.float64)[indices]
+    norm_e = e.norm()
+    if norm_e == 0:
+        return s[indices]
+    return s[indices].norm() * e / norm_e
+
+
+def lora_factors(U_I: torch.Tensor, Vh_I: torch.Tensor, magnitudes: torch.Tensor,
+                 scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA-style factors on the chosen triplets: ``B = U_I diag(√(m/s))``, ``A = diag(√(m/s)) V_Iᵀ``.
+
+    So that ``s · B A = U_I diag(m) V_Iᵀ`` (Meng et al. 2024, PiSSA, eq. 2-3, with the
+    magnitudes ``m`` in place of the top singular values).
+
+    Args:
+        U_I: ``(d_out, r)``. Vh_I: ``(r, d_in)``. magnitudes: ``(r,)`` non-negative.
+        scaling: the LoRA scaling ``s`` (``alpha/r`` or ``alpha/√r``), positive.
+
+    Returns:
+        ``B`` ``(d_out, r)`` and ``A`` ``(r, d_in)`` in float32.
+    """
+    root = (magnitudes.to(torch.float32) / scaling).sqrt().to(U_I.device)
+    return (U_I.float() * root), (root[:, None] * Vh_I.float())
+
+
+def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, *, rank: int,
+                    scaling: float, score: Score | str = Score.FISHER,
+                    magnitude: Magnitude | str = Magnitude.SIGMA, damping: float = 0.0,
+                    backend: str = "auto") -> tuple[LayerSelection, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD, Fisher energy, selection and LoRA factors of one layer.
+
+    Args:
+        name: module name (for errors and the report).
+        W: ``(d_out, d_in)`` weight (for Conv1D pass ``weight.T``).
+        A, G: the layer's K-FAC factors, ``(d_in, d_in)`` and ``(d_out, d_out)``.
+        rank: ``r``. scaling: ``s``. score, magnitude, damping, backend: see
+            :class:`fisherlora.FisherLoraConfig`.
+
+    Returns:
+        ``(selection, B, A_lora, W_res)`` with ``B`` ``(d_out, r)``, ``A_lora`` ``(r, d_in)`` and
+        the residual ``W_res = W − s·B A_lora`` ``(d_out, d_in)``, all float32 on ``W``'s device.
+
+    Raises:
+        ValueError: ``rank > min(d_out, d_in)`` (naming the layer).
+    """
+    d_out, d_in = W.shape
+    if rank > min(d_out, d_in):
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} {tuple(W.shape)}")
+    U, S, Vh = thin_svd(W)
+    _, _, e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)
+    e = e.to(torch.float64)
+    s64 = S.to(torch.float64)
+    sc = e if Score(score) is Score.FISHER else e * s64.square()
+    idx = select_directions(sc, s64, rank)
+    mags = adapter_magnitudes(s64, e, idx, magnitude)
+    B, A_lora = lora_factors(U[:, idx], Vh[idx], mags, scaling)
+    W_res = W.detach().float() - scaling * (B @ A_lora)
+    sel = LayerSelection(name, (d_out, d_in), rank, idx.cpu(), s64.cpu(), e.cpu(), sc.cpu(), mags.cpu())
+    return sel, B, A_lora, W_res

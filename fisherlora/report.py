@@ -1,0 +1,103 @@
+"""The initialisation report: ``report.json``, ``report.md`` and ``energy.png``."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+__all__ = ["write_report", "plot_energy", "summary_rows"]
+
+
+def _layer_group(name: str) -> tuple[str, int]:
+    """``("self_attn.q_proj", 3)`` from ``model.layers.3.self_attn.q_proj`` (index -1 if none)."""
+    m = re.search(r"\.(\d+)\.(.+)$", name)
+    return (m.group(2), int(m.group(1))) if m else (name, -1)
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of the closing summary printed by the command."""
+    cal = report.get("calibration", {})
+    t = report.get("timings_s", {})
+    ranks = sorted({e["rank"] for e in report["layers"]})
+    rows = [
+        ("layers adapted", str(report["num_layers"])),
+        ("rank r", ", ".join(map(str, ranks))),
+        ("calibration", f"{cal.get('sequences', 0)} sequences, {cal.get('tokens', 0):,} tokens "
+                        f"({cal.get('label_tokens', 0):,} with loss)"),
+        ("Fisher energy captured (mean)", f"{report['mean_energy_captured']:.1%}"),
+        ("overlap with PiSSA's top-r (mean)", f"{report['mean_pissa_overlap']:.1%}"),
+    ]
+    rows += [(f"time: {k}", f"{v:.1f} s") for k, v in t.items()]
+    rows.append(("peak memory", f"{report['peak_memory_mb']:,.0f} MiB"))
+    return rows
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# fisherlora initialisation report", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(report)]
+    cfg = report["config"]
+    lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()), ""]
+    lines += ["## Per layer", "",
+              "Energy captured: the chosen directions' share of the layer's total Fisher energy Σe_i. "
+              "PiSSA overlap: the share of chosen directions that are among the r largest singular values.", "",
+              "| layer | shape | r | energy captured | PiSSA overlap | chosen σ (max/min) | σ_1 | chosen indices |",
+              "|---|---|---|---|---|---|---|---|"]
+    for e in report["layers"]:
+        idx = e["indices"]
+        shown = ", ".join(map(str, idx[:8])) + (" …" if len(idx) > 8 else "")
+        lines.append(f"| {e['name']} | {e['shape'][0]}×{e['shape'][1]} | {e['rank']} | {e['energy_captured']:.1%} | "
+                     f"{e['pissa_overlap']:.0%} | {max(e['sigma']):.3g}/{min(e['sigma']):.3g} | "
+                     f"{e['sigma_max']:.3g} | {shown} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
+    """σ versus Fisher energy per layer (log-log), chosen directions marked.
+
+    With many layers, each projection type is shown at its first, middle and last decoder layer
+    (at most ``max_panels`` panels).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list] = {}
+    for name, sel in selections.items():
+        groups.setdefault(_layer_group(name)[0], []).append(sel)
+    chosen = []
+    for sels in groups.values():
+        picks = sels if len(sels) <= 3 else [sels[0], sels[len(sels) // 2], sels[-1]]
+        chosen.extend(picks)
+    chosen = chosen[:max_panels]
+    ncol = min(len(chosen), 3) or 1
+    nrow = -(-len(chosen) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False)
+    for ax, sel in zip(axes.flat, chosen):
+        sigma = sel.sigma.numpy()
+        energy = sel.energy.clamp_min(1e-30).numpy()
+        idx = sel.indices.numpy()
+        ax.scatter(sigma, energy, s=4, c="0.6", label="all directions")
+        ax.scatter(sigma[idx], energy[idx], s=12, c="tab:red", label=f"chosen (r={sel.rank})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(sel.name, fontsize=8)
+        ax.set_xlabel("singular value σ_i", fontsize=7)
+        ax.set_ylabel("Fisher energy e_i", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle("Fisher energy (uᵀGu)(vᵀAv) against σ: red = directions in the adapter", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict, selections: dict, out_dir: Path) -> None:
+    """Write ``report.json``, ``report.md`` and ``energy.png`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    (out_dir / "report.md").write_text(_markdown(report))
+    plot_energy(selections, out_dir / "energy.png")
