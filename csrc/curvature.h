@@ -9,7 +9,7 @@
 // torch.ops directly (without fisherlora.ops' validation) gives clear errors, never a crash.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 

@@ -1,0 +1,37 @@
+// Host-side entry points of the CUDA kernels (cuda/kernels.cu).
+//
+// Plain C++ types only (no ATen, no CUDA vector types), so the kernels' translation unit needs
+// nothing but the CUDA toolkit: it compiles, and is compile-tested, without a CUDA build of
+// torch. The ATen glue (cuda/curvature_cuda.cu) checks the tensors and calls these.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fisherlora {
+namespace cuda {
+
+enum class DType : int { kBFloat16 = 0, kHalf = 1, kFloat = 2, kDouble = 3 };
+
+// acc (dense row-major (d, d) or packed upper triangle) += scale * x_rᵀ x_r over the upper-triangle
+// tiles, where x_r are the n rows at element offsets rows[0..n) of x (device int64), columns
+// spaced col_stride elements apart. acc_dtype is kFloat or kDouble.
+void launch_syrk(DType x_dtype, DType acc_dtype, const void* x, const int64_t* rows, int64_t n, int64_t d,
+                 int64_t col_stride, void* acc, bool packed, double scale, cudaStream_t stream);
+
+// out[j] = q_jᵀ M q_j, M (d, d) dense row-major or packed, of m_dtype (kFloat/kDouble); Q (d, k)
+// with element strides (qs0, qs1). `partial` is device scratch of energy_partial_rows(d) * k doubles.
+int64_t energy_partial_rows(int64_t d);
+void launch_energy(DType m_dtype, DType q_dtype, const void* M, bool packed, const void* Q, int64_t d, int64_t k,
+                   int64_t qs0, int64_t qs1, double* partial, void* out, cudaStream_t stream);
+
+// acc[j] += Σ_r (q_jᵀ x_r)² over the n rows at offsets rows[0..n); Q is (d, k) in acc's dtype with
+// element strides (qs0, qs1). `partial` is device scratch of projected_groups(n) * k doubles.
+int64_t projected_groups(int64_t n);
+void launch_projected(DType x_dtype, DType acc_dtype, const void* x, const int64_t* rows, int64_t n, int64_t d,
+                      int64_t col_stride, const void* Q, int64_t k, int64_t qs0, int64_t qs1, double* partial,
+                      void* acc, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fisherlora
