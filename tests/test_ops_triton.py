@@ -248,6 +248,34 @@ def test_custom_ops_pass_opcheck():
                           (torch.zeros(8, device=DEVICE), x, Q, mask), test_utils=checks)
 
 
+# --- end to end: statistics collection ------------------------------------------------------
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_collection_gives_the_same_factors_as_the_torch_backend(model_dtype):
+    """The tiny Llama's K-FAC factors with backend="triton" (float32 statistics) match
+    backend="torch", with padding (masked rows) and a bf16 model (the upcast path when interpreted)."""
+    from fisherlora.collect import StatisticsCollector, run_calibration
+    from tests.models import pad_batch, random_sequences, target_names, tiny_llama
+
+    model = tiny_llama(dtype=model_dtype).to(DEVICE)
+    seqs, labels = random_sequences(4, vocab=101, seed=3)
+    batches = [{k: v.to(DEVICE) for k, v in pad_batch(seqs, labels, "left").items()}]
+    names = target_names(model)
+
+    def factors(backend):
+        modules = {n: model.get_submodule(n) for n in names}
+        with StatisticsCollector(model, modules, stats_dtype=torch.float32, backend=backend) as col:
+            run_calibration(model, batches, col)
+        return col.statistics()
+
+    ours, theirs = factors("triton"), factors("torch")
+    for name in names:
+        for a, b, what in zip(ours.factors(name), theirs.factors(name), ("A", "G"), strict=True):
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1e-30),
+                                       msg=f"{what} of {name} ({model_dtype})")
+
+
 # --- GPU only ------------------------------------------------------------------------------
 
 @pytest.mark.gpu
