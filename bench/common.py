@@ -112,3 +112,29 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
             peak = max(peak, running)
         return peak, "torch_profiler_memory_events"
     return None, "unavailable"
+
+
+# ----------------------------------------------------------------------------- model-level setup
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def embedded_setup(num_samples: int, max_length: int, batch_size: int, *, model: str = "smollm2-135m",
+                   data: str = "gsm8k", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The embedded SmolLM2-135M-Instruct and ``num_samples`` GSM8K pairs, tokenised and batched.
+
+    Every model-level benchmark (naive baseline, init methods, memory, quality) starts here so
+    that they compare the same model on the same calibration batches.
+
+    Returns:
+        ``(model, tokenizer, batches)`` with ``batches`` a list of padded dicts.
+    """
+    from fisherlora import data as fdata
+
+    lm, tok = fdata.load_model_and_tokenizer(model, dtype=dtype, device=device)
+    records = fdata.load_records(data, num_samples=num_samples, seed=seed)
+    cal = fdata.tokenize_records(records, tok, max_length=max_length)
+    return lm, tok, list(fdata.calibration_batches(cal, tok, batch_size))

@@ -8,37 +8,26 @@ Quick use, next to PEFT::
     cal = tokenize_records(load_records("gsm8k", num_samples=128), tokenizer)
     peft_model = fisherlora.get_peft_model(model, lora_config, calibration_batches(cal, tokenizer, 4))
 
-Attributes are imported lazily so that ``import fisherlora`` stays light (no PEFT, Triton or
-compiled extension is loaded, and CUDA is never initialised).
+``import fisherlora`` imports torch but not PEFT, transformers, Triton or the compiled extension
+(those load on first use), and never initialises CUDA.
 """
-
-import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "FisherLoraConfig": "fisherlora.config",
-    "FisherType": "fisherlora.config",
-    "Score": "fisherlora.config",
-    "Magnitude": "fisherlora.config",
-    "FisherStatistics": "fisherlora.collect",
-    "StatisticsCollector": "fisherlora.collect",
-    "find_target_modules": "fisherlora.collect",
-    "collect_statistics": "fisherlora.initialize",
-    "compute_initialization": "fisherlora.initialize",
-    "initialize": "fisherlora.initialize",
-    "get_peft_model": "fisherlora.initialize",
-    "load": "fisherlora.initialize",
-    "FisherLoraResult": "fisherlora.initialize",
-}
-__all__ = sorted(_LAZY) + ["__version__"]
+from fisherlora.collect import FisherStatistics, StatisticsCollector, find_target_modules  # noqa: E402
+from fisherlora.config import FisherLoraConfig, FisherType, Magnitude, Score  # noqa: E402
+from fisherlora.initialize import (  # noqa: E402
+    FisherLoraResult,
+    collect_statistics,
+    compute_initialization,
+    get_peft_model,
+    initialize_fisher_lora,
+    load,
+)
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fisherlora' has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__ = [
+    "FisherLoraConfig", "FisherType", "Score", "Magnitude",
+    "FisherStatistics", "StatisticsCollector", "find_target_modules",
+    "FisherLoraResult", "collect_statistics", "compute_initialization", "initialize_fisher_lora", "get_peft_model", "load",
+    "__version__",
+]

@@ -122,7 +122,7 @@ def cmd_init(args) -> int:
 
     from fisherlora import data as fdata
     from fisherlora.collect import FisherStatistics
-    from fisherlora.initialize import atomic_output_dir, initialize, peak_memory_mb
+    from fisherlora.initialize import atomic_output_dir, initialize_fisher_lora, peak_memory_mb
 
     config = _config_from_args(args)
     out_dir = Path(args.output)
@@ -144,7 +144,7 @@ def cmd_init(args) -> int:
                                      response_field=args.response_field, text_field=args.text_field)
         batches, n_seq = fdata.calibration_batches(cal, tok, config.batch_size), len(cal)
     timings["data"] = time.perf_counter() - t0
-    result = initialize(model, None, batches, config, statistics=stats, num_batches=n_seq, progress=not args.quiet)
+    result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq, progress=not args.quiet)
     result.timings = {**timings, **result.timings}
     result.extra = {"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
                     "dtype": str(dtype).removeprefix("torch.")}

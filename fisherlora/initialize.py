@@ -47,7 +47,7 @@ __all__ = [
     "FisherLoraResult",
     "collect_statistics",
     "compute_initialization",
-    "initialize",
+    "initialize_fisher_lora",
     "get_peft_model",
     "load",
     "atomic_output_dir",
@@ -311,7 +311,7 @@ def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
     return peft_model
 
 
-def initialize(model: nn.Module, lora_config=None, data=None, fisher_config: FisherLoraConfig | None = None, *,
+def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None, fisher_config: FisherLoraConfig | None = None, *,
                statistics: FisherStatistics | None = None, num_batches: int | None = None,
                progress: bool = True) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; DESIGN.md §1).
@@ -345,7 +345,7 @@ def initialize(model: nn.Module, lora_config=None, data=None, fisher_config: Fis
     t0 = time.perf_counter()
     if statistics is None:
         if data is None:
-            raise ValueError("initialize needs calibration data or precomputed statistics")
+            raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
         statistics = collect_statistics(model, modules, data, config, num_batches=num_batches, progress=progress)
         timings["collect"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -362,10 +362,10 @@ def get_peft_model(model: nn.Module, lora_config=None, data=None, fisher_config:
                    **kwargs):
     """Like ``peft.get_peft_model``, with the LoRA factors initialised from Fisher information.
 
-    The data-driven counterpart of PEFT's ``init_lora_weights="pissa"``: see :func:`initialize`
+    The data-driven counterpart of PEFT's ``init_lora_weights="pissa"``: see :func:`initialize_fisher_lora`
     for the arguments. Returns the initialised ``peft.PeftModel``.
     """
-    return initialize(model, lora_config, data, fisher_config, **kwargs).model
+    return initialize_fisher_lora(model, lora_config, data, fisher_config, **kwargs).model
 
 
 def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
