@@ -138,3 +138,130 @@ def embedded_setup(num_samples: int, max_length: int, batch_size: int, *, model:
     records = fdata.load_records(data, num_samples=num_samples, seed=seed)
     cal = fdata.tokenize_records(records, tok, max_length=max_length)
     return lm, tok, list(fdata.calibration_batches(cal, tok, batch_size))
+
+
+# ----------------------------------------------------------------------------- per-phase memory
+def _proc_status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float | None:
+    """The process's resident memory now, in MiB (Linux ``VmRSS``; None elsewhere)."""
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else kb / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so that a later
+    :func:`peak_rss_since_reset_mb` sees only what follows (Linux >= 4.0: ``clear_refs`` = 5).
+
+    ``ru_maxrss`` (:func:`peak_rss_mb`) is NOT reset by this. Returns False where unsupported.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mb() -> float | None:
+    """Peak resident memory (``VmHWM``) since the last :func:`reset_peak_rss`, in MiB."""
+    kb = _proc_status_kb("VmHWM")
+    return None if kb is None else kb / 1024
+
+
+def memory_mark(device: torch.device) -> float | None:
+    """Start a peak-memory window on ``device``; returns the memory in use now, in MiB (the base
+    that :func:`memory_peak` subtracts): CUDA allocator bytes on a GPU, RSS on a CPU."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    reset_peak_rss()
+    return rss_mb()
+
+
+def memory_peak(device: torch.device) -> float | None:
+    """Peak memory (MiB, absolute) since the last :func:`memory_mark` on ``device``."""
+    if device.type == "cuda":
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_since_reset_mb()
+
+
+# ----------------------------------------------------------------------------- tiny stand-in model
+def tiny_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101):
+    """A random 2-layer Llama (float32, sdpa) and random supervised sequences, batched like
+    :func:`embedded_setup` (right padding, labels -100 on a random prompt prefix and on padding).
+
+    For smoke tests of the model-level benchmarks: seconds on a CPU, no tokenizer (returned as
+    None). Returns ``(model, None, batches)``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max(128, max_length), tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    data = tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
+    return model, None, list(pad_batches(data, batch_size))
+
+
+def tiny_data(num_samples: int, max_length: int, *, seed: int = 0, vocab: int = 101):
+    """``num_samples`` random token sequences (lengths ``max_length//2 .. max_length``) as
+    :class:`fisherlora.data.CalibrationData`, labels -100 on a random prompt prefix."""
+    from fisherlora.data import CalibrationData
+
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(num_samples):
+        n = int(torch.randint(max(2, max_length // 2), max_length + 1, (1,), generator=g))
+        seq = torch.randint(1, vocab, (n,), generator=g).tolist()
+        n_prompt = int(torch.randint(0, n - 1, (1,), generator=g))
+        ids.append(seq)
+        labels.append([-100] * n_prompt + seq[n_prompt:])
+    return CalibrationData(ids, labels)
+
+
+def pad_batches(data, batch_size: int, pad_id: int = 0):
+    """Right-padded ``{"input_ids", "attention_mask", "labels"}`` batches of ``data``
+    (:class:`fisherlora.data.CalibrationData`) without a tokenizer."""
+    for start in range(0, len(data), batch_size):
+        seqs = data.input_ids[start:start + batch_size]
+        labs = data.labels[start:start + batch_size]
+        T = max(len(s) for s in seqs)
+        out = {"input_ids": torch.full((len(seqs), T), pad_id, dtype=torch.long),
+               "attention_mask": torch.zeros(len(seqs), T, dtype=torch.long),
+               "labels": torch.full((len(seqs), T), -100, dtype=torch.long)}
+        for b, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
+            out["input_ids"][b, :len(s)] = torch.tensor(s)
+            out["attention_mask"][b, :len(s)] = 1
+            out["labels"][b, :len(s)] = torch.tensor(lab)
+        yield out
+
+
+def unpadded_sequences(batches) -> list[torch.Tensor]:
+    """Every sequence of padded ``batches`` without its padding, as ``(1, T)`` id tensors."""
+    out = []
+    for batch in batches:
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):
+            out.append(ids[mask.bool()].unsqueeze(0))
+    return out
+
+
+def batch_tokens(batches) -> int:
+    """Non-padding tokens in ``batches``."""
+    return int(sum(int(b["attention_mask"].sum()) for b in batches))

@@ -1,0 +1,49 @@
+"""bench/init_methods.py and bench/quality.py run end to end on a tiny random Llama (seconds),
+so the model-level benchmarks never rot."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_init_methods_every_method_on_tiny_llama(tmp_path):
+    from bench import init_methods
+
+    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12",
+                            "--rank", "2", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "init_methods.json").read_text())
+    failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
+    assert rc == 0 and not failed, failed
+    names = [r["method"] for r in report["results"]]
+    for m in ("floor", "naive", "lora", "gaussian", "pissa", "pissa_niter_4", "olora", "milora", "corda",
+              "eva", "lora_ga"):
+        assert m in names
+    assert any(n.startswith("fisherlora[") for n in names)
+    for r in report["results"]:
+        assert r["total_s"] > 0 and r["x_floor"] is not None, r["method"]
+    assert (tmp_path / "init_methods.md").read_text().count("\n| ") >= len(names)
+    assert (tmp_path / "init_methods.png").stat().st_size > 0
+
+
+def test_milora_keeps_outputs_and_takes_minor_components():
+    import peft
+    import torch
+
+    from bench import common, init_methods
+
+    model, _, batches = common.tiny_setup(2, 8, 2)
+    with torch.no_grad():
+        before = model(input_ids=batches[0]["input_ids"]).logits
+    pm = peft.get_peft_model(model, init_methods.lora_config(2, 4.0))
+    init_methods.milora_write(pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    W = layer.get_base_layer().weight + layer.scaling["default"] * layer.lora_B["default"].weight @ \
+        layer.lora_A["default"].weight
+    S = torch.linalg.svdvals(W.detach())
+    delta = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    torch.testing.assert_close(torch.linalg.svdvals(delta.detach())[:2], S[-2:], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        after = pm(input_ids=batches[0]["input_ids"]).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
