@@ -28,6 +28,7 @@ from fisherlora.initialize import (  # noqa: E402
 __all__ = [
     "FisherLoraConfig", "FisherType", "Score", "Magnitude",
     "FisherStatistics", "StatisticsCollector", "find_target_modules",
-    "FisherLoraResult", "collect_statistics", "compute_initialization", "initialize_fisher_lora", "get_peft_model", "load",
+    "FisherLoraResult", "collect_statistics", "compute_initialization", "initialize_fisher_lora", "get_peft_model",
+    "load",
     "__version__",
 ]

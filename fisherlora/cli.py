@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local transformers folder, a .gguf file, or 'smollm2-135m' (embedded, default)")
     io.add_argument("--data", default="gsm8k",
                     help="'gsm8k' (embedded test split, default) or a local .jsonl/.json/.csv/.parquet/.txt file")
-    io.add_argument("--prompt-field", default="question", help="prompt column of supervised pairs (default: %(default)s)")
+    io.add_argument("--prompt-field", default="question",
+                    help="prompt column of supervised pairs (default: %(default)s)")
     io.add_argument("--response-field", default="answer",
                     help="response column; the loss is taken on these tokens only (default: %(default)s)")
     io.add_argument("--text-field", default=None, help="plain-text column (loss on every token); overrides the pair")
@@ -122,29 +123,33 @@ def cmd_init(args) -> int:
 
     from fisherlora import data as fdata
     from fisherlora.collect import FisherStatistics
-    from fisherlora.initialize import atomic_output_dir, initialize_fisher_lora, peak_memory_mb
+    from fisherlora.initialize import check_output_dir, initialize_fisher_lora, peak_memory_mb
 
+    # everything that can be checked without the model is checked before loading it
     config = _config_from_args(args)
-    out_dir = Path(args.output)
-    with atomic_output_dir(out_dir, overwrite=args.overwrite):  # refuse a bad output path before any work
-        pass
+    out_dir = check_output_dir(args.output, overwrite=args.overwrite)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     timings = {}
     t0 = time.perf_counter()
-    model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
-    timings["load model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    stats, batches, n_seq = None, None, None
+    stats, records, batches, n_seq = None, None, None, None
     if args.statistics:
         stats = FisherStatistics.load(args.statistics, device=device)
     else:
         records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed)
+    timings["data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    timings["load model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if records is not None:
         cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
                                      response_field=args.response_field, text_field=args.text_field)
         batches, n_seq = fdata.calibration_batches(cal, tok, config.batch_size), len(cal)
-    timings["data"] = time.perf_counter() - t0
-    result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq, progress=not args.quiet)
+    timings["data"] += time.perf_counter() - t0
+    result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
+                                    progress=not args.quiet)
     result.timings = {**timings, **result.timings}
     result.extra = {"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
                     "dtype": str(dtype).removeprefix("torch.")}

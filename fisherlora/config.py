@@ -73,7 +73,8 @@ class FisherLoraConfig:
     num_samples: int = _help("calibration set size, in sequences", default=128)
     max_length: int = _help("tokens per sequence, longer ones are truncated", default=512)
     batch_size: int = _help("sequences per forward/backward pass", default=4)
-    fisher_type: FisherType = _help("'empirical' (data labels) or 'true' (sampled labels)", default=FisherType.EMPIRICAL)
+    fisher_type: FisherType = _help("'empirical' (data labels) or 'true' (sampled labels)",
+                                    default=FisherType.EMPIRICAL)
     mc_samples: int = _help("label draws per batch for fisher_type='true'", default=1)
     score: Score = _help("ranking of singular directions: 'fisher' or 'fisher_sigma'", default=Score.FISHER)
     magnitude: Magnitude = _help("'sigma', 'top_sigma', 'unit' or 'energy'", default=Magnitude.SIGMA)

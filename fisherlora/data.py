@@ -131,7 +131,12 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
     fmt = _DATA_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"unsupported data file {path.name!r}; use one of {sorted(_DATA_FORMATS)}")
-    ds = load_dataset(fmt, data_files=str(path), split="train")
+    if path.stat().st_size == 0:
+        raise ValueError(f"the calibration data {str(path)!r} is empty")
+    try:
+        ds = load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
+        raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(exc).__name__}: {exc}") from exc
     if split_range is not None:
         ds = ds.select(range(*split_range))
     if len(ds) == 0:

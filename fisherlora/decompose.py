@@ -204,7 +204,8 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
     """
     d_out, d_in = W.shape
     if rank > min(d_out, d_in):
-        raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} {tuple(W.shape)}")
+        raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
+                         f"{tuple(W.shape)}")
     U, S, Vh = thin_svd(W)
     _, _, e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)
     e = e.to(torch.float64)

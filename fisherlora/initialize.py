@@ -51,6 +51,7 @@ __all__ = [
     "get_peft_model",
     "load",
     "atomic_output_dir",
+    "check_output_dir",
     "peak_memory_mb",
 ]
 
@@ -222,6 +223,19 @@ class FisherLoraResult:
         return Path(out_dir)
 
 
+def check_output_dir(out_dir, *, overwrite: bool = False) -> Path:
+    """``out_dir`` as a Path, if it may be written; creates nothing.
+
+    Raises:
+        FileExistsError: it exists and is non-empty and ``overwrite`` is false, or it is a file.
+    """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        what = "is a file" if not out.is_dir() else "exists and is not empty"
+        raise FileExistsError(f"output {str(out)!r} {what}; choose another path or pass --overwrite")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir, *, overwrite: bool = False):
     """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds.
@@ -230,10 +244,7 @@ def atomic_output_dir(out_dir, *, overwrite: bool = False):
         FileExistsError: ``out_dir`` exists and is non-empty and ``overwrite`` is false
             (checked before any work), or ``out_dir`` is a file.
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        what = "is a file" if not out.is_dir() else "exists and is not empty"
-        raise FileExistsError(f"output {str(out)!r} {what}; choose another path or pass --overwrite")
+    out = check_output_dir(out_dir, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -311,7 +322,8 @@ def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
     return peft_model
 
 
-def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None, fisher_config: FisherLoraConfig | None = None, *,
+def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
+                           fisher_config: FisherLoraConfig | None = None, *,
                statistics: FisherStatistics | None = None, num_batches: int | None = None,
                progress: bool = True) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; DESIGN.md §1).
@@ -442,7 +454,7 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                 if wrong or len(trained) != len(expected):
                     raise ValueError(f"the adapter {str(adapter)!r} does not match this initialisation "
                                      f"(LoRA shapes or layers differ, e.g. {wrong[:2]})")
-            for name, layer in layers.items():
+            for layer in layers.values():
                 base = layer.get_base_layer()
                 delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
                                                     @ layer.lora_A["default"].weight.float())

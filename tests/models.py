@@ -82,7 +82,7 @@ def reference_factors(model, names, seqs, labels):
     count = 0
     for ids, lab in zip(seqs, labels):
         captured = {}
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: captured.__setitem__(n, (a[0], o)))
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n, c=captured: c.__setitem__(n, (a[0], o)))
                    for n, m in modules.items()]
         try:
             params = [p for p in model.parameters()]

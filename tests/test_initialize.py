@@ -135,7 +135,8 @@ def test_gpt2_conv1d_initialises():
     before = logits(model, ids)
     W = model.transformer.h[0].attn.c_attn.weight.detach().clone()  # Conv1D: (d_in, d_out)
     lc = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
-    result = fisherlora.initialize_fisher_lora(model, lc, batches(97), FisherLoraConfig(backend="torch"), progress=False)
+    cfg = FisherLoraConfig(backend="torch")
+    result = fisherlora.initialize_fisher_lora(model, lc, batches(97), cfg, progress=False)
     assert_logits_close(before, logits(result.model, ids), "GPT-2 after init")
     sel = result.selections["transformer.h.0.attn.c_attn"]
     assert sel.shape == (W.shape[1], W.shape[0])

@@ -1,0 +1,93 @@
+"""The `fisherlora` command: the real embedded model end to end, and errors that leave nothing behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fisherlora import cli
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args, check_rc=0):
+    proc = subprocess.run([sys.executable, "-m", "fisherlora.cli", *args], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == check_rc, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def embedded_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    run("init", "--num-samples", "4", "--max-length", "96", "--batch-size", "2", "--rank", "4",
+        "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet")
+    return out
+
+
+def test_init_on_the_embedded_model_and_gsm8k(embedded_out):
+    report = json.loads((embedded_out / "report.json").read_text())
+    assert report["num_layers"] == 90  # 30 decoder layers × 3 target types
+    assert report["calibration"]["sequences"] == 4
+    assert 0 < report["calibration"]["label_tokens"] < report["calibration"]["tokens"]
+    assert {"collect", "decompose", "load model"} <= set(report["timings_s"])
+    cfg = json.loads((embedded_out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["init_lora_weights"] is True
+    assert (embedded_out / "energy.png").stat().st_size > 10_000
+
+
+def test_outputs_load_on_the_original_base_and_with_peft_on_the_residual(embedded_out):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import fisherlora
+    from fisherlora.data import load_model_and_tokenizer
+
+    base, tok = load_model_and_tokenizer("smollm2-135m")
+    ids = tok("Natalia sold clips to 48 of her friends in April.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        loaded = fisherlora.load(base, embedded_out)
+        a = loaded(input_ids=ids).logits
+        residual = AutoModelForCausalLM.from_pretrained(embedded_out / "residual", dtype=torch.float32)
+        b = PeftModel.from_pretrained(residual, str(embedded_out))(input_ids=ids).logits
+    scale = ref.abs().max()
+    assert (a - ref).abs().max() <= 1e-4 * scale
+    assert (b - ref).abs().max() <= 1e-4 * scale
+
+
+def test_report_command(embedded_out):
+    assert "layers adapted" in run("report", str(embedded_out)).stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # fails after loading the model
+        (["--data", "/does/not/exist.jsonl"], "does not exist"),
+        (["--rank", "0"], "rank must be a positive integer"),
+        (["--score", "loud"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run("init", "--num-samples", "2", "--max-length", "32", "--output", str(out), "--quiet", *args,
+               check_rc=2)
+    assert message in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x").write_text("keep")
+    assert cli.main(["init", "--output", str(out), "--model", "/not/loaded"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "x").read_text() == "keep"
+
+
+def test_help_teaches():
+    text = cli.build_parser().format_help()
+    assert "Fisher energy" in text and "fisherlora init" in text
