@@ -204,3 +204,19 @@ def test_cuda_kernels_reject_mixed_devices():
     with pytest.raises(RuntimeError, match="but x is on"):
         torch.ops.fisherlora_ext.syrk_accumulate_(torch.zeros(4, 4, device="cuda"), torch.randn(3, 4), None,
                                                   1.0)
+
+
+def test_whole_init_with_ext_chooses_the_torch_backends_directions():
+    import fisherlora
+    from fisherlora import FisherLoraConfig
+    from tests.models import pad_batch, random_sequences, tiny_llama
+
+    seqs, labels = random_sequences(6, vocab=101, seed=1)
+    data = [pad_batch(seqs[:3], labels[:3]), pad_batch(seqs[3:], labels[3:])]
+    chosen = {}
+    for backend in ("torch", "ext"):
+        result = fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, data,
+                                                   FisherLoraConfig(rank=4, alpha=8, backend=backend),
+                                                   progress=False)
+        chosen[backend] = {name: sel.indices.tolist() for name, sel in result.selections.items()}
+    assert chosen["ext"] == chosen["torch"]
