@@ -19,6 +19,7 @@ examples:
   fisherlora init --model ./my-llama --data train.jsonl --prompt-field instruction --response-field output
   fisherlora init --data notes.txt --fisher-type true --mc-samples 2 --save-residual
   fisherlora report out/qv-r8
+  fisherlora plan --model config.json --free-gb 24     # memory per mode for an 8B config, no weights
 
 Loading the result:
   base = AutoModelForCausalLM.from_pretrained(...)          # the ORIGINAL base model
@@ -99,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="reuse factors from a statistics.safetensors file instead of new calibration passes")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    plan = sub.add_parser(
+        "plan", help="print each memory mode's planned peak memory for a model, without loading weights",
+        description="Build the model on the meta device (nothing loaded or allocated) and print, per memory "
+                    "mode and layer-group count, the planned peak memory: weights, activations of one batch, "
+                    "statistics and SVD workspace (GB = 1e9 bytes). See DESIGN.md §4.")
+    plan.add_argument("--model", default="smollm2-135m",
+                      help="a config.json, a model folder, a .gguf file or 'smollm2-135m' (default)")
+    plan.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: %(default)s)")
+    plan.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default: %(default)s)")
+    plan.add_argument("--batch-size", type=int, default=4, help="sequences per pass (default: %(default)s)")
+    plan.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
+    plan.add_argument("--target-modules", default="all-linear", help="as for init (default: %(default)s)")
+    plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                      help="weights dtype (default: %(default)s)")
+    plan.add_argument("--bases-dtype", default="model", choices=["float32", "model"],
+                      help="dtype of the projected mode's singular bases (default: %(default)s)")
+    plan.add_argument("--free-gb", type=float, default=None, help="also say which mode `auto` picks for this budget")
+    plan.add_argument("--json", default=None, help="write the plan as JSON to this file ('-' for stdout)")
+
     rep = sub.add_parser("report", help="print the summary of an output directory")
     rep.add_argument("output", help="a directory written by `fisherlora init`")
     return parser
@@ -146,17 +166,64 @@ def cmd_init(args) -> int:
     if records is not None:
         cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
                                      response_field=args.response_field, text_field=args.text_field)
-        batches, n_seq = fdata.calibration_batches(cal, tok, config.batch_size), len(cal)
+        # a list: each layer group makes its own pass over the same batches
+        batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
     timings["data"] += time.perf_counter() - t0
     result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
                                     progress=not args.quiet)
     result.timings = {**timings, **result.timings}
-    result.extra = {"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
-                    "dtype": str(dtype).removeprefix("torch.")}
+    result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch.")})
     result.peak_memory_mb = peak_memory_mb(device)
     result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
                 residual=args.save_residual, tokenizer=tok)
     _print_summary(result.report(), out_dir)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from fisherlora import data as fdata
+    from fisherlora.plan import GB, choose_mode, format_plan, meta_model_from_config, plan_memory
+
+    path = Path(str(fdata.embedded_model_path()) if args.model == fdata.EMBEDDED_MODEL else args.model)
+    if path.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = meta_model_from_config(config)
+    else:
+        model = meta_model_from_config(path)
+    tm = args.target_modules
+    targets = tm if any(c in tm for c in "*+?[]()|\\^$") or tm == "all-linear" else tm.split(",")
+    lora = FisherLoraConfig(rank=args.rank, target_modules=targets).to_lora_config()
+    dtype = getattr(torch, args.dtype)
+    plans = plan_memory(model, lora, batch_size=args.batch_size, max_length=args.max_length, dtype=dtype,
+                        bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4)
+    if args.json:
+        text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
+                           "plans": [p.to_dict() for p in plans]}, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.json != "-":
+        table = Table(title=f"planned peak memory (GB) of {args.model}: batch {args.batch_size}×{args.max_length}, "
+                            f"{args.dtype} weights, {args.num_samples} calibration sequences")
+        for col in ("mode", "layer groups", "weights", "activations", "statistics", "SVD workspace", "total"):
+            table.add_column(col, justify="left" if col == "mode" else "right")
+        for row in format_plan(plans):
+            table.add_row(*row)
+        Console(width=120).print(table)
+        if args.free_gb:
+            pick = choose_mode(plans, int(args.free_gb * GB))
+            print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.mode}, {pick.layer_groups} layer group(s), "
+                  f"planned peak {pick.total / GB:.1f} GB")
     return 0
 
 
@@ -171,7 +238,7 @@ def cmd_report(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"init": cmd_init, "report": cmd_report}[args.command]
+    handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:

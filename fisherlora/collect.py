@@ -22,6 +22,10 @@ Conventions (tested in ``tests/test_collect.py``):
   sharing is discovered from tensor identity on the first forward, and the factor is
   accumulated once per input.
 - Statistics are kept in float32 (float64 on request) whatever the model dtype.
+- Memory modes (DESIGN.md §4): ``full`` keeps dense ``(d, d)`` factors; ``packed`` keeps their
+  upper triangles ``(d(d+1)/2,)``; ``projected`` never forms ``A`` or ``G``: given each layer's
+  singular bases it accumulates ``diag(VᵀAV)`` and ``diag(UᵀGU)`` ``(k,)`` directly (no ``A``
+  sharing: each layer projects on its own ``V``).
 - No weight gradient is computed: every parameter has ``requires_grad=False`` during
   collection; gradients reach the hooks because the input embeddings' output (or, for a model
   without input embeddings, its floating-point inputs) is made to require grad.
@@ -95,13 +99,17 @@ class FisherStatistics:
     """Normalised K-FAC factors of a set of layers.
 
     Attributes:
-        A: factor key -> ``(d_in, d_in)`` activation covariance ``E[aaᵀ]`` (float32/float64).
-        G: layer name -> ``(d_out, d_out)`` gradient covariance ``E[ggᵀ]``.
+        A: factor key -> activation covariance ``E[aaᵀ]`` (float32/float64): dense
+            ``(d_in, d_in)`` (``kind="full"``), packed ``(d_in(d_in+1)/2,)`` (``"packed"``), or
+            its projection ``diag(VᵀAV)`` ``(k,)`` on the layer's right singular vectors
+            (``"projected"``).
+        G: layer name -> gradient covariance ``E[ggᵀ]``, in the same form (``diag(UᵀGU)``).
         a_key: layer name -> key of its (possibly shared) ``A``.
         a_count: factor key -> counted (token, call) pairs ``N_A``.
         g_count: layer name -> counted (token, call, draw) triples ``N_G``.
         shapes: layer name -> ``(d_out, d_in)``.
         info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
+        kind: ``"full"``, ``"packed"`` or ``"projected"``.
     """
 
     A: dict[str, torch.Tensor]
@@ -111,6 +119,24 @@ class FisherStatistics:
     g_count: dict[str, int]
     shapes: dict[str, tuple[int, int]]
     info: dict = field(default_factory=dict)
+    kind: str = "full"
+
+    @classmethod
+    def merge(cls, parts: list[FisherStatistics]) -> FisherStatistics:
+        """One object from the statistics of disjoint layer groups (same kind)."""
+        out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else "full")
+        for p in parts:
+            if p.kind != out.kind:
+                raise ValueError(f"cannot merge {p.kind} statistics into {out.kind} ones")
+            for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
+                getattr(out, name).update(getattr(p, name))
+            out.info.update(p.info)
+        return out
+
+    def drop_tensors(self) -> None:
+        """Free the factors, keeping names and counts (for the report)."""
+        self.A.clear()
+        self.G.clear()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, G)`` of layer ``name``."""
@@ -127,7 +153,7 @@ class FisherStatistics:
         tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
         tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
         meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
-                "shapes": self.shapes, "info": self.info}
+                "shapes": self.shapes, "info": self.info, "kind": self.kind}
         save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
 
     @classmethod
@@ -143,7 +169,8 @@ class FisherStatistics:
             A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
             G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"])
+        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"],
+                   meta.get("kind", "full"))
 
 
 def _in_backward() -> bool:
@@ -173,16 +200,35 @@ class StatisticsCollector:
         modules: layer name -> Linear/Conv1D module to hook (see :func:`find_target_modules`).
         stats_dtype: ``torch.float32`` (default) or ``torch.float64``.
         backend: op backend for the factor updates (``"auto"``, ``"torch"``, ...).
+        mode: ``"full"``, ``"packed"`` or ``"projected"`` (module docstring).
+        bases: for ``"projected"``: layer name -> ``(U, Vh)``, the thin SVD factors
+            ``(d_out, k)`` and ``(k, d_in)`` of the layer's weight (any float dtype).
+
+    Raises:
+        ValueError: no modules, an unknown mode, or missing bases for ``"projected"``.
     """
 
+    MODES = ("full", "packed", "projected")
+
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
-                 stats_dtype: torch.dtype = torch.float32, backend: str = "auto"):
+                 stats_dtype: torch.dtype = torch.float32, backend: str = "auto", mode: str = "full",
+                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         if not modules:
             raise ValueError("StatisticsCollector needs at least one target module")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "projected":
+            missing = [n for n in modules if not bases or n not in bases]
+            if missing:
+                raise ValueError(f"projected mode needs the singular bases of {missing[:5]}")
         self.model = model
         self.modules = dict(modules)
         self.stats_dtype = stats_dtype
         self.backend = backend
+        self.mode = mode
+        # projected mode: Q matrices (d, k) for the input side (V) and the output side (U)
+        self._V = {n: bases[n][1].mT for n in modules} if mode == "projected" else {}
+        self._U = {n: bases[n][0] for n in modules} if mode == "projected" else {}
         self.shapes = {n: layer_shape(m) for n, m in self.modules.items()}
         self._A: dict[str, torch.Tensor] = {}
         self._G: dict[str, torch.Tensor] = {}
@@ -265,8 +311,31 @@ class StatisticsCollector:
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self._grad_hook, name, mask))
 
+    def _new_acc(self, name: str, d: int, device) -> torch.Tensor:
+        if self.mode == "projected":
+            size = (min(self.shapes[name]),)
+        elif self.mode == "packed":
+            size = (ops.packed_size(d),)
+        else:
+            size = (d, d)
+        return torch.zeros(size, dtype=self.stats_dtype, device=device)
+
+    def _update(self, acc: torch.Tensor, rows: torch.Tensor, mask, Q: torch.Tensor | None) -> None:
+        if Q is not None:
+            ops.projected_sq_accumulate_(acc, rows, Q, mask, backend=self.backend)
+        else:
+            ops.syrk_accumulate_(acc, rows, mask, backend=self.backend)
+
     @torch.no_grad()
     def _accumulate_A(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self.mode == "projected":  # no sharing: every layer projects on its own V
+            self.a_key[name] = name
+            if name not in self._A:
+                self._A[name] = self._new_acc(name, 0, x.device)
+                self.a_count[name] = 0
+            self._update(self._A[name], x.detach(), mask, self._V[name])
+            self.a_count[name] += _count(x, mask)
+            return
         entry = self._seen.get(id(x))
         if entry is not None and entry[0]() is x and entry[1] == x._version:
             shared = entry[2]
@@ -278,19 +347,17 @@ class StatisticsCollector:
             return
         key = self.a_key.setdefault(name, name)
         if key not in self._A:
-            d_in = self.shapes[name][1]
-            self._A[key] = torch.zeros(d_in, d_in, dtype=self.stats_dtype, device=x.device)
+            self._A[key] = self._new_acc(name, self.shapes[name][1], x.device)
             self.a_count[key] = 0
-        ops.syrk_accumulate_(self._A[key], x.detach(), mask, backend=self.backend)
+        self._update(self._A[key], x.detach(), mask, None)
         self.a_count[key] += _count(x, mask)
         self._seen[id(x)] = (weakref.ref(x), x._version, key)
 
     @torch.no_grad()
     def _grad_hook(self, name: str, mask: torch.Tensor | None, grad: torch.Tensor) -> None:
         if name not in self._G:
-            d_out = self.shapes[name][0]
-            self._G[name] = torch.zeros(d_out, d_out, dtype=self.stats_dtype, device=grad.device)
-        ops.syrk_accumulate_(self._G[name], grad, mask, backend=self.backend)
+            self._G[name] = self._new_acc(name, self.shapes[name][0], grad.device)
+        self._update(self._G[name], grad, mask, self._U.get(name))
         self.g_count[name] += _count(grad, mask)
 
     # ----------------------------------------------------------------------------- results
@@ -310,11 +377,8 @@ class StatisticsCollector:
                 f"no output gradient reached {no_grad[:5]} (of {len(no_grad)}): run backward() on a loss "
                 "inside the collector, on data with at least one counted token"
             )
-        A, G = {}, {}
-        for key, acc in self._A.items():
-            A[key] = ops.symmetrize_(acc.clone()) / max(self.a_count[key], 1)
-        for name, acc in self._G.items():
-            G[name] = ops.symmetrize_(acc.clone()) / max(self.g_count[name], 1)
+        A = {key: ops.symmetrize_(acc) / max(self.a_count[key], 1) for key, acc in self._A.items()}
+        G = {name: ops.symmetrize_(acc) / max(self.g_count[name], 1) for name, acc in self._G.items()}
         for key, mat in A.items():
             if not torch.isfinite(mat).all():
                 users = [n for n, k in self.a_key.items() if k == key]
@@ -323,7 +387,7 @@ class StatisticsCollector:
             if not torch.isfinite(mat).all():
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
         return FisherStatistics(A, G, dict(self.a_key), dict(self.a_count), dict(self.g_count),
-                                dict(self.shapes), dict(info or {}))
+                                dict(self.shapes), dict(info or {}), self.mode)
 
 
 def _count(x: torch.Tensor, mask: torch.Tensor | None) -> int:

@@ -28,6 +28,21 @@ class Score(str, enum.Enum):
     FISHER_SIGMA = "fisher_sigma"
 
 
+class MemoryMode(str, enum.Enum):
+    """How the statistics are held (DESIGN.md §4).
+
+    ``full``: dense float32 ``A`` and ``G`` (``A`` shared by layers with the same input).
+    ``packed``: their upper triangles (half the memory). ``projected``: the SVDs first, then only
+    ``diag(VᵀAV)`` and ``diag(UᵀGU)`` are accumulated; ``A`` and ``G`` are never formed.
+    ``auto``: the fastest mode whose planned peak fits the device's free memory.
+    """
+
+    AUTO = "auto"
+    FULL = "full"
+    PACKED = "packed"
+    PROJECTED = "projected"
+
+
 class Magnitude(str, enum.Enum):
     """The singular value each chosen direction carries in the adapter (DESIGN.md §1 step 5).
 
@@ -83,19 +98,26 @@ class FisherLoraConfig:
         default=0.0,
     )
     stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32")
+    memory_mode: MemoryMode = _help("'full', 'packed', 'projected' or 'auto' (fastest that fits)",
+                                    default=MemoryMode.FULL)
+    layer_groups: int = _help(
+        "passes over the calibration data, each collecting statistics for one contiguous group of decoder "
+        "layers, so only one group's statistics (or singular bases) are held at once", default=1)
+    bases_dtype: str = _help("dtype of the singular bases U, V held by the projected mode: 'float32' or "
+                             "'model' (the weights' dtype, half the memory for bf16)", default="float32")
     backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto")
     seed: int = _help("seed for the calibration sample and for true-Fisher label draws", default=0)
 
     def __post_init__(self):
-        for name in ("fisher_type", "score", "magnitude"):
-            enum_cls = {"fisher_type": FisherType, "score": Score, "magnitude": Magnitude}[name]
+        enums = {"fisher_type": FisherType, "score": Score, "magnitude": Magnitude, "memory_mode": MemoryMode}
+        for name, enum_cls in enums.items():
             value = getattr(self, name)
             try:
                 setattr(self, name, enum_cls(value))
             except ValueError:
                 choices = ", ".join(repr(m.value) for m in enum_cls)
                 raise ValueError(f"FisherLoraConfig.{name} must be one of {choices}, got {value!r}") from None
-        positive_ints = ("rank", "num_samples", "max_length", "batch_size", "mc_samples")
+        positive_ints = ("rank", "num_samples", "max_length", "batch_size", "mc_samples", "layer_groups")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,6 +128,8 @@ class FisherLoraConfig:
             raise ValueError(f"FisherLoraConfig.damping must be >= 0, got {self.damping!r}")
         if self.stats_dtype not in _DTYPES:
             raise ValueError(f"FisherLoraConfig.stats_dtype must be one of {_DTYPES}, got {self.stats_dtype!r}")
+        if self.bases_dtype not in ("float32", "model"):
+            raise ValueError(f"FisherLoraConfig.bases_dtype must be 'float32' or 'model', got {self.bases_dtype!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"FisherLoraConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
         tm = self.target_modules

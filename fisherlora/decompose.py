@@ -12,11 +12,13 @@ from fisherlora.config import Magnitude, Score
 __all__ = [
     "LayerSelection",
     "thin_svd",
+    "iter_thin_svd",
     "direction_energy",
     "select_directions",
     "decompose_layer",
     "adapter_magnitudes",
     "lora_factors",
+    "residual_weight",
 ]
 
 
@@ -41,6 +43,53 @@ def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         pass
     U, S, Vh = torch.linalg.svd(W.detach().to("cpu", torch.float64), full_matrices=False)
     return tuple(t.to(W.device, torch.float32) for t in (U, S, Vh))
+
+
+def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 << 28,
+                  out_dtype: torch.dtype = torch.float32, seconds: dict | None = None):
+    """Thin SVDs of many weights, batched by shape; yields ``(name, (U, S, Vh))`` chunk by chunk.
+
+    Matrices that share a shape are stacked into ``(n, d_out, d_in)`` float32 chunks of at most
+    ``max_batch_bytes`` and decomposed by one ``torch.linalg.svd`` call (on a GPU the batched
+    solver is much faster than a loop); a chunk's workspace is released before the next chunk is
+    computed, so a consumer that keeps only what it needs holds one chunk at a time. A chunk
+    whose solver fails is redone matrix by matrix with :func:`thin_svd`'s float64 retry.
+    Gram-plus-``eigh`` is not used: it squares the condition number and loses the small
+    singular directions that Fisher energy may select (``bench/svd_paths.py`` measures both).
+
+    Args:
+        weights: name -> ``(d_out, d_in)`` weight (any float dtype; one device).
+        out_dtype: dtype of the yielded ``U`` and ``Vh`` (``S`` stays float32).
+        seconds: if given, ``"d_outxd_in"`` -> seconds spent in the solver is added to it.
+
+    Yields:
+        ``(name, (U, S, Vh))`` with ``U`` ``(d_out, k)``, ``S`` ``(k,)``, ``Vh`` ``(k, d_in)``.
+    """
+    import time
+
+    by_shape: dict[tuple[int, int], list[str]] = {}
+    for name, W in weights.items():
+        by_shape.setdefault(tuple(W.shape), []).append(name)
+    for shape, names in by_shape.items():
+        per = max(1, max_batch_bytes // (4 * shape[0] * shape[1]))
+        for i in range(0, len(names), per):
+            chunk = names[i : i + per]
+            t0 = time.perf_counter()
+            stack = torch.stack([weights[n].detach().to(torch.float32) for n in chunk])
+            try:
+                U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+                results = list(zip(U, S, Vh)) if torch.isfinite(S).all() else None
+            except (RuntimeError, torch.linalg.LinAlgError):
+                results = None
+            del stack
+            if results is None:
+                results = [thin_svd(weights[n]) for n in chunk]
+            if seconds is not None:
+                key = f"{shape[0]}x{shape[1]}"
+                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+            for n, (u, s, vh) in zip(chunk, results):
+                yield n, (u.to(out_dtype), s, vh.to(out_dtype))
+            del results
 
 
 def direction_energy(U: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, G: torch.Tensor,
@@ -185,19 +234,25 @@ def lora_factors(U_I: torch.Tensor, Vh_I: torch.Tensor, magnitudes: torch.Tensor
 def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, *, rank: int,
                     scaling: float, score: Score | str = Score.FISHER,
                     magnitude: Magnitude | str = Magnitude.SIGMA, damping: float = 0.0,
-                    backend: str = "auto") -> tuple[LayerSelection, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    backend: str = "auto", projected: bool = False,
+                    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    ) -> tuple[LayerSelection, torch.Tensor, torch.Tensor]:
     """SVD, Fisher energy, selection and LoRA factors of one layer.
 
     Args:
         name: module name (for errors and the report).
         W: ``(d_out, d_in)`` weight (for Conv1D pass ``weight.T``).
-        A, G: the layer's K-FAC factors, ``(d_in, d_in)`` and ``(d_out, d_out)``.
+        A, G: the layer's K-FAC factors, ``(d_in, d_in)`` and ``(d_out, d_out)`` (dense or
+            packed); with ``projected=True`` their projections ``diag(VᵀAV)`` and
+            ``diag(UᵀGU)``, ``(k,)`` each, on the singular bases ``svd``.
         rank: ``r``. scaling: ``s``. score, magnitude, damping, backend: see
             :class:`fisherlora.FisherLoraConfig`.
+        svd: ``(U, S, Vh)`` of ``W`` if already computed (required to interpret projected
+            statistics consistently), else computed here by :func:`thin_svd`.
 
     Returns:
-        ``(selection, B, A_lora, W_res)`` with ``B`` ``(d_out, r)``, ``A_lora`` ``(r, d_in)`` and
-        the residual ``W_res = W − s·B A_lora`` ``(d_out, d_in)``, all float32 on ``W``'s device.
+        ``(selection, B, A_lora)`` with ``B`` ``(d_out, r)`` and ``A_lora`` ``(r, d_in)``, float32 on
+        ``W``'s device; the residual is :func:`residual_weight`.
 
     Raises:
         ValueError: ``rank > min(d_out, d_in)`` (naming the layer).
@@ -206,14 +261,23 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
     if rank > min(d_out, d_in):
         raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
                          f"{tuple(W.shape)}")
-    U, S, Vh = thin_svd(W)
-    _, _, e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)
+    U, S, Vh = svd if svd is not None else thin_svd(W)
+    U, S, Vh = U.to(W.device, torch.float32), S.to(W.device, torch.float32), Vh.to(W.device, torch.float32)
+    if projected:
+        e = (G.to(W.device, torch.float64) + damping) * (A.to(W.device, torch.float64) + damping)
+    else:
+        e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)[2]
     e = e.to(torch.float64)
     s64 = S.to(torch.float64)
     sc = e if Score(score) is Score.FISHER else e * s64.square()
     idx = select_directions(sc, s64, rank)
     mags = adapter_magnitudes(s64, e, idx, magnitude)
     B, A_lora = lora_factors(U[:, idx], Vh[idx], mags, scaling)
-    W_res = W.detach().float() - scaling * (B @ A_lora)
     sel = LayerSelection(name, (d_out, d_in), rank, idx.cpu(), s64.cpu(), e.cpu(), sc.cpu(), mags.cpu())
-    return sel, B, A_lora, W_res
+    return sel, B, A_lora
+
+
+def residual_weight(W: torch.Tensor, B: torch.Tensor, A_lora: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``W_res = W − s·B A`` computed in float32 ``(d_out, d_in)`` (cast once by the caller), so
+    that ``W_res + s·B A = W`` and the model's outputs are unchanged (DESIGN.md §1 step 5)."""
+    return W.detach().float() - scaling * (B.float() @ A_lora.float())

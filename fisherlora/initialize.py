@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -41,7 +42,7 @@ from fisherlora.collect import (
     run_calibration,
 )
 from fisherlora.config import FisherLoraConfig
-from fisherlora.decompose import LayerSelection, decompose_layer
+from fisherlora.decompose import LayerSelection, decompose_layer, iter_thin_svd, residual_weight
 
 __all__ = [
     "FisherLoraResult",
@@ -56,6 +57,7 @@ __all__ = [
 ]
 
 META_FILE = "fisherlora.json"
+log = logging.getLogger("fisherlora")
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -93,21 +95,24 @@ def _ranks_and_scalings(lora_config, names: list[str]) -> dict[str, tuple[int, f
 
 
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
-                       num_batches: int | None = None, progress: bool = True) -> FisherStatistics:
-    """Run the calibration passes over ``batches`` and return the K-FAC factors of ``modules``.
+                       mode: str = "full", bases: dict | None = None, num_batches: int | None = None,
+                       progress: bool = True, desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
+    """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
     Args:
         model: a causal LM (output with ``.logits``). modules: layer name -> module.
         batches: iterable of ``{"input_ids", "attention_mask", "labels"}`` dicts.
         config: fisher type, label draws, seed, statistics dtype and backend.
+        mode, bases: the memory mode and, for ``"projected"``, the singular bases
+            (see :class:`fisherlora.StatisticsCollector`).
 
     Raises:
         ValueError: empty data. RuntimeError/FloatingPointError: as
             :meth:`StatisticsCollector.statistics`. The model is restored in every case.
     """
     dtype = getattr(torch, config.stats_dtype)
-    with StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend) as col, \
-            _progress(num_batches or 0, "calibration (fwd+bwd)", progress, "seq") as bar:
+    with StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
+                             bases=bases) as col, _progress(num_batches or 0, desc, progress, "seq") as bar:
         totals = run_calibration(model, batches, col, fisher_type=config.fisher_type.value,
                                  mc_samples=config.mc_samples, seed=config.seed, progress=bar)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})
@@ -115,17 +120,34 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
 
 @dataclass
 class LayerInit:
-    """Initial LoRA factors and residual of one layer (float32, on the weight's device)."""
+    """Initial LoRA factors of one layer (float32, on the weight's device); the residual is
+    computed from them when it is written."""
 
     B: torch.Tensor
     A: torch.Tensor
-    W_res: torch.Tensor
     scaling: float
 
 
+def _check_layers(modules: dict[str, nn.Module], plan: dict[str, tuple[int, float]]) -> None:
+    for name, (r, _) in plan.items():
+        d_out, d_in = _weight(modules[name]).shape
+        if r > min(d_out, d_in):
+            raise ValueError(f"rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
+                             f"({d_out}x{d_in})")
+
+
 def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, lora_config,
-                           config: FisherLoraConfig, *, progress: bool = True):
-    """Decompose every target layer (no change to the model).
+                           config: FisherLoraConfig, *, bases: dict | None = None, progress: bool = True,
+                           svd_seconds: dict | None = None):
+    """Decompose every layer of ``modules`` (no change to the model).
+
+    Args:
+        modules: layer name -> Linear/Conv1D. stats: their statistics (any kind).
+        lora_config: the PEFT ``LoraConfig`` (ranks, scalings). config: score, magnitude, damping.
+        bases: precomputed ``(U, S, Vh)`` per layer (required for projected statistics: they are
+            only meaningful on the bases they were accumulated on); else computed here, batched
+            by shape (:func:`fisherlora.decompose.iter_thin_svd`), one chunk at a time.
+        svd_seconds: if given, solver seconds per weight shape are added to it.
 
     Returns:
         ``(inits, selections)``: layer name -> :class:`LayerInit`, and -> :class:`LayerSelection`.
@@ -135,28 +157,52 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             the layers (naming them).
     """
     plan = _ranks_and_scalings(lora_config, list(modules))
-    for name, (r, _) in plan.items():
-        d_out, d_in = _weight(modules[name]).shape
-        if r > min(d_out, d_in):
-            raise ValueError(f"rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
-                             f"({d_out}x{d_in})")
+    _check_layers(modules, plan)
+    for name, module in modules.items():
         if name not in stats.G:
             raise ValueError(f"the statistics hold no factors for layer {name!r}")
-        if tuple(stats.shapes[name]) != (d_out, d_in):
+        if tuple(stats.shapes[name]) != tuple(_weight(module).shape):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
-                             f"the layer is {(d_out, d_in)}")
+                             f"the layer is {tuple(_weight(module).shape)}")
+    if stats.kind == "projected" and bases is None:
+        raise ValueError("projected statistics need the singular bases they were accumulated on")
+    svds = bases.items() if bases is not None else iter_thin_svd(
+        {n: _weight(m) for n, m in modules.items()}, seconds=svd_seconds)
     inits, selections = {}, {}
     with _progress(len(modules), "decomposition (SVD+energy)", progress, "layer") as bar:
-        for name, module in modules.items():
+        for name, svd in svds:
             r, s = plan[name]
             A, G = stats.factors(name)
-            sel, B, A_lora, W_res = decompose_layer(
-                name, _weight(module), A, G, rank=r, scaling=s, score=config.score,
-                magnitude=config.magnitude, damping=config.damping, backend=config.backend)
-            inits[name] = LayerInit(B, A_lora, W_res, s)
+            sel, B, A_lora = decompose_layer(
+                name, _weight(modules[name]), A, G, rank=r, scaling=s, score=config.score,
+                magnitude=config.magnitude, damping=config.damping, backend=config.backend,
+                projected=stats.kind == "projected", svd=svd)
+            inits[name] = LayerInit(B, A_lora, s)
             selections[name] = sel
             bar.update(1)
     return inits, selections
+
+
+def layer_groups(modules: dict[str, nn.Module], n_groups: int) -> list[dict[str, nn.Module]]:
+    """Split target layers into ``n_groups`` contiguous groups of decoder layers.
+
+    The decoder layer of a module is the first integer in its dotted name
+    (``model.layers.7.mlp.up_proj`` -> 7); modules without one join the first group.
+    """
+    import re
+
+    def index(name):
+        m = re.search(r"\.(\d+)(\.|$)", name)
+        return int(m.group(1)) if m else -1
+
+    indices = sorted({index(n) for n in modules})
+    n_groups = max(1, min(n_groups, len(indices)))
+    per = -(-len(indices) // n_groups)
+    group_of = {idx: min(i // per, n_groups - 1) for i, idx in enumerate(indices)}
+    groups = [dict() for _ in range(n_groups)]
+    for name, module in modules.items():
+        groups[group_of[index(name)]][name] = module
+    return [g for g in groups if g]
 
 
 @dataclass
@@ -318,14 +364,34 @@ def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
                 layer.lora_B["default"].weight.copy_(init.B)
             for name, init in inits.items():  # residuals last: nothing below can fail halfway
                 base = layers[name].get_base_layer()
-                base.weight.copy_(init.W_res.T if is_conv1d(base) else init.W_res)
+                W_res = residual_weight(_weight(base), init.B, init.A, init.scaling)
+                base.weight.copy_(W_res.T if is_conv1d(base) else W_res)
     return peft_model
+
+
+def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig) -> tuple[str, int]:
+    """``(mode, layer_groups)`` to run: the configured ones, or for ``memory_mode="auto"`` the
+    fastest plan (:func:`fisherlora.plan.choose_mode`) whose peak fits the device's free memory
+    (the weights, already loaded, are counted as available). The choice is logged."""
+    if config.memory_mode.value != "auto":
+        return config.memory_mode.value, config.layer_groups
+    from fisherlora.plan import GB, choose_mode, free_memory_bytes, plan_memory
+
+    param = next(model.parameters())
+    plans = plan_memory(model, lora_config, batch_size=config.batch_size, max_length=config.max_length,
+                        stats_bytes=4 if config.stats_dtype == "float32" else 8,
+                        bases_bytes=param.element_size() if config.bases_dtype == "model" else 4)
+    free = free_memory_bytes(param.device) + plans[0].weights
+    pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
+    log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "
+                "available on %s", pick.mode, pick.layer_groups, pick.total / GB, free / GB, param.device)
+    return pick.mode, pick.layer_groups
 
 
 def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
-               statistics: FisherStatistics | None = None, num_batches: int | None = None,
-               progress: bool = True) -> FisherLoraResult:
+                           statistics: FisherStatistics | None = None, num_batches: int | None = None,
+                           progress: bool = True, keep_statistics: bool = True) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; DESIGN.md §1).
 
     Args:
@@ -333,12 +399,17 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             wrapped in place by PEFT, as ``peft.get_peft_model`` does; on error it is restored.
         lora_config: a ``peft.LoraConfig`` (r, lora_alpha, rsLoRA, target_modules, patterns);
             default ``fisher_config.to_lora_config()``.
-        data: iterable of calibration batches ``{"input_ids", "attention_mask", "labels"}``
-            (see :func:`fisherlora.data.calibration_batches`); not needed with ``statistics``.
-        fisher_config: :class:`FisherLoraConfig` (default: all defaults).
-        statistics: precomputed factors (e.g. :meth:`FisherStatistics.load`), to re-select
-            with another rank without new passes.
+        data: calibration batches ``{"input_ids", "attention_mask", "labels"}`` (see
+            :func:`fisherlora.data.calibration_batches`); re-iterable (a list, a DataLoader)
+            when ``layer_groups > 1`` since each group makes its own pass. Not needed with
+            ``statistics``.
+        fisher_config: :class:`FisherLoraConfig` (default: all defaults), including the memory
+            mode and layer groups (DESIGN.md §4).
+        statistics: precomputed statistics (e.g. :meth:`FisherStatistics.load`), to re-select
+            with another rank without new passes (full or packed kinds).
         num_batches: for the progress bar (sequences); optional.
+        keep_statistics: keep the factors in the result (to save them); ``False`` frees each
+            layer group's factors as soon as it is decomposed.
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -346,28 +417,66 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
 
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
-            nothing. FloatingPointError: non-finite statistics (naming the layer).
+            nothing, one-shot data with several layer groups. FloatingPointError: non-finite
+            statistics (naming the layer).
     """
     config = fisher_config or FisherLoraConfig()
     lora_config = lora_config if lora_config is not None else config.to_lora_config()
-    timings = {}
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
+    _check_layers(modules, _ranks_and_scalings(lora_config, list(modules)))
+    if statistics is None and data is None:
+        raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
+    if statistics is not None and statistics.kind == "projected":
+        raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
+                         "of one run; save full or packed statistics to re-select")
+    mode, n_groups = resolve_memory_mode(model, lora_config, config) if statistics is None else ("given", 1)
+    groups = layer_groups(modules, n_groups)
+    if len(groups) > 1 and iter(data) is data:
+        raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
+                         "(a list or a DataLoader), not a one-shot iterator")
     fingerprints = {n: float(_weight(m).detach().double().norm()) for n, m in modules.items()}
-    t0 = time.perf_counter()
+    timings = {"collect": 0.0, "svd": 0.0, "decompose": 0.0}
+    svd_seconds: dict[str, float] = {}
+    bases_dtype = torch.float32 if config.bases_dtype == "float32" else next(model.parameters()).dtype
+    inits, selections, parts = {}, {}, []
+    for gi, group in enumerate(groups):
+        bases = None
+        stats = statistics
+        if stats is None:
+            if mode == "projected":  # the SVD first: the hooks project on the bases
+                t0 = time.perf_counter()
+                bases = dict(iter_thin_svd({n: _weight(m) for n, m in group.items()}, out_dtype=bases_dtype,
+                                           seconds=svd_seconds))
+                timings["svd"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
+            stats = collect_statistics(model, group, data, config, mode=mode,
+                                       bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
+                                       num_batches=num_batches, progress=progress, desc=desc)
+            timings["collect"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases, progress=progress,
+                                                 svd_seconds=svd_seconds)
+        timings["decompose"] += time.perf_counter() - t0
+        inits.update(inits_g)
+        selections.update(sels_g)
+        del bases
+        if statistics is None:
+            if not keep_statistics:
+                stats.drop_tensors()
+            parts.append(stats)
     if statistics is None:
-        if data is None:
-            raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
-        statistics = collect_statistics(model, modules, data, config, num_batches=num_batches, progress=progress)
-        timings["collect"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    inits, selections = compute_initialization(modules, statistics, lora_config, config, progress=progress)
-    timings["decompose"] = time.perf_counter() - t0
+        statistics = FisherStatistics.merge(parts)
     t0 = time.perf_counter()
     peft_model = _wrap_and_write(model, lora_config, inits)
     timings["initialize"] = time.perf_counter() - t0
-    return FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
-                            peak_memory_mb(device))
+    if not timings["svd"]:  # the SVD ran inside "decompose"
+        del timings["svd"]
+    result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
+                              peak_memory_mb(device))
+    result.extra.update(memory_mode=mode, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
+    return result
 
 
 def get_peft_model(model: nn.Module, lora_config=None, data=None, fisher_config: FisherLoraConfig | None = None,

@@ -9,6 +9,7 @@ from fisherlora.decompose import (
     decompose_layer,
     direction_energy,
     lora_factors,
+    residual_weight,
     select_directions,
     thin_svd,
 )
@@ -70,8 +71,9 @@ def test_layer_factors_reconstruct_and_are_orthogonal(magnitude, score):
     W = torch.randn(12, 9)
     A, G = _spd(9, 5).float(), _spd(12, 6).float()
     s = 2.0
-    sel, B, A_lora, W_res = decompose_layer("layer", W, A, G, rank=4, scaling=s, score=score, magnitude=magnitude,
-                                            backend="torch")
+    sel, B, A_lora = decompose_layer("layer", W, A, G, rank=4, scaling=s, score=score, magnitude=magnitude,
+                                     backend="torch")
+    W_res = residual_weight(W, B, A_lora, s)
     torch.testing.assert_close(W_res + s * B @ A_lora, W, rtol=0, atol=1e-5)
     # the directions of B and A are singular vectors of W: orthogonal columns / rows
     Bn = B / B.norm(dim=0)

@@ -64,8 +64,8 @@ def symmetrize_(acc: torch.Tensor) -> torch.Tensor:
     accumulator; call this once at finalisation. Packed accumulators are returned unchanged.
     """
     if acc.dim() == 2:
-        upper = acc.triu()
-        acc.copy_(upper + upper.triu(1).mT)
+        acc.triu_()
+        acc.add_(acc.triu(1).mT)
     return acc
 
 

@@ -1,0 +1,197 @@
+"""Memory planning: what each memory mode needs, without loading weights (DESIGN.md §4).
+
+Every figure is in bytes. The statistics figures are exact closed forms:
+
+- ``naive``: one dense float32 ``A`` and ``G`` per layer: ``Σ (d_in² + d_out²)·4``;
+- ``full``: dense float32, one ``A`` per distinct input (q/k/v and gate/up share):
+  ``(Σ_distinct-inputs d_in² + Σ_layers d_out²)·4``;
+- ``packed``: the same with ``d(d+1)/2`` per factor;
+- ``projected``: ``2k`` floats per layer for the accumulators, plus the singular bases
+  ``U (d_out, k)`` and ``V (d_in, k)`` of the layers in flight (one layer group) in the bases
+  dtype, counted as "SVD workspace".
+
+With ``layer_groups = g`` only the largest group's statistics are held at once. Activations are
+an estimate for one batch with gradients flowing back to the embeddings (weights frozen):
+``B·T·(L·(10·hidden + 4·intermediate)·bytes + vocab·(bytes + 8))`` (saved tensors of a
+Llama-style block, and the logits with their float32 upcast and gradient). The sharing of
+``A`` is found by running :class:`fisherlora.StatisticsCollector` on a meta-device copy of the
+model, the same mechanism that shares ``A`` at collection time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fisherlora.collect import StatisticsCollector, find_target_modules, layer_shape
+
+__all__ = ["ModePlan", "plan_memory", "choose_mode", "meta_model_from_config", "free_memory_bytes",
+           "shared_activation_factors"]
+
+log = logging.getLogger("fisherlora")
+GB = 1e9
+
+
+@dataclass
+class ModePlan:
+    """Planned peak memory of one mode, in bytes."""
+
+    mode: str
+    layer_groups: int
+    weights: int
+    activations: int
+    statistics: int
+    svd_workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.activations + self.statistics + self.svd_workspace
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def meta_model_from_config(path_or_config) -> nn.Module:
+    """A causal LM built on the meta device (no memory, nothing downloaded).
+
+    Args:
+        path_or_config: a ``config.json`` file, a model folder holding one, or a
+            ``transformers`` config object.
+
+    Raises:
+        FileNotFoundError: no config found.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(path_or_config, PretrainedConfig):
+        config = path_or_config
+    else:
+        path = Path(path_or_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no model config at {str(path)!r} (give a config.json or a model folder)")
+        config = AutoConfig.for_model(**json.loads(path.read_text()))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def shared_activation_factors(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Layer name -> key of its (shared) activation factor, from a 4-token meta forward.
+
+    Falls back to one factor per layer (no sharing: an upper bound) if the model cannot run on
+    the meta device.
+    """
+    meta = model
+    if next(model.parameters()).device.type != "meta":
+        try:
+            with torch.device("meta"):
+                meta = type(model)(model.config)
+        except Exception:  # not a transformers model: no meta rebuild
+            return {n: n for n in modules}
+    meta_modules = {n: meta.get_submodule(n) for n in modules}
+    try:
+        with StatisticsCollector(meta, meta_modules, backend="torch") as col, torch.no_grad():
+            meta(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+        return {n: col.a_key.get(n, n) for n in modules}
+    except Exception as exc:
+        log.info("fisherlora plan: meta forward failed (%s); assuming no shared activation factors", exc)
+        return {n: n for n in modules}
+
+
+def _groups_sizes(names: list[str], n_groups: int) -> list[list[str]]:
+    from fisherlora.initialize import layer_groups
+
+    return [list(g) for g in layer_groups({n: None for n in names}, n_groups)]
+
+
+def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_length: int = 512,
+                dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
+                group_options: tuple[int, ...] = (1, 2, 4, 8)) -> list[ModePlan]:
+    """Planned peak memory of every mode (and layer-group count) for ``model``.
+
+    Args:
+        model: on any device, the meta device included (nothing is allocated).
+        lora_config: a PEFT ``LoraConfig`` (its targets are resolved as PEFT would).
+        batch_size, max_length: one calibration batch ``(B, T)``.
+        dtype: the weights' dtype (default: the parameters' own).
+        stats_bytes: bytes per statistics element (4 for float32).
+        bases_bytes: bytes per element of the projected mode's singular bases.
+        group_options: layer-group counts to plan for.
+
+    Returns:
+        :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
+    """
+    modules = find_target_modules(model, lora_config)
+    shapes = {n: layer_shape(m) for n, m in modules.items()}
+    a_key = shared_activation_factors(model, modules)
+    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    weights = sum(p.numel() * (elem or p.element_size()) for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", max(d for s in shapes.values() for d in s))
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    n_layers = getattr(cfg, "num_hidden_layers", 1)
+    vocab = getattr(cfg, "vocab_size", 0)
+    act_bytes = elem or next(model.parameters()).element_size()
+    activations = batch_size * max_length * (n_layers * (10 * hidden + 4 * inter) * act_bytes
+                                             + vocab * (act_bytes + 8))
+
+    def dense(names, packed=False, share=True):
+        size = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
+        keys = {a_key[n] if share else n: shapes[n][1] for n in names}
+        return (sum(size(d) for d in keys.values()) + sum(size(shapes[n][0]) for n in names)) * stats_bytes
+
+    def bases(names):
+        return sum((d_out + d_in) * min(d_out, d_in) for d_out, d_in in (shapes[n] for n in names)) * bases_bytes
+
+    biggest = max(shapes.values(), key=lambda s: s[0] * s[1])
+    k_big = min(biggest)
+    svd_ws = (biggest[0] * biggest[1] + (biggest[0] + biggest[1]) * k_big + k_big) * 4
+    names = list(modules)
+    plans = [ModePlan("naive", 1, weights, activations, dense(names, share=False), svd_ws)]
+    for g in group_options:
+        groups = _groups_sizes(names, g)
+        if len(groups) != g:
+            continue
+        plans.append(ModePlan("full", g, weights, activations, max(dense(x) for x in groups), svd_ws))
+        plans.append(ModePlan("packed", g, weights, activations, max(dense(x, packed=True) for x in groups), svd_ws))
+        k_total = sum(min(shapes[n]) for n in names)
+        plans.append(ModePlan("projected", g, weights, activations, 2 * k_total * stats_bytes,
+                              max(bases(x) for x in groups) + svd_ws))
+    return plans
+
+
+def choose_mode(plans: list[ModePlan], free_bytes: int, layer_groups: int | None = None) -> ModePlan:
+    """The fastest plan whose peak fits ``free_bytes``: full, then packed, then projected, each
+    with as few layer groups (passes over the data) as possible; the smallest plan if none fits.
+    """
+    order = {"full": 0, "packed": 1, "projected": 2}
+    candidates = [p for p in plans if p.mode in order and (layer_groups is None or p.layer_groups == layer_groups)]
+    candidates.sort(key=lambda p: (p.layer_groups, order[p.mode]))
+    for p in candidates:
+        if p.total <= free_bytes:
+            return p
+    return min(candidates, key=lambda p: p.total)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: CUDA's ``mem_get_info``, else the OS's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def format_plan(plans: list[ModePlan]) -> list[list[str]]:
+    """Table rows (GB) for printing."""
+    rows = []
+    for p in plans:
+        rows.append([p.mode, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
+                    (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)])
+    return rows

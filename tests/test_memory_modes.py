@@ -1,0 +1,130 @@
+"""Memory modes (full, packed, projected, layer groups, auto) and the memory plan (DESIGN.md §4)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fisherlora
+from fisherlora import FisherLoraConfig
+from fisherlora.plan import choose_mode, meta_model_from_config, plan_memory
+from tests.models import pad_batch, random_sequences, tiny_llama
+
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
+
+
+def batches(n=8, seed=2):
+    seqs, labels = random_sequences(n, vocab=101, seed=seed, max_len=12)
+    return [pad_batch(seqs[:4], labels[:4]), pad_batch(seqs[4:], labels[4:])]
+
+
+def run(mode, groups=1, layers=3, **kw):
+    model = tiny_llama(torch.float32, layers=layers)
+    cfg = FisherLoraConfig(rank=4, alpha=8, backend="torch", memory_mode=mode, layer_groups=groups, **kw)
+    return fisherlora.initialize_fisher_lora(model, None, batches(), cfg, progress=False)
+
+
+@pytest.fixture(scope="module")
+def full():
+    return run("full")
+
+
+@pytest.mark.parametrize("mode, groups", [("packed", 1), ("projected", 1), ("full", 3), ("projected", 2)])
+def test_modes_and_layer_groups_agree_with_full(full, mode, groups):
+    other = run(mode, groups)
+    assert other.extra["memory_mode"] == mode and other.extra["layer_groups"] == groups
+    assert set(other.selections) == set(full.selections)
+    for name, sel in full.selections.items():
+        o = other.selections[name]
+        rel = ((o.energy - sel.energy).abs().max() / sel.energy.abs().max()).item()
+        assert rel <= 1e-4, f"{mode}/{groups}: energies of {name} differ by {rel:.2e} (relative)"
+        assert o.indices.tolist() == sel.indices.tolist(), f"{mode}/{groups}: {name} chose other directions"
+    if mode == "packed":
+        d = full.statistics.shapes["model.layers.0.mlp.down_proj"][1]
+        assert other.statistics.A["model.layers.0.mlp.down_proj"].shape == (d * (d + 1) // 2,)
+    if mode == "projected":
+        assert all(a.dim() == 1 for a in other.statistics.A.values())  # A and G never formed
+
+
+def test_layer_groups_need_reiterable_data():
+    model = tiny_llama(torch.float32, layers=3)
+    cfg = FisherLoraConfig(rank=2, backend="torch", layer_groups=2)
+    with pytest.raises(ValueError, match="re-iterable"):
+        fisherlora.initialize_fisher_lora(model, None, iter(batches()), cfg, progress=False)
+
+
+def test_auto_mode_picks_a_plan_that_fits_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="fisherlora"):
+        result = run("auto")
+    assert result.extra["memory_mode"] == "full"  # a tiny model fits anywhere: the fastest mode
+    assert "memory_mode=auto chose full" in caplog.text
+
+
+def _closed_form(shapes, shared_groups):
+    """Statistics bytes by hand: naive, full, packed for (d_out, d_in) shapes per layer."""
+    naive = sum(i * i + o * o for o, i in shapes.values()) * 4
+    inputs = {}
+    for name, (_, i) in shapes.items():
+        inputs[shared_groups(name)] = i
+    full = (sum(i * i for i in inputs.values()) + sum(o * o for o, _ in shapes.values())) * 4
+    tri = lambda d: d * (d + 1) // 2  # noqa: E731
+    packed = (sum(tri(i) for i in inputs.values()) + sum(tri(o) for o, _ in shapes.values())) * 4
+    return naive, full, packed
+
+
+def _share(name):
+    layer, _, proj = name.rpartition(".")
+    return layer.rsplit(".", 1)[0] + ".qkv" if proj in ("q_proj", "k_proj", "v_proj") else (
+        layer + ".gate_up" if proj in ("gate_proj", "up_proj") else name)
+
+
+def test_plan_equals_closed_form_on_the_tiny_llama():
+    model = tiny_llama(torch.float32)
+    lc = FisherLoraConfig().to_lora_config()
+    from fisherlora.collect import find_target_modules, layer_shape
+
+    shapes = {n: layer_shape(m) for n, m in find_target_modules(model, lc).items()}
+    naive, full, packed = _closed_form(shapes, _share)
+    plans = {(p.mode, p.layer_groups): p for p in plan_memory(model, lc)}
+    assert plans[("naive", 1)].statistics == naive
+    assert plans[("full", 1)].statistics == full
+    assert plans[("packed", 1)].statistics == packed
+    assert plans[("full", 2)].statistics == full // 2  # two identical decoder layers
+    assert plans[("projected", 1)].statistics == 2 * 4 * sum(min(s) for s in shapes.values())
+
+
+@pytest.mark.skipif(not (CONFIGS / "llama-3-8b.json").exists(), reason="shared/configs not beside the checkout")
+def test_plan_of_llama_3_8b_matches_the_design_table():
+    model = meta_model_from_config(CONFIGS / "llama-3-8b.json")
+    assert next(model.parameters()).device.type == "meta"
+    plans = {(p.mode, p.layer_groups): p for p in plan_memory(model, FisherLoraConfig().to_lora_config(),
+                                                              dtype=torch.bfloat16, bases_bytes=2)}
+    h, i, kv, L = 4096, 14336, 1024, 32
+    per_layer = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
+    shapes = {f"model.layers.{n}.{k}": s for n in range(L) for k, s in per_layer.items()}
+    share = lambda name: name.rsplit(".", 1)[0] + {"q": ".qkv", "k": ".qkv", "v": ".qkv", "gate": ".gu",  # noqa: E731
+                                                   "up": ".gu"}.get(name.rsplit(".", 1)[1], "." + name)
+    naive, full, packed = _closed_form(shapes, share)
+    assert plans[("naive", 1)].statistics == naive
+    assert plans[("full", 1)].statistics == full
+    assert plans[("packed", 1)].statistics == packed
+    # DESIGN.md §4's table, within 2 %
+    for (mode, g), gb in {("naive", 1): 98.5, ("full", 1): 92.1, ("packed", 1): 46.0}.items():
+        assert abs(plans[(mode, g)].statistics / 1e9 - gb) <= 0.02 * gb, mode
+    bases = plans[("projected", 1)].svd_workspace - plans[("full", 1)].svd_workspace
+    assert abs(bases / 1e9 - 19.5) <= 0.02 * 19.5
+    assert plans[("projected", 8)].svd_workspace / 1e9 < 3.0
+    # the 24 GB goal: projected with layer groups, one sequence per batch
+    small = {(p.mode, p.layer_groups): p for p in plan_memory(model, FisherLoraConfig().to_lora_config(),
+                                                              dtype=torch.bfloat16, bases_bytes=2, batch_size=1)}
+    assert choose_mode(list(small.values()), 24 * 10**9).mode == "projected"
+
+
+def test_plan_command_prints_every_mode(capsys):
+    from fisherlora import cli
+
+    if not (CONFIGS / "llama-3-8b.json").exists():
+        pytest.skip("shared/configs not beside the checkout")
+    assert cli.main(["plan", "--model", str(CONFIGS / "llama-3-8b.json"), "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    assert '"mode": "projected"' in out and '"statistics"' in out
