@@ -120,7 +120,8 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_out:
     tol = factor * torch_err + rel_floor * max(scale, 1.0)
     assert out64.shape == ref64.shape, f"{name}: shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}"
     bad_finite = ~torch.isfinite(out64)
-    assert not bad_finite.any(), f"{name}: {int(bad_finite.sum())} non-finite values, first at {bad_finite.nonzero()[0].tolist()}"
+    assert not bad_finite.any(), (
+        f"{name}: {int(bad_finite.sum())} non-finite values, first at {bad_finite.nonzero()[0].tolist()}")
     err = (out64 - ref64).abs()
     if err.numel() and err.max().item() > tol:
         n_bad = int((err > tol).sum())
