@@ -11,19 +11,21 @@ pytest.importorskip("matplotlib")
 def test_init_methods_every_method_on_tiny_llama(tmp_path):
     from bench import init_methods
 
-    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12",
-                            "--rank", "2", "--out", str(tmp_path)])
+    variants = init_methods.fisherlora_variants("cpu")
+    assert variants and init_methods.select_methods("fisherlora", "cpu") == variants
+    torch_variant = next(v for v in variants if v.startswith("fisherlora[torch"))
+    methods = ["floor", torch_variant, *init_methods.STATIC_METHODS[1:]]
+    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12", "--rank", "2",
+                            "--methods", ",".join(methods), "--out", str(tmp_path)])
     report = json.loads((tmp_path / "init_methods.json").read_text())
     failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
     assert rc == 0 and not failed, failed
-    names = [r["method"] for r in report["results"]]
-    for m in ("floor", "naive", "lora", "gaussian", "pissa", "pissa_niter_4", "olora", "milora", "corda",
-              "eva", "lora_ga"):
-        assert m in names
-    assert any(n.startswith("fisherlora[") for n in names)
+    assert [r["method"] for r in report["results"]] == methods
     for r in report["results"]:
-        assert r["total_s"] > 0 and r["x_floor"] is not None, r["method"]
-    assert (tmp_path / "init_methods.md").read_text().count("\n| ") >= len(names)
+        assert r["total_s"] > 0 and r["cpu_s"] > 0 and r["x_floor"] is not None, r["method"]
+    assert report["results"][1]["statistics_mb"] > 0 and report["results"][2]["statistics_mb"] > 0
+    assert "tokens_per_pass" in next(r for r in report["results"] if r["method"] == "eva")
+    assert (tmp_path / "init_methods.md").read_text().count("\n| ") >= len(methods)
     assert (tmp_path / "init_methods.png").stat().st_size > 0
 
 
@@ -47,3 +49,25 @@ def test_milora_keeps_outputs_and_takes_minor_components():
     with torch.no_grad():
         after = pm(input_ids=batches[0]["input_ids"]).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_quality_quick_on_tiny_llama_and_resumes(tmp_path):
+    from bench import quality
+
+    argv = ["--tiny", "--quick", "--rank", "2", "--steps", "2", "--max-length", "12", "--eval-pairs", "4",
+            "--calib-pairs", "4", "--methods", "lora,milora,fisherlora", "--variants", "fisher:sigma",
+            "--lrs", "1e-3,1e-2", "--seeds", "0,1", "--out", str(tmp_path)]
+    assert quality.main(argv) == 0
+    runs = tmp_path / "quality_runs_tiny.jsonl"
+    n_lines = len(runs.read_text().splitlines())
+    assert n_lines == 1 + 3 * (2 + 1)  # base eval + per method: lr sweep on seed 0, then seed 1 at the best lr
+    report = json.loads((tmp_path / "quality_tiny.json").read_text())
+    for m in ("lora", "milora", "fisherlora:fisher:sigma"):
+        s = report["summary"][m]
+        assert s["best_lr"] in (1e-3, 1e-2) and s["n"] == 2 and s["final_mean"] > 0, m
+        assert len(s["paired_diff"]["per_seed"]) == 2
+    assert report["summary"]["lora"]["size"]["delta_fro"] == 0.0  # B = 0
+    assert report["summary"]["milora"]["size"]["delta_fro"] > 0
+    assert (tmp_path / "quality_tiny.png").stat().st_size > 0
+    assert quality.main(argv) == 0  # resumed: every run is skipped, nothing appended
+    assert len(runs.read_text().splitlines()) == n_lines
