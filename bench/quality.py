@@ -36,6 +36,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -370,7 +371,7 @@ def parse(argv=None):
                    "(default: the first fisherlora variant)")
     p.add_argument("--lrs", default="1e-4,3e-4,1e-3")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=None, help="training steps (full 200, quick 12)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (full 200, quick 10)")
     p.add_argument("--batch-size", type=int, default=None, help="(full 8, quick 4)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per pair (full 512, quick 112)")
     p.add_argument("--chat-template", action="store_true",
@@ -390,7 +391,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     full = {"steps": 200, "batch_size": 8, "max_length": 512, "calib_pairs": 128, "eval_pairs": 319,
             "eval_points": 10, "em_pairs": 319}
-    quick = {"steps": 12, "batch_size": 4, "max_length": 112, "calib_pairs": 16, "eval_pairs": 24,
+    quick = {"steps": 10, "batch_size": 4, "max_length": 112, "calib_pairs": 16, "eval_pairs": 24,
              "eval_points": 2, "em_pairs": 0}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -438,18 +439,20 @@ def main(argv=None) -> int:
         key = run_key(method, lr, seed, settings)
         if key in done:
             return done[key]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         pm = inits.get(method, seed)
         size = adapter_size(pm)
         torch.manual_seed(seed)
         res = train_run(pm, train, held, tok, args, lr, seed, base_loss)
         rec = {"key": key, "method": method, "lr": lr, "seed": seed, **res, "size": size,
-               "init_s": inits.init_s.get(method), "wall_s": time.perf_counter() - t0, "settings": settings}
+               "init_s": inits.init_s.get(method), "wall_s": time.perf_counter() - t0,
+               "cpu_s": time.process_time() - c0, "load_avg": os.getloadavg()[0], "settings": settings}
         with runs_path.open("a") as f:
             f.write(json.dumps(rec) + "\n")
         done[key] = rec
         print(f"{method:26s} lr {lr:<8g} seed {seed}: held-out {res['final_loss']:.4f} "
-              f"({rec['wall_s']:.0f} s, {time.perf_counter() - t_start:.0f} s so far)", flush=True)
+              f"({rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, "
+              f"{time.perf_counter() - t_start:.0f} s so far)", flush=True)
         del pm
         return rec
 
