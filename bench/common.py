@@ -201,23 +201,30 @@ def memory_peak(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- tiny stand-in model
-def tiny_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101):
-    """A random 2-layer Llama (float32, sdpa) and random supervised sequences, batched like
+def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101,
+                       hidden: int = 32, intermediate: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                       dtype: torch.dtype = torch.float32):
+    """A random-weight Llama (sdpa) and random supervised sequences, batched like
     :func:`embedded_setup` (right padding, labels -100 on a random prompt prefix and on padding).
 
-    For smoke tests of the model-level benchmarks: seconds on a CPU, no tokenizer (returned as
-    None). Returns ``(model, None, batches)``.
+    No tokenizer (returned as None). Returns ``(model, None, batches)``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=max(128, max_length), tie_word_embeddings=False,
                       attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
     data = tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
     return model, None, list(pad_batches(data, batch_size))
+
+
+def tiny_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101):
+    """A random 2-layer Llama (hidden 32) for smoke tests of the model-level benchmarks: seconds
+    on a CPU. See :func:`random_llama_setup`."""
+    return random_llama_setup(num_samples, max_length, batch_size, seed=seed, vocab=vocab)
 
 
 def tiny_data(num_samples: int, max_length: int, *, seed: int = 0, vocab: int = 101):
