@@ -13,6 +13,7 @@ __all__ = [
     "LayerSelection",
     "thin_svd",
     "iter_thin_svd",
+    "svd_gram_eigh",
     "direction_energy",
     "select_directions",
     "decompose_layer",
@@ -45,22 +46,53 @@ def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return tuple(t.to(W.device, torch.float32) for t in (U, S, Vh))
 
 
+def svd_gram_eigh(W: torch.Tensor, dtype: torch.dtype = torch.float64
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD through ``eigh`` of the float64 Gram matrix, batched over leading dims.
+
+    ``WᵀW = V diag(σ²) Vᵀ`` (of the smaller side), ``σ = √λ``, ``U = W V / σ``. Forming the Gram
+    matrix squares the condition number, which float64 absorbs: on float32 weights this is as
+    accurate as float32 ``torch.linalg.svd`` (more, measured against a float64 SVD by
+    ``bench/svd_paths.py``) and faster on CPUs. Directions with ``σ`` below about ``1e-8·σ_max``
+    are not resolved (neither are they by a float32 SVD).
+
+    Args:
+        W: ``(..., d_out, d_in)`` any float dtype.
+        dtype: the working dtype (float32 only to show what it loses: ``bench/svd_paths.py``).
+
+    Returns:
+        ``U`` ``(..., d_out, k)``, ``S`` ``(..., k)`` descending, ``Vh`` ``(..., k, d_in)`` in ``dtype``.
+    """
+    W = W.detach().to(dtype)
+    tall = W.shape[-2] >= W.shape[-1]
+    M = W if tall else W.mT
+    lam, V = torch.linalg.eigh(M.mT @ M)
+    lam, V = lam.flip(-1), V.flip(-1)
+    S = lam.clamp_min(0).sqrt()
+    U = (M @ V) / S.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2)
+    return (U, S, V.mT) if tall else (V, S, U.mT)
+
+
+#: default SVD path per device type, chosen by ``bench/svd_paths.py`` (time and accuracy, bench/RESULTS.md)
+SVD_METHOD = {"cpu": "gram_eigh", "cuda": "svd"}
+
+
 def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 << 28,
-                  out_dtype: torch.dtype = torch.float32, seconds: dict | None = None):
+                  out_dtype: torch.dtype = torch.float32, seconds: dict | None = None, method: str = "auto"):
     """Thin SVDs of many weights, batched by shape; yields ``(name, (U, S, Vh))`` chunk by chunk.
 
-    Matrices that share a shape are stacked into ``(n, d_out, d_in)`` float32 chunks of at most
-    ``max_batch_bytes`` and decomposed by one ``torch.linalg.svd`` call (on a GPU the batched
-    solver is much faster than a loop); a chunk's workspace is released before the next chunk is
+    Matrices that share a shape are stacked into ``(n, d_out, d_in)`` chunks of at most
+    ``max_batch_bytes`` (float32) and decomposed by one solver call (on a GPU the batched solver
+    is much faster than a loop); a chunk's workspace is released before the next chunk is
     computed, so a consumer that keeps only what it needs holds one chunk at a time. A chunk
     whose solver fails is redone matrix by matrix with :func:`thin_svd`'s float64 retry.
-    Gram-plus-``eigh`` is not used: it squares the condition number and loses the small
-    singular directions that Fisher energy may select (``bench/svd_paths.py`` measures both).
 
     Args:
         weights: name -> ``(d_out, d_in)`` weight (any float dtype; one device).
-        out_dtype: dtype of the yielded ``U`` and ``Vh`` (``S`` stays float32).
+        out_dtype: dtype of the yielded ``U`` and ``Vh`` (``S`` is float32).
         seconds: if given, ``"d_outxd_in"`` -> seconds spent in the solver is added to it.
+        method: ``"svd"`` (float32 ``torch.linalg.svd``), ``"gram_eigh"`` (:func:`svd_gram_eigh`)
+            or ``"auto"`` (:data:`SVD_METHOD` for the device).
 
     Yields:
         ``(name, (U, S, Vh))`` with ``U`` ``(d_out, k)``, ``S`` ``(k,)``, ``Vh`` ``(k, d_in)``.
@@ -76,8 +108,12 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 
             chunk = names[i : i + per]
             t0 = time.perf_counter()
             stack = torch.stack([weights[n].detach().to(torch.float32) for n in chunk])
+            how = SVD_METHOD.get(stack.device.type, "svd") if method == "auto" else method
             try:
-                U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+                if how == "gram_eigh":
+                    U, S, Vh = svd_gram_eigh(stack)
+                else:
+                    U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
                 results = list(zip(U, S, Vh)) if torch.isfinite(S).all() else None
             except (RuntimeError, torch.linalg.LinAlgError):
                 results = None
@@ -88,7 +124,7 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 
                 key = f"{shape[0]}x{shape[1]}"
                 seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
             for n, (u, s, vh) in zip(chunk, results):
-                yield n, (u.to(out_dtype), s, vh.to(out_dtype))
+                yield n, (u.to(out_dtype), s.to(torch.float32), vh.to(out_dtype))
             del results
 
 

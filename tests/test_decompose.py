@@ -103,3 +103,24 @@ def test_lora_factors_scale():
     Vh = torch.eye(3)[:2]
     B, A = lora_factors(U, Vh, torch.tensor([4.0, 1.0], dtype=torch.float64), scaling=0.25)
     torch.testing.assert_close(0.25 * B @ A, torch.diag(torch.tensor([4.0, 1.0, 0.0])))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+def test_gram_eigh_path_matches_a_float64_svd(shape):
+    from fisherlora.decompose import iter_thin_svd, svd_gram_eigh
+
+    g = torch.Generator().manual_seed(sum(shape))
+    W = torch.randn(3, *shape, generator=g)
+    U, S, Vh = svd_gram_eigh(W)
+    ref = torch.linalg.svdvals(W.double())
+    torch.testing.assert_close(S, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(U @ torch.diag_embed(S) @ Vh, W.double(), rtol=1e-10, atol=1e-10)
+    k = min(shape)
+    torch.testing.assert_close(U.mT @ U, torch.eye(k, dtype=torch.float64).expand(3, k, k), atol=1e-10, rtol=0)
+    # both paths of iter_thin_svd give the same triplets (up to sign)
+    ws = {f"w{i}": W[i] for i in range(3)}
+    a = dict(iter_thin_svd(ws, method="gram_eigh"))
+    b = dict(iter_thin_svd(ws, method="svd"))
+    for n in ws:
+        torch.testing.assert_close(a[n][1], b[n][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((a[n][0] * b[n][0]).sum(0).abs(), torch.ones(k), atol=1e-4, rtol=0)

@@ -1,0 +1,115 @@
+"""Which exact SVD path to use for many weight matrices: time and accuracy side by side.
+
+Paths, each on ``n`` matrices of one shape (float32 in, float64 as the accuracy reference):
+
+- ``loop``: ``torch.linalg.svd`` one matrix at a time;
+- ``batched``: one ``torch.linalg.svd`` call on the stacked ``(n, d_out, d_in)`` batch
+  (what :func:`fisherlora.decompose.iter_thin_svd` does);
+- ``gram_eigh``: ``eigh`` of the Gram matrix ``WᵀW`` (or ``WWᵀ``), ``σ = √λ``, the other side
+  recovered as ``W v / σ``; ``gram_eigh64``: the same in float64.
+
+Accuracy: the largest relative error of the singular values, and of the *smallest* singular
+directions (``1 − |⟨u_i, u_i^ref⟩|`` over the 16 smallest), which Fisher energy may select: the
+Gram path squares the condition number, so it loses exactly those.
+
+    python -m bench.svd_paths [--quick] [--device cuda] [--out bench/out/svd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fisherlora.decompose import svd_gram_eigh
+
+CPU_SHAPES = [(576, 576, 8), (192, 576, 8), (1536, 576, 8), (576, 1536, 8)]  # SmolLM2-135M projections
+GPU_SHAPES = [(4096, 4096, 8), (1024, 4096, 8), (14336, 4096, 4), (4096, 14336, 4)]  # Llama-3-8B
+QUICK_SHAPES = [(48, 32, 4), (32, 48, 4)]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def loop(W):
+    outs = [torch.linalg.svd(w, full_matrices=False) for w in W]
+    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+
+
+def batched(W):
+    return torch.linalg.svd(W, full_matrices=False)
+
+
+def gram_eigh(W):
+    """The Gram path in float32: shows what squaring the condition number costs."""
+    return svd_gram_eigh(W, dtype=torch.float32)
+
+
+def gram_eigh64(W):
+    """fisherlora's Gram path (float64), :func:`fisherlora.decompose.svd_gram_eigh`."""
+    return svd_gram_eigh(W)
+
+
+PATHS = {"loop": loop, "batched": batched, "gram_eigh": gram_eigh, "gram_eigh64": gram_eigh64}
+
+
+def measure(shape, device, repeats=3, seed=0):
+    d_out, d_in, n = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # weights with a realistic spread of singular values (a decaying spectrum down to ~1e-4)
+    k = min(d_out, d_in)
+    U0, _ = torch.linalg.qr(torch.randn(n, d_out, k, generator=g, dtype=torch.float64))
+    V0, _ = torch.linalg.qr(torch.randn(n, d_in, k, generator=g, dtype=torch.float64))
+    S0 = torch.logspace(0, -4, k, dtype=torch.float64).expand(n, k)
+    W64 = U0 @ torch.diag_embed(S0) @ V0.mT
+    W = W64.float().to(device)
+    ref_U, ref_S, _ = torch.linalg.svd(W.double().cpu(), full_matrices=False)
+    rows = []
+    for name, fn in PATHS.items():
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            U, S, Vh = fn(W)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        U, S = U.double().cpu(), S.double().cpu()
+        sigma_err = ((S - ref_S).abs().max() / ref_S.max()).item()
+        small = slice(k - min(16, k), k)
+        dir_err = (1 - (U[..., small] * ref_U[..., small]).sum(-2).abs()).max().item()
+        rows.append({"shape": f"{d_out}x{d_in}", "n": n, "path": name, "median_s": sorted(times)[len(times) // 2],
+                     "sigma_rel_err": sigma_err, "smallest_dirs_err": dir_err})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench/out/svd")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    rows = [r for s in shapes for r in measure(s, device, repeats=1 if args.quick else 3)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "svd_paths.json").write_text(json.dumps({"device": str(device), "torch": torch.__version__,
+                                                    "rows": rows}, indent=1))
+    lines = ["| shape | n | path | median s | × batched | σ rel. err | smallest-direction err |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next(x for x in rows if x["shape"] == r["shape"] and x["path"] == "batched")["median_s"]
+        lines.append(f"| {r['shape']} | {r['n']} | {r['path']} | {r['median_s']:.4f} | {r['median_s'] / base:.2f} | "
+                     f"{r['sigma_rel_err']:.1e} | {r['smallest_dirs_err']:.1e} |")
+    (out / "svd_paths.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
