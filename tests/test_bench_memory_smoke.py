@@ -23,3 +23,28 @@ def test_svd_paths_benchmark_runs_at_toy_size(tmp_path):
     assert set(by_path) == set(svd_paths.PATHS)
     # the float64 Gram path fisherlora uses on CPUs keeps the smallest directions; float32 Gram loses them
     assert by_path["gram_eigh64"]["smallest_dirs_err"] < 1e-6 < by_path["gram_eigh"]["smallest_dirs_err"]
+
+
+def test_full_size_init_script_runs_on_a_tiny_config(tmp_path):
+    """bench/gpu_init.py (run by bench/gpu_check.sh on a GPU) at toy size on the CPU."""
+    from bench import gpu_init
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 32,
+           "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 128, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "r.json"
+    assert gpu_init.main(["--config", str(tmp_path / "config.json"), "--device", "cpu", "--dtype", "float32",
+                          "--num-samples", "4", "--max-length", "16", "--layer-groups", "2",
+                          "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["memory_mode"] == "projected" and r["layer_groups"] == 2 and r["num_layers"] == 14
+    assert r["planned"]["mode"] == "projected" and r["total_s"] > 0
+
+
+def test_gpu_check_script_is_valid_bash():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

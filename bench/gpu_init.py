@@ -1,0 +1,84 @@
+"""The whole initialisation on a full-size architecture with random weights (DESIGN.md §6).
+
+Builds the model from a ``config.json`` (e.g. ``shared/configs/llama-3-8b.json``) directly on the
+device with random weights, makes ``num_samples`` random token sequences (lengths between
+``max_length/2`` and ``max_length``, labels on a random suffix), and runs
+:func:`fisherlora.initialize_fisher_lora` with the chosen memory mode. Reports time per phase,
+the peak memory (CUDA allocator peak, or peak RSS on a CPU) and the plan's prediction, as JSON.
+
+    python -m bench.gpu_init --config ../shared/configs/llama-3-8b.json --memory-mode projected \\
+        --layer-groups 8 --json $OUT/init_8b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv=None) -> int:
+    from bench import common
+    from fisherlora import FisherLoraConfig, initialize_fisher_lora
+    from fisherlora.plan import meta_model_from_config, plan_memory
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="a transformers config.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--num-samples", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--memory-mode", default="projected", choices=["auto", "full", "packed", "projected"])
+    p.add_argument("--layer-groups", type=int, default=1)
+    p.add_argument("--bases-dtype", default="model", choices=["float32", "model"])
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--json", default=None, help="write the result here")
+    args = p.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    meta = meta_model_from_config(args.config)
+    cfg = FisherLoraConfig(rank=args.rank, alpha=args.rank, num_samples=args.num_samples, max_length=args.max_length,
+                           batch_size=args.batch_size, memory_mode=args.memory_mode, layer_groups=args.layer_groups,
+                           bases_dtype=args.bases_dtype, backend=args.backend)
+    plans = plan_memory(meta, cfg.to_lora_config(), batch_size=args.batch_size, max_length=args.max_length,
+                        dtype=dtype, bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4)
+    planned = next((q.to_dict() for q in plans if q.mode == args.memory_mode and q.layer_groups == args.layer_groups),
+                   None)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(meta.config, dtype=dtype, attn_implementation="sdpa").eval()
+    data = common.tiny_data(args.num_samples, args.max_length, vocab=meta.config.vocab_size)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in common.pad_batches(data, args.batch_size)]
+    build_s = time.perf_counter() - t0
+    common.memory_mark(device)
+    t0 = time.perf_counter()
+    result = initialize_fisher_lora(model, None, batches, cfg, num_batches=len(data), keep_statistics=False)
+    common.synchronize(device)
+    total = time.perf_counter() - t0
+    report = result.report()
+    out = {
+        "config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype, "memory_mode": result.extra["memory_mode"], "layer_groups": result.extra["layer_groups"],
+        "tokens": common.batch_tokens(batches), "build_s": build_s, "total_s": total,
+        "timings_s": result.timings, "svd_seconds_per_shape": result.extra["svd_seconds_per_shape"],
+        "peak_mb": common.memory_peak(device), "planned": planned, "num_layers": report["num_layers"],
+        "mean_energy_captured": report["mean_energy_captured"], "torch": torch.__version__,
+    }
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
