@@ -191,7 +191,7 @@ class StatisticsCollector:
         with StatisticsCollector(model, find_target_modules(model, lora_config)) as col:
             for batch in loader:
                 out = model(**batch)
-                loss = token_loss_sum(out.logits, batch["labels"])
+                loss, _ = token_loss_sum(out.logits, batch["labels"])
                 loss.backward()
         stats = col.statistics()
 

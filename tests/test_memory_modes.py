@@ -20,7 +20,8 @@ def batches(n=8, seed=2):
 
 def run(mode, groups=1, layers=3, **kw):
     model = tiny_llama(torch.float32, layers=layers)
-    cfg = FisherLoraConfig(rank=4, alpha=8, backend="torch", memory_mode=mode, layer_groups=groups, **kw)
+    kw.setdefault("backend", "torch")
+    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode=mode, layer_groups=groups, **kw)
     return fisherlora.initialize_fisher_lora(model, None, batches(), cfg, progress=False)
 
 
@@ -128,3 +129,17 @@ def test_plan_command_prints_every_mode(capsys):
     assert cli.main(["plan", "--model", str(CONFIGS / "llama-3-8b.json"), "--json", "-"]) == 0
     out = capsys.readouterr().out
     assert '"mode": "projected"' in out and '"statistics"' in out
+
+
+@pytest.mark.parametrize("mode", ["packed", "projected"])
+def test_every_cpu_backend_agrees_in_every_mode(full, mode):
+    from fisherlora.ops import available_backends
+
+    for backend in available_backends("cpu"):
+        if backend == "triton":
+            continue  # interpreted Triton is covered op by op in tests/test_ops_triton.py
+        other = run(mode, backend=backend) if backend != "torch" else None
+        if other is None:
+            continue
+        for name, sel in full.selections.items():
+            assert other.selections[name].indices.tolist() == sel.indices.tolist(), f"{backend}/{mode}: {name}"
