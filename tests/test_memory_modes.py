@@ -135,11 +135,11 @@ def test_plan_command_prints_every_mode(capsys):
 def test_every_cpu_backend_agrees_in_every_mode(full, mode):
     from fisherlora.ops import available_backends
 
-    for backend in available_backends("cpu"):
-        if backend == "triton":
-            continue  # interpreted Triton is covered op by op in tests/test_ops_triton.py
-        other = run(mode, backend=backend) if backend != "torch" else None
-        if other is None:
-            continue
+    # interpreted Triton is covered op by op in tests/test_ops_triton.py
+    compiled = [b for b in available_backends("cpu") if b not in ("torch", "triton")]
+    if not compiled:
+        pytest.skip("no compiled CPU backend built")
+    for backend in compiled:
+        other = run(mode, backend=backend)
         for name, sel in full.selections.items():
             assert other.selections[name].indices.tolist() == sel.indices.tolist(), f"{backend}/{mode}: {name}"
