@@ -201,22 +201,30 @@ def memory_peak(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- tiny stand-in model
-def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101,
-                       hidden: int = 32, intermediate: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                       dtype: torch.dtype = torch.float32):
-    """A random-weight Llama (sdpa) and random supervised sequences, batched like
-    :func:`embedded_setup` (right padding, labels -100 on a random prompt prefix and on padding).
-
-    No tokenizer (returned as None). Returns ``(model, None, batches)``.
-    """
+def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermediate: int = 48, layers: int = 2,
+                 heads: int = 4, kv_heads: int = 2, max_positions: int = 128, dtype: torch.dtype = torch.float32):
+    """A random-weight Llama in eval mode with sdpa attention (eager attention turns left-padding
+    rows into NaN in float64, DESIGN.md §5). Shared by the benchmarks and the tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=max(128, max_length), tie_word_embeddings=False,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False,
                       attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101,
+                       hidden: int = 32, intermediate: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                       dtype: torch.dtype = torch.float32):
+    """A :func:`random_llama` and random supervised sequences, batched like
+    :func:`embedded_setup` (right padding, labels -100 on a random prompt prefix and on padding).
+
+    No tokenizer (returned as None). Returns ``(model, None, batches)``.
+    """
+    model = random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
+                         heads=heads, kv_heads=kv_heads, max_positions=max(128, max_length), dtype=dtype)
     data = tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
     return model, None, list(pad_batches(data, batch_size))
 
@@ -243,9 +251,9 @@ def tiny_data(num_samples: int, max_length: int, *, seed: int = 0, vocab: int = 
     return CalibrationData(ids, labels)
 
 
-def pad_batches(data, batch_size: int, pad_id: int = 0):
-    """Right-padded ``{"input_ids", "attention_mask", "labels"}`` batches of ``data``
-    (:class:`fisherlora.data.CalibrationData`) without a tokenizer."""
+def pad_batches(data, batch_size: int, pad_id: int = 0, side: str = "right"):
+    """Padded ``{"input_ids", "attention_mask", "labels"}`` batches of ``data``
+    (:class:`fisherlora.data.CalibrationData`) without a tokenizer, padding on ``side``."""
     for start in range(0, len(data), batch_size):
         seqs = data.input_ids[start:start + batch_size]
         labs = data.labels[start:start + batch_size]
@@ -254,9 +262,10 @@ def pad_batches(data, batch_size: int, pad_id: int = 0):
                "attention_mask": torch.zeros(len(seqs), T, dtype=torch.long),
                "labels": torch.full((len(seqs), T), -100, dtype=torch.long)}
         for b, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
-            out["input_ids"][b, :len(s)] = torch.tensor(s)
-            out["attention_mask"][b, :len(s)] = 1
-            out["labels"][b, :len(s)] = torch.tensor(lab)
+            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
+            out["input_ids"][b, sl] = torch.tensor(s)
+            out["attention_mask"][b, sl] = 1
+            out["labels"][b, sl] = torch.tensor(lab)
         yield out
 
 

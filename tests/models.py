@@ -5,20 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bench.common import pad_batches, random_llama
+from fisherlora.data import CalibrationData
+
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
 def tiny_llama(dtype=torch.float64, seed=0, layers=2, vocab=101, hidden=32, intermediate=48):
     """A random 2-layer Llama (sdpa attention: eager gives NaN on left padding in float64)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(dtype)
-    model.eval()
-    return model
+    return random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
+                        dtype=dtype)
 
 
 def tiny_gpt2(dtype=torch.float64, seed=0):
@@ -59,15 +55,8 @@ def random_sequences(n, vocab, seed=0, min_len=3, max_len=9, label_drop=0.3):
 
 
 def pad_batch(seqs, labels, side="right", pad_id=0):
-    T = max(len(s) for s in seqs)
-    out = {k: torch.full((len(seqs), T), v, dtype=torch.long)
-           for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100))}
-    for b, (s, lab) in enumerate(zip(seqs, labels)):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        out["input_ids"][b, sl] = torch.tensor(s)
-        out["attention_mask"][b, sl] = 1
-        out["labels"][b, sl] = torch.tensor(lab)
-    return out
+    """One padded batch of all ``seqs`` (see :func:`bench.common.pad_batches`)."""
+    return next(pad_batches(CalibrationData(seqs, labels), len(seqs), pad_id=pad_id, side=side))
 
 
 def reference_factors(model, names, seqs, labels):
