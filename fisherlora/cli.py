@@ -148,7 +148,17 @@ def cmd_init(args) -> int:
     # everything that can be checked without the model is checked before loading it
     config = _config_from_args(args)
     out_dir = check_output_dir(args.output, overwrite=args.overwrite)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: this torch has no CUDA device")
+    from fisherlora.ops import available_backends
+
+    if config.backend != "auto" and config.backend not in available_backends(device):
+        raise ValueError(f"--backend {config.backend!r} is not available on {device.type} here; "
+                         f"available: {available_backends(device)}")
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     timings = {}

@@ -42,18 +42,44 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from fisherlora import ops
 
-__all__ = ["FisherStatistics", "StatisticsCollector", "find_target_modules", "is_conv1d"]
+__all__ = ["FisherStatistics", "StatisticsCollector", "find_target_modules", "is_conv1d", "weight_fingerprint",
+           "fingerprints_match"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for ``transformers``' ``Conv1D`` (weight stored ``(d_in, d_out)``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:
+    """A sketch that recognises a weight: ``{"rms": ‖W‖_F/√(d_out·d_in), "sketch": [uₖᵀ W zₖ]}``.
+
+    ``uₖ`` and ``zₖ`` are fixed unit Gaussian vectors (seeded by the shape), so any change of
+    ``W`` beyond rounding (a permutation, a fine-tuning step) moves the sketch at first order,
+    unlike the Frobenius norm. Computed in float64 on the CPU. Used to recognise the base model
+    of a saved initialisation and the model statistics were collected on.
+    """
+    d_out, d_in = W.shape
+    g = torch.Generator().manual_seed(1_000_003 * d_out + d_in)
+    u = torch.randn(probes, d_out, generator=g, dtype=torch.float64)
+    z = torch.randn(probes, d_in, generator=g, dtype=torch.float64)
+    u, z = u / u.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    Wd = W.detach().to("cpu", torch.float64)
+    return {"rms": float(Wd.norm()) / (d_out * d_in) ** 0.5, "sketch": ((u @ Wd) * z).sum(1).tolist()}
+
+
+def fingerprints_match(a: dict, b: dict, rtol: float = 1e-3) -> bool:
+    """Sketches equal up to ``rtol`` of the weight's rms entry (a sketch's typical size): float32
+    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not."""
+    tol = rtol * max(a["rms"], 1e-30)
+    return len(a["sketch"]) == len(b["sketch"]) and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"]))
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
@@ -80,6 +106,10 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         if name and check_target_module_exists(config, name):
+            if hasattr(module, "base_layer"):
+                raise ValueError(
+                    f"{name!r} already carries PEFT adapters ({type(module).__name__}); pass the base model, "
+                    "not a PeftModel or a model wrapped before")
             if not (isinstance(module, nn.Linear) or is_conv1d(module)):
                 raise ValueError(
                     f"target module {name!r} is a {type(module).__name__}; fisherlora supports nn.Linear "
@@ -130,7 +160,9 @@ class FisherStatistics:
                 raise ValueError(f"cannot merge {p.kind} statistics into {out.kind} ones")
             for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
                 getattr(out, name).update(getattr(p, name))
-            out.info.update(p.info)
+            fingerprints = {**out.info.get("weight_fingerprints", {}), **p.info.get("weight_fingerprints", {})}
+            out.info.update(p.info)  # the calibration totals are the same for every group
+            out.info["weight_fingerprints"] = fingerprints
         return out
 
     def drop_tensors(self) -> None:
@@ -159,15 +191,20 @@ class FisherStatistics:
     @classmethod
     def load(cls, path, device="cpu") -> FisherStatistics:
         """Read a file written by :meth:`save`; raises ``ValueError`` for another kind of file."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            raw = (f.metadata() or {}).get("fisherlora")
-            if raw is None:
-                raise ValueError(f"{path} is not a fisherlora statistics file (no 'fisherlora' metadata)")
-            meta = json.loads(raw)
-            A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
-            G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                raw = (f.metadata() or {}).get("fisherlora")
+                if raw is None:
+                    raise ValueError(f"{path} is not a fisherlora statistics file (no 'fisherlora' metadata)")
+                meta = json.loads(raw)
+                A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
+                G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
+        except SafetensorError as exc:
+            raise ValueError(f"{str(path)!r} is not a complete fisherlora statistics file: {exc}") from exc
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"],
                    meta.get("kind", "full"))
@@ -461,7 +498,8 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], collector: Statis
         attention_mask = batch.get("attention_mask")
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
         labels = batch.get("labels")
-        labels = input_ids.masked_fill(attention_mask == 0, -100) if labels is None else labels.to(device)
+        labels = input_ids if labels is None else labels.to(device)
+        labels = labels.masked_fill(attention_mask == 0, -100)  # padding never counts, whatever the labels say
         kwargs = {"attention_mask": attention_mask}
         if accepts_positions:
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
@@ -491,6 +529,11 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], collector: Statis
         del logits, loss
     if totals["batches"] == 0:
         raise ValueError("the calibration data is empty: no batch was produced")
+    if totals["label_tokens"] == 0:
+        raise ValueError(
+            f"the calibration data has no label tokens ({totals['tokens']} tokens, all labelled -100 or "
+            "sequences of one token): the loss, and so G, would be zero. Check that max_length does not "
+            "truncate away every response, and the response field")
     return totals
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -122,10 +123,18 @@ class FisherLoraConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FisherLoraConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("alpha", "damping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"FisherLoraConfig.{name} must be a finite number, got {value!r}")
         if not self.alpha > 0:
             raise ValueError(f"FisherLoraConfig.alpha must be positive, got {self.alpha!r}")
         if not self.damping >= 0:
             raise ValueError(f"FisherLoraConfig.damping must be >= 0, got {self.damping!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"FisherLoraConfig.use_rslora must be True or False, got {self.use_rslora!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"FisherLoraConfig.seed must be an integer, got {self.seed!r}")
         if self.stats_dtype not in _DTYPES:
             raise ValueError(f"FisherLoraConfig.stats_dtype must be one of {_DTYPES}, got {self.stats_dtype!r}")
         if self.bases_dtype not in ("float32", "model"):

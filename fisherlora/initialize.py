@@ -38,8 +38,10 @@ from fisherlora.collect import (
     FisherStatistics,
     StatisticsCollector,
     find_target_modules,
+    fingerprints_match,
     is_conv1d,
     run_calibration,
+    weight_fingerprint,
 )
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection, decompose_layer, iter_thin_svd, residual_weight
@@ -213,7 +215,7 @@ class FisherLoraResult:
     statistics: FisherStatistics
     selections: dict[str, LayerSelection]
     config: FisherLoraConfig
-    fingerprints: dict[str, float]
+    fingerprints: dict[str, dict]
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     extra: dict = field(default_factory=dict)
@@ -252,13 +254,15 @@ class FisherLoraResult:
         """
         from fisherlora.report import write_report
 
+        if save_statistics and not self.statistics.G:
+            raise ValueError("the statistics were freed (keep_statistics=False): nothing to save")
         t0 = time.perf_counter()
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             self.model.save_pretrained(tmp)
             meta = {"fisherlora_version": __version__, "config": self.config.to_dict(),
                     "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
                     "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},
-                    "base_weight_norms": self.fingerprints}
+                    "base_weight_fingerprints": self.fingerprints}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
             if save_statistics:
                 self.statistics.save(tmp / "statistics.safetensors")
@@ -273,12 +277,18 @@ def check_output_dir(out_dir, *, overwrite: bool = False) -> Path:
     """``out_dir`` as a Path, if it may be written; creates nothing.
 
     Raises:
-        FileExistsError: it exists and is non-empty and ``overwrite`` is false, or it is a file.
+        FileExistsError: it exists and is non-empty and ``overwrite`` is false, it is a file, or
+            its nearest existing ancestor is not a writable directory.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         what = "is a file" if not out.is_dir() else "exists and is not empty"
         raise FileExistsError(f"output {str(out)!r} {what}; choose another path or pass --overwrite")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FileExistsError(f"cannot create output {str(out)!r}: {str(ancestor)!r} is not a writable directory")
     return out
 
 
@@ -317,16 +327,35 @@ def _lora_layers(peft_model, adapter_name: str = "default"):
             yield name, module
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 @contextlib.contextmanager
 def _restore_on_error(model: nn.Module):
-    """Put ``model`` back exactly (modules, weights, flags) if the block raises."""
+    """Put ``model`` back exactly if the block raises: modules, flags, hooks, attributes, and the
+    weights overwritten through the yielded ``stash`` (call ``stash(param)`` before writing it;
+    the original is kept on the CPU until the block ends)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
+    hooks = [(m, {h: set(getattr(m, h)) for h in _HOOK_DICTS}) for m in model.modules()]
     attrs = set(vars(model))
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def stash(param: torch.Tensor) -> None:
+        originals.append((param, param.detach().to("cpu", copy=True)))
+
     try:
-        yield
+        yield stash
     except BaseException:
         from peft.tuners.lora import LoraLayer
+
+        with torch.no_grad():
+            for param, saved in originals:
+                param.copy_(saved)
+        for m, before in hooks:
+            for h, keys in before.items():
+                for k in set(getattr(m, h)) - keys:
+                    del getattr(m, h)[k]
 
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
@@ -349,7 +378,7 @@ def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
 
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True  # cheap (B = 0) and what PEFT's conversion to plain LoRA expects
-    with _restore_on_error(model):
+    with _restore_on_error(model) as stash:
         peft_model = peft.get_peft_model(model, cfg)
         layers = dict(_lora_layers(peft_model))
         missing = set(inits) - set(layers)
@@ -362,9 +391,10 @@ def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
                     raise RuntimeError(f"{name}: PEFT scaling {layer.scaling['default']} != expected {init.scaling}")
                 layer.lora_A["default"].weight.copy_(init.A)
                 layer.lora_B["default"].weight.copy_(init.B)
-            for name, init in inits.items():  # residuals last: nothing below can fail halfway
+            for name, init in inits.items():  # residuals last; each original is stashed first
                 base = layers[name].get_base_layer()
                 W_res = residual_weight(_weight(base), init.B, init.A, init.scaling)
+                stash(base.weight)
                 base.weight.copy_(W_res.T if is_conv1d(base) else W_res)
     return peft_model
 
@@ -435,7 +465,12 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
                          "(a list or a DataLoader), not a one-shot iterator")
-    fingerprints = {n: float(_weight(m).detach().double().norm()) for n, m in modules.items()}
+    fingerprints = {n: weight_fingerprint(_weight(m)) for n, m in modules.items()}
+    if statistics is not None:  # statistics carry the fingerprints of the model they came from
+        theirs = statistics.info.get("weight_fingerprints", {})
+        other = [n for n in modules if n in theirs and not fingerprints_match(theirs[n], fingerprints[n])]
+        if other:
+            raise ValueError(f"these statistics were collected on another model: the weights of {other[:3]} differ")
     timings = {"collect": 0.0, "svd": 0.0, "decompose": 0.0}
     svd_seconds: dict[str, float] = {}
     bases_dtype = torch.float32 if config.bases_dtype == "float32" else next(model.parameters()).dtype
@@ -454,6 +489,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             stats = collect_statistics(model, group, data, config, mode=mode,
                                        bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
                                        num_batches=num_batches, progress=progress, desc=desc)
+            stats.info["weight_fingerprints"] = {n: fingerprints[n] for n in group}
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases, progress=progress,
@@ -544,17 +580,19 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     if not meta_path.exists():
         raise FileNotFoundError(f"{str(out)!r} holds no {META_FILE}: not a fisherlora output directory")
     meta = json.loads(meta_path.read_text())
-    with _restore_on_error(base_model):
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
+    with _restore_on_error(base_model) as stash:
         peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
         with torch.no_grad():
             layers = dict(_lora_layers(peft_model))
-            for name, norm in meta["base_weight_norms"].items():
+            for name, recorded in meta["base_weight_fingerprints"].items():
                 if name not in layers:
                     raise ValueError(f"layer {name!r} of the saved initialisation is not in this model")
-                have = float(_weight(layers[name].get_base_layer()).detach().double().norm())
-                if abs(have - norm) > 1e-4 * max(norm, 1e-12):
-                    raise ValueError(f"this base model is not the one the adapter was initialised from: "
-                                     f"‖W‖ of {name!r} is {have:.6g}, recorded {norm:.6g}")
+                have = weight_fingerprint(_weight(layers[name].get_base_layer()))
+                if not fingerprints_match(recorded, have):
+                    raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
+                                     f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
             trained = None
             if adapter is not None:  # read and check the trained weights before any weight is written
                 trained = load_peft_weights(str(adapter), device="cpu")
@@ -568,6 +606,7 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                 delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
                                                     @ layer.lora_A["default"].weight.float())
                 W = _weight(base).float() - delta
+                stash(base.weight)
                 base.weight.copy_(W.T if is_conv1d(base) else W)
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)

@@ -234,6 +234,30 @@ def test_non_finite_statistics_name_the_layer(llama, data):
         col.statistics()
 
 
+def test_labels_at_padding_never_count(llama, data):
+    seqs, labels = data
+    names = target_names(llama)[:4]
+    batch = pad_batch(seqs, labels)
+    ref = collect(llama, names, [batch])
+    loose = dict(batch, labels=batch["input_ids"].masked_fill(torch.tensor(labels_mask(labels, batch)), -100))
+    got = collect(llama, names, [loose])  # labels left on padded positions
+    for name in names:
+        torch.testing.assert_close(got.factors(name)[1], ref.factors(name)[1], **TOL)
+
+
+def labels_mask(labels, batch):
+    """True where the padded batch has a real token whose label is -100 (padding stays False)."""
+    out = (batch["labels"] == -100) & (batch["attention_mask"] == 1)
+    return out.tolist()
+
+
+def test_no_label_tokens_is_a_clear_error(llama, data):
+    seqs, labels = data
+    batch = pad_batch(seqs, [[-100] * len(s) for s in seqs])
+    with pytest.raises(ValueError, match="no label tokens"):
+        collect(llama, target_names(llama), [batch])
+
+
 def test_empty_data_is_a_clear_error(llama):
     names = target_names(llama)
     with pytest.raises(ValueError, match="calibration data is empty"):

@@ -117,16 +117,46 @@ def test_conversion_to_plain_lora_through_peft(tmp_path):
     assert_logits_close(trained, logits(again, ids), "load with a trained adapter")
 
 
-def test_load_refuses_another_base(tmp_path):
+@pytest.mark.parametrize("change", ["other seed", "rows reversed", "1% fine-tuning step"])
+def test_load_refuses_another_base(tmp_path, change):
     _, result, _, _ = init_llama()
     out = result.save(tmp_path / "out")
-    other = tiny_llama(torch.float32, seed=5)
+    other = tiny_llama(torch.float32, seed=5 if change == "other seed" else 0)
+    W = other.model.layers[1].mlp.up_proj.weight
+    with torch.no_grad():
+        if change == "rows reversed":  # same norm, another matrix
+            W.copy_(W.flip(0))
+        elif change == "1% fine-tuning step":
+            W.add_(0.01 * W.std() * torch.randn_like(W))
     state = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match="not the one the adapter was initialised from"):
         fisherlora.load(other, out)
     assert type(other.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     for k, v in other.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_statistics_of_another_model_are_refused(tmp_path):
+    _, result, _, _ = init_llama()
+    result.statistics.save(tmp_path / "s.safetensors")
+    stats = fisherlora.FisherStatistics.load(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="collected on another model"):
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32, seed=9), None, None, CFG, statistics=stats,
+                                          progress=False)
+
+
+def test_saving_freed_statistics_is_refused(tmp_path):
+    model = tiny_llama(torch.float32)
+    result = fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False, keep_statistics=False)
+    with pytest.raises(ValueError, match="freed"):
+        result.save(tmp_path / "out", save_statistics=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_already_wrapped_by_peft_is_a_clear_error():
+    _, result, _, _ = init_llama()
+    with pytest.raises(ValueError, match="already carries PEFT adapters"):
+        fisherlora.initialize_fisher_lora(result.model.get_base_model(), None, batches(), CFG, progress=False)
 
 
 def test_gpt2_conv1d_initialises():
@@ -153,21 +183,25 @@ def test_rank_pattern_and_rslora_follow_peft():
     assert result.selections["model.layers.0.self_attn.q_proj"].rank == 4
 
 
+def _hooks(model):
+    return {n: (set(m._forward_hooks), set(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
 def _snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
             {n: type(m) for n, m in model.named_modules()},
             {n: p.requires_grad for n, p in model.named_parameters()},
-            set(vars(model)))
+            set(vars(model)), _hooks(model))
 
 
 def _assert_restored(model, snap):
-    state, types, flags, attrs = snap
+    state, types, flags, attrs, hooks = snap
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert set(vars(model)) == attrs
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert _hooks(model) == hooks
 
 
 @pytest.mark.parametrize(
@@ -187,16 +221,25 @@ def test_bad_input_is_a_clear_error_and_restores_the_model(tmp_path, case, cfg, 
     _assert_restored(model, snap)
 
 
-def test_failure_after_wrapping_restores_the_model(monkeypatch):
+@pytest.mark.parametrize("where", ["inside PEFT", "writing the residuals"])
+def test_failure_after_wrapping_restores_the_model(monkeypatch, where):
     model = tiny_llama(torch.float32)
+    model.gradient_checkpointing_enable()  # PEFT then adds an input-require-grads hook
+    model.eval()
     snap = _snapshot(model)
     import fisherlora.initialize as fi
 
-    def broken(*a, **k):
-        raise RuntimeError("simulated failure inside PEFT")
+    calls = []
 
-    monkeypatch.setattr(fi, "_lora_layers", broken)
-    with pytest.raises(RuntimeError, match="simulated"):
+    def broken(*a, **k):
+        calls.append(1)
+        if where == "inside PEFT" or len(calls) == 3:  # Ctrl-C, or out of memory, on the third layer
+            raise KeyboardInterrupt(f"simulated failure {where}")
+        return real(*a, **k)
+
+    real = fi.residual_weight
+    monkeypatch.setattr(fi, "_lora_layers" if where == "inside PEFT" else "residual_weight", broken)
+    with pytest.raises(KeyboardInterrupt, match="simulated"):
         fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
     _assert_restored(model, snap)
 

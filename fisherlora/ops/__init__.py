@@ -162,6 +162,8 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
     op = "projected_sq_accumulate_"
     _check_x(x, op)
     _check_acc(acc, x, op)
+    if Q.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{op}: Q must be bf16/fp16/fp32/fp64, got {Q.dtype}")
     if Q.dim() != 2 or Q.shape[0] != x.shape[-1]:
         raise ValueError(f"{op}: Q must be (d={x.shape[-1]}, k), got {tuple(Q.shape)}")
     if Q.device != x.device:
