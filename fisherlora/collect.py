@@ -470,10 +470,11 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def run_calibration(model: nn.Module, batches: Iterable[dict], collector: StatisticsCollector, *,
+def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                     fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
                     progress: Iterator | None = None) -> dict:
-    """Drive forward and backward passes of a causal LM over calibration batches.
+    """Drive forward and backward passes of a causal LM over calibration batches, inside a
+    :class:`StatisticsCollector` (whose hooks do the accumulating).
 
     Each batch holds ``input_ids`` and ``attention_mask`` ``(B, T)``, and ``labels`` ``(B, T)``
     (-100 where no loss is taken). The loss is :func:`token_loss_sum`. Under the true Fisher,

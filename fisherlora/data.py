@@ -167,9 +167,9 @@ class CalibrationData:
         return sum(sum(1 for t in lab if t != -100) for lab in self.labels)
 
 
-def _render_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+def _render_pair(tokenizer, prompt: str, response: str, chat_template: bool = True) -> tuple[list[int], int]:
     """Token ids of a prompt/response pair and the number of leading prompt tokens."""
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template and getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=True)
@@ -188,10 +188,13 @@ def _ids(out) -> list[int]:
 
 
 def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field: str | None = "question",
-                     response_field: str | None = "answer", text_field: str | None = None) -> CalibrationData:
+                     response_field: str | None = "answer", text_field: str | None = None,
+                     chat_template: bool = True) -> CalibrationData:
     """Tokenise records into sequences with label masks (see the module docstring).
 
-    ``text_field`` (plain text, loss on every token) wins over the prompt/response pair.
+    ``text_field`` (plain text, loss on every token) wins over the prompt/response pair;
+    ``chat_template=False`` renders pairs as ``prompt + "\n" + response + eos`` even when the
+    tokenizer has a chat template.
 
     Raises:
         ValueError: a named field is missing from the records (the message lists the columns),
@@ -210,7 +213,7 @@ def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field:
             ids = tokenizer(str(rec[text_field]), add_special_tokens=True)["input_ids"][:max_length]
             n_prompt = 0
         else:
-            ids, n_prompt = _render_pair(tokenizer, str(rec[prompt_field]), str(rec[response_field]))
+            ids, n_prompt = _render_pair(tokenizer, str(rec[prompt_field]), str(rec[response_field]), chat_template)
             ids = ids[:max_length]
         if not ids:
             continue

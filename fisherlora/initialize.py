@@ -115,7 +115,7 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     dtype = getattr(torch, config.stats_dtype)
     with StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
                              bases=bases) as col, _progress(num_batches or 0, desc, progress, "seq") as bar:
-        totals = run_calibration(model, batches, col, fisher_type=config.fisher_type.value,
+        totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
                                  mc_samples=config.mc_samples, seed=config.seed, progress=bar)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})
 

@@ -13,7 +13,7 @@ TOL = dict(rtol=1e-9, atol=1e-11)
 def collect(model, names, batches, **kw):
     modules = {n: model.get_submodule(n) for n in names}
     with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch") as col:
-        run_calibration(model, batches, col, **kw)
+        run_calibration(model, batches, **kw)
     return col.statistics()
 
 
@@ -227,7 +227,7 @@ def test_non_finite_statistics_name_the_layer(llama, data):
     with StatisticsCollector(llama, modules, stats_dtype=torch.float64, backend="torch") as col:
         h = modules[bad].register_forward_pre_hook(lambda m, a: (a[0] * float("inf"),))
         try:
-            run_calibration(llama, [pad_batch(seqs, labels)], col)
+            run_calibration(llama, [pad_batch(seqs, labels)])
         finally:
             h.remove()
     with pytest.raises(FloatingPointError, match="down_proj"):

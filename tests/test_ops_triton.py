@@ -265,7 +265,7 @@ def test_collection_gives_the_same_factors_as_the_torch_backend(model_dtype):
     def factors(backend):
         modules = {n: model.get_submodule(n) for n in names}
         with StatisticsCollector(model, modules, stats_dtype=torch.float32, backend=backend) as col:
-            run_calibration(model, batches, col)
+            run_calibration(model, batches)
         return col.statistics()
 
     ours, theirs = factors("triton"), factors("torch")
