@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help="print each memory mode's planned peak memory for a model, without loading weights",
         description="Build the model on the meta device (nothing loaded or allocated) and print, per memory "
                     "mode and layer-group count, the planned peak memory: weights, activations of one batch, "
-                    "statistics and SVD workspace (GB = 1e9 bytes). See DESIGN.md §4.")
+                    "statistics and SVD workspace (GB = 1e9 bytes). The 'naive' row is the baseline of one "
+                    "dense A and G per layer, for comparison; it is not a mode.")
     plan.add_argument("--model", default="smollm2-135m",
                       help="a config.json, a model folder, a .gguf file or 'smollm2-135m' (default)")
     plan.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: %(default)s)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     plan.add_argument("--target-modules", default="all-linear", help="as for init (default: %(default)s)")
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                      help="weights dtype (default: %(default)s)")
+                      help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
     plan.add_argument("--bases-dtype", default="model", choices=["float32", "model"],
                       help="dtype of the projected mode's singular bases (default: %(default)s)")
     plan.add_argument("--free-gb", type=float, default=None, help="also say which mode `auto` picks for this budget")
@@ -139,7 +140,17 @@ def _print_summary(report: dict, out_dir) -> None:
 
 
 def cmd_init(args) -> int:
+    import warnings
+
     import torch
+
+    # library deprecation chatter that users cannot act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     from fisherlora import data as fdata
     from fisherlora.collect import FisherStatistics
@@ -232,8 +243,10 @@ def cmd_plan(args) -> int:
         Console(width=120).print(table)
         if args.free_gb:
             pick = choose_mode(plans, int(args.free_gb * GB))
+            fits = pick.total <= args.free_gb * GB
             print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.mode}, {pick.layer_groups} layer group(s), "
-                  f"planned peak {pick.total / GB:.1f} GB")
+                  f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
+                                                               "plan; lower --batch-size or --max-length"))
     return 0
 
 

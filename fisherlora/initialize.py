@@ -182,7 +182,8 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             inits[name] = LayerInit(B, A_lora, s)
             selections[name] = sel
             bar.update(1)
-    return inits, selections
+    order = list(modules)  # the SVDs ran grouped by shape; report in model order
+    return {n: inits[n] for n in order}, {n: selections[n] for n in order}
 
 
 def layer_groups(modules: dict[str, nn.Module], n_groups: int) -> list[dict[str, nn.Module]]:
@@ -414,7 +415,8 @@ def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig)
     free = free_memory_bytes(param.device) + plans[0].weights
     pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
     log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "
-                "available on %s", pick.mode, pick.layer_groups, pick.total / GB, free / GB, param.device)
+                "available on %s%s", pick.mode, pick.layer_groups, pick.total / GB, free / GB, param.device,
+                "" if pick.total <= free else " (nothing fits: the smallest plan; lower batch_size or max_length)")
     return pick.mode, pick.layer_groups
 
 

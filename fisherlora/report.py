@@ -59,6 +59,7 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
     (at most ``max_panels`` panels).
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,15 +83,18 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
         ax.scatter(sigma[idx], energy[idx], s=12, c="tab:red", label=f"chosen (r={sel.rank})")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(sel.name, fontsize=8)
         ax.set_xlabel("singular value σ_i", fontsize=7)
         ax.set_ylabel("Fisher energy e_i", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle("Fisher energy (uᵀGu)(vᵀAv) against σ: red = directions in the adapter", fontsize=10)
-    fig.tight_layout()
+    for ax in list(axes.flat)[: len(chosen)]:
+        ax.legend(fontsize=5, loc="best")
+    sampled = " (first, middle and last decoder layer of each projection)" if len(chosen) < len(selections) else ""
+    fig.suptitle(f"Fisher energy (uᵀGu)(vᵀAv) against σ{sampled}: red = directions in the adapter", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
