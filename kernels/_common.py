@@ -10,6 +10,8 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 #: Read once, at import: ``@triton.jit`` decides at definition time whether a kernel is
 #: interpreted, so changing the variable later has no effect on already-imported kernels.
@@ -118,3 +120,19 @@ def flat_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@triton.jit
+def token_rows(rows, row_end, mask_ptr, n_inner, s_outer, s_inner, HAS_MASK: tl.constexpr,
+               TWO_LEVEL: tl.constexpr):
+    """``(valid, row_off)`` for a block of token indices ``rows``: in range and not masked out
+    (the mask is read here, never a gathered copy of ``x``), and each row's element offset in
+    ``x`` (one stride, or two for leading dims that do not merge; see :class:`RowView`)."""
+    valid = rows < row_end
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=valid, other=0) != 0)
+    if TWO_LEVEL:
+        row_off = (rows // n_inner) * s_outer + (rows % n_inner) * s_inner
+    else:
+        row_off = rows * s_inner
+    return valid, row_off

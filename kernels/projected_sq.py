@@ -50,13 +50,7 @@ def _projected_kernel(
     total = tl.zeros((BC,), dtype=tl.float32)
     for t0 in range(row_start, row_end, BT):
         rows = t0 + tl.arange(0, BT).to(tl.int64)
-        valid = rows < row_end
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + rows, mask=valid, other=0) != 0)
-        if TWO_LEVEL:
-            row_off = (rows // n_inner) * s_outer + (rows % n_inner) * s_inner
-        else:
-            row_off = rows * s_inner
+        valid, row_off = _common.token_rows(rows, row_end, mask_ptr, n_inner, s_outer, s_inner, HAS_MASK, TWO_LEVEL)
         proj = tl.zeros((BT, BC), dtype=tl.float32)
         for j0 in range(0, d, BD):
             cols = j0 + tl.arange(0, BD)

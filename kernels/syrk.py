@@ -76,13 +76,7 @@ def _syrk_tile_kernel(
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(row_start, row_end, BK):
         rows = k0 + tl.arange(0, BK).to(tl.int64)
-        valid = rows < row_end
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + rows, mask=valid, other=0) != 0)
-        if TWO_LEVEL:
-            row_off = (rows // n_inner) * s_outer + (rows % n_inner) * s_inner
-        else:
-            row_off = rows * s_inner
+        valid, row_off = _common.token_rows(rows, row_end, mask_ptr, n_inner, s_outer, s_inner, HAS_MASK, TWO_LEVEL)
         # Both operands masked by the token mask: masked-out rows are never read.
         a = tl.load(x_ptr + row_off[:, None] + col_i[None, :], mask=valid[:, None] & in_i[None, :], other=0.0)
         b = tl.load(x_ptr + row_off[:, None] + col_j[None, :], mask=valid[:, None] & in_j[None, :], other=0.0)
