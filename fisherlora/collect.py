@@ -273,6 +273,7 @@ class StatisticsCollector:
         self.a_count: dict[str, int] = {}
         self.g_count: dict[str, int] = {n: 0 for n in self.modules}
         self._mask: torch.Tensor | None = None
+        self._mask_count: int | None = None
         self._seen: dict[int, tuple] = {}
         self._handles: list = []
         self._saved: dict | None = None
@@ -326,6 +327,8 @@ class StatisticsCollector:
     def _root_pre_hook(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self._mask = None if mask is None else mask.bool()
+        # counted once per forward: one device sync per batch, not one per hooked layer
+        self._mask_count = None if mask is None else int(self._mask.sum())
         self._seen.clear()
         return None
 
@@ -343,10 +346,11 @@ class StatisticsCollector:
     def _forward_hook(self, name: str, module: nn.Module, args, output) -> None:
         x = args[0]
         mask = self._rows_mask(name, x)
+        count = self._mask_count if mask is not None else x[..., 0].numel()
         if not _in_backward():
-            self._accumulate_A(name, x, mask)
+            self._accumulate_A(name, x, mask, count)
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._grad_hook, name, mask))
+            output.register_hook(partial(self._grad_hook, name, mask, count))
 
     def _new_acc(self, name: str, d: int, device) -> torch.Tensor:
         if self.mode == "projected":
@@ -364,14 +368,14 @@ class StatisticsCollector:
             ops.syrk_accumulate_(acc, rows, mask, backend=self.backend)
 
     @torch.no_grad()
-    def _accumulate_A(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _accumulate_A(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, count: int) -> None:
         if self.mode == "projected":  # no sharing: every layer projects on its own V
             self.a_key[name] = name
             if name not in self._A:
                 self._A[name] = self._new_acc(name, 0, x.device)
                 self.a_count[name] = 0
             self._update(self._A[name], x.detach(), mask, self._V[name])
-            self.a_count[name] += _count(x, mask)
+            self.a_count[name] += count
             return
         entry = self._seen.get(id(x))
         if entry is not None and entry[0]() is x and entry[1] == x._version:
@@ -387,15 +391,15 @@ class StatisticsCollector:
             self._A[key] = self._new_acc(name, self.shapes[name][1], x.device)
             self.a_count[key] = 0
         self._update(self._A[key], x.detach(), mask, None)
-        self.a_count[key] += _count(x, mask)
+        self.a_count[key] += count
         self._seen[id(x)] = (weakref.ref(x), x._version, key)
 
     @torch.no_grad()
-    def _grad_hook(self, name: str, mask: torch.Tensor | None, grad: torch.Tensor) -> None:
+    def _grad_hook(self, name: str, mask: torch.Tensor | None, count: int, grad: torch.Tensor) -> None:
         if name not in self._G:
             self._G[name] = self._new_acc(name, self.shapes[name][0], grad.device)
         self._update(self._G[name], grad, mask, self._U.get(name))
-        self.g_count[name] += _count(grad, mask)
+        self.g_count[name] += count
 
     # ----------------------------------------------------------------------------- results
     def statistics(self, info: dict | None = None) -> FisherStatistics:
@@ -425,10 +429,6 @@ class StatisticsCollector:
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
         return FisherStatistics(A, G, dict(self.a_key), dict(self.a_count), dict(self.g_count),
                                 dict(self.shapes), dict(info or {}), self.mode)
-
-
-def _count(x: torch.Tensor, mask: torch.Tensor | None) -> int:
-    return int(mask.sum()) if mask is not None else x[..., 0].numel()
 
 
 def _make_output_require_grad(module, args, output):
