@@ -116,10 +116,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
 
 # ----------------------------------------------------------------------------- model-level setup
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
-    import resource
+    """The process's peak resident memory so far, in MiB (:func:`fisherlora.initialize.peak_memory_mb`)."""
+    from fisherlora.initialize import peak_memory_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory_mb("cpu")
 
 
 def embedded_setup(num_samples: int, max_length: int, batch_size: int, *, model: str = "smollm2-135m",
