@@ -27,8 +27,14 @@ Conventions (tested in ``tests/test_collect.py``):
   singular bases it accumulates ``diag(VᵀAV)`` and ``diag(UᵀGU)`` ``(k,)`` directly (no ``A``
   sharing: each layer projects on its own ``V``).
 - No weight gradient is computed: every parameter has ``requires_grad=False`` during
-  collection; gradients reach the hooks because the input embeddings' output (or, for a model
-  without input embeddings, its floating-point inputs) is made to require grad.
+  collection; gradients reach the hooks because the hidden states entering the LOWEST decoder
+  layer that holds a hooked module are made to require grad (so the layers below it keep no
+  autograd graph and see no backward pass), or, when the hooked modules do not all sit in one
+  stack of decoder layers (``model.layers.<i>...``), the input embeddings' output (for a model
+  without input embeddings, its floating-point inputs).
+- ``checkpoint=True`` (the projected mode's default, DESIGN.md §4) recomputes each decoder layer
+  from that lowest one upward during the backward pass (``torch.utils.checkpoint``,
+  non-reentrant), so a batch holds one layer's activations instead of all of them.
 - The model's train/eval mode is left as the caller set it (``eval()`` for the Fisher of the
   deterministic network; ``train()`` where gradient checkpointing, which ``transformers`` only
   applies in training mode, is wanted). Its ``requires_grad`` flags, ``training`` flags, hooks
@@ -38,6 +44,7 @@ Conventions (tested in ``tests/test_collect.py``):
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,9 +55,10 @@ import torch
 from torch import nn
 
 from fisherlora import ops
+from fisherlora._hostmem import release_host_memory
 
 __all__ = ["FisherStatistics", "StatisticsCollector", "find_target_modules", "is_conv1d", "weight_fingerprint",
-           "fingerprints_match"]
+           "fingerprints_match", "decoder_layer_index"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -86,6 +94,17 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a Linear or Conv1D layer."""
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def decoder_layer_index(name: str) -> tuple[str, int] | None:
+    """``(stack, i)`` for a module inside decoder layer ``i`` of the stack ``stack``: the first
+    integer of the dotted name (``model.layers.7.mlp.up_proj`` -> ``("model.layers", 7)``), or
+    None for a module outside any numbered stack (``lm_head``)."""
+    m = _LAYER_INDEX.search(name)
+    return (name[: m.start()], int(m.group(1))) if m else None
 
 
 def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
@@ -240,6 +259,9 @@ class StatisticsCollector:
         mode: ``"full"``, ``"packed"`` or ``"projected"`` (module docstring).
         bases: for ``"projected"``: layer name -> ``(U, Vh)``, the thin SVD factors
             ``(d_out, k)`` and ``(k, d_in)`` of the layer's weight (any float dtype).
+        checkpoint: recompute the decoder layers, from the lowest hooked one up, in the
+            backward pass (module docstring); ignored when the hooked modules are not all in
+            one stack of decoder layers.
 
     Raises:
         ValueError: no modules, an unknown mode, or missing bases for ``"projected"``.
@@ -249,7 +271,7 @@ class StatisticsCollector:
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
                  stats_dtype: torch.dtype = torch.float32, backend: str = "auto", mode: str = "full",
-                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False):
         if not modules:
             raise ValueError("StatisticsCollector needs at least one target module")
         if mode not in self.MODES:
@@ -263,6 +285,7 @@ class StatisticsCollector:
         self.stats_dtype = stats_dtype
         self.backend = backend
         self.mode = mode
+        self.checkpoint = checkpoint
         # projected mode: Q matrices (d, k) for the input side (V) and the output side (U)
         self._V = {n: bases[n][1].mT for n in modules} if mode == "projected" else {}
         self._U = {n: bases[n][0] for n in modules} if mode == "projected" else {}
@@ -286,16 +309,25 @@ class StatisticsCollector:
             "training": [(m, m.training) for m in model.modules()],
             "rng": torch.random.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "forward": [],  # (decoder layer, its own instance-level forward or None) under checkpoint
         }
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
             self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            layers = self._decoder_layers()
             embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-            if isinstance(embed, nn.Module):
+            if layers:
+                self._handles.append(layers[0].register_forward_pre_hook(_make_hidden_states_require_grad,
+                                                                         with_kwargs=True))
+            elif isinstance(embed, nn.Module):
                 self._handles.append(embed.register_forward_hook(_make_output_require_grad))
             else:
                 self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
+            if self.checkpoint:
+                for layer in layers:
+                    self._saved["forward"].append((layer, layer.__dict__.get("forward")))
+                    layer.forward = _checkpointed(layer.forward)
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         except BaseException:
@@ -315,6 +347,11 @@ class StatisticsCollector:
         saved, self._saved = self._saved, None
         if saved is None:
             return
+        for layer, own in saved["forward"]:
+            if own is None:
+                del layer.forward  # back to the class's forward
+            else:
+                layer.forward = own
         for p, flag in saved["requires_grad"]:
             p.requires_grad_(flag)
         for m, flag in saved["training"]:
@@ -322,6 +359,20 @@ class StatisticsCollector:
         torch.random.set_rng_state(saved["rng"])
         if saved["cuda_rng"] is not None:
             torch.cuda.set_rng_state_all(saved["cuda_rng"])
+
+    def _decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers from the lowest one holding a hooked module to the top of their
+        stack; empty when the hooked modules are not all in one stack (``nn.ModuleList``)."""
+        where = [decoder_layer_index(n) for n in self.modules]
+        if not where or None in where or len({stack for stack, _ in where}) != 1:
+            return []
+        try:
+            stack = self.model.get_submodule(where[0][0])
+        except AttributeError:
+            return []
+        if not isinstance(stack, (nn.ModuleList, nn.Sequential)):
+            return []
+        return list(stack)[min(i for _, i in where):]
 
     # ----------------------------------------------------------------------------- hooks
     def _root_pre_hook(self, module, args, kwargs):
@@ -437,6 +488,31 @@ def _make_output_require_grad(module, args, output):
     return None
 
 
+def _make_hidden_states_require_grad(module, args, kwargs):
+    """Pre-hook of the lowest hooked decoder layer: its hidden states (first positional
+    argument, or ``hidden_states=``) start the backward pass."""
+    if not torch.is_grad_enabled():
+        return None
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+    h = kwargs.get("hidden_states")
+    if isinstance(h, torch.Tensor) and h.is_floating_point():
+        return args, {**kwargs, "hidden_states": h.detach().requires_grad_(True)}
+    return _make_inputs_require_grad(module, args, kwargs)
+
+
+def _checkpointed(forward):
+    """``forward`` run under non-reentrant activation checkpointing when grad mode is on."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
 def _make_inputs_require_grad(module, args, kwargs):
     if not torch.is_grad_enabled():
         return None
@@ -450,18 +526,69 @@ def _make_inputs_require_grad(module, args, kwargs):
 
 
 # --------------------------------------------------------------------------- the package's driver
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+class _SumCrossEntropy(torch.autograd.Function):
+    """``Σ_n [logsumexp(x_n) − x_n[t_n]]`` over rows with ``t_n != -100``, in row chunks.
+
+    Equal to ``cross_entropy(x, t, reduction="sum", ignore_index=-100)`` but it saves only the
+    logits themselves (no log-softmax copy) and the per-row log-sum-exp, and builds the gradient
+    ``softmax(x_n) − onehot(t_n)`` chunk by chunk into one buffer: about half of the memory of
+    ``cross_entropy``'s graph for a large vocabulary, which is most of a calibration batch's
+    activations in the memory-lean modes.
+    """
+
+    CHUNK_ELEMENTS = 1 << 22  # about 16 MiB of float32 temporaries per chunk
+
+    @staticmethod
+    def forward(ctx, logits, target, reuse_logits=False):
+        work = torch.promote_types(logits.dtype, torch.float32)
+        valid = target != -100
+        safe = target.clamp_min(0)
+        rows = max(1, _SumCrossEntropy.CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+        lse = torch.empty(logits.shape[0], dtype=work, device=logits.device)
+        total = torch.zeros((), dtype=work, device=logits.device)
+        for i in range(0, logits.shape[0], rows):
+            x = logits[i:i + rows].to(work)
+            lse[i:i + rows] = torch.logsumexp(x, dim=-1)
+            picked = x.gather(1, safe[i:i + rows, None]).squeeze(1)
+            total += torch.where(valid[i:i + rows], lse[i:i + rows] - picked, 0).sum()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.rows, ctx.reuse_logits = rows, reuse_logits
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        logits, safe, valid, lse = ctx.saved_tensors
+        grad = logits if ctx.reuse_logits else torch.empty_like(logits)  # chunk i is read before it is written
+        rows = ctx.rows
+        for i in range(0, logits.shape[0], rows):
+            p = torch.exp(logits[i:i + rows].to(lse.dtype) - lse[i:i + rows, None])
+            p.scatter_add_(1, safe[i:i + rows, None], -torch.ones_like(p[:, :1]))
+            p.mul_((valid[i:i + rows] * grad_total)[:, None])
+            grad[i:i + rows] = p
+        return grad, None, None
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: bool = False
+                   ) -> tuple[torch.Tensor, int]:
     """Sum (not mean) of next-token cross-entropies over label tokens, and their count.
 
-    ``logits`` ``(B, T, V)`` predict ``labels[:, 1:]``; labels of -100 are ignored.
+    ``logits`` ``(B, T, V)`` (any float dtype) predict ``labels[:, 1:]`` (``(B, T)`` int64); labels
+    of -100 are ignored. The loss is computed in at least float32, in row chunks, and its graph
+    holds only the logits (no log-softmax copy; the backward builds the one gradient buffer chunk
+    by chunk), so a calibration batch with a large vocabulary needs about half of what
+    ``torch.nn.functional.cross_entropy`` needs. With ``reuse_logits=True`` the backward writes
+    the gradient into the logits' own storage (one ``(B, T, V)`` buffer less; the logits are
+    garbage afterwards, so only for a last backward pass; autograd raises if another node saved
+    them).
+
+    Returns:
+        ``(loss, n)``: the scalar sum (float32, or float64 for float64 logits) and the number of
+        label tokens ``n``.
     """
-    shift_logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    shift_labels = labels[:, 1:]
-    loss = nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="sum",
-    )
-    return loss, int((shift_labels != -100).sum())
+    target = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+    loss = _SumCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reuse_logits)
+    return loss, int((target != -100).sum())
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -515,10 +642,11 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                     sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
                     sampled = sampled.reshape(keep.shape).masked_fill(~keep, -100)
                     draw_labels = torch.cat([labels[:, :1], sampled], dim=1)
-                    loss, n_label = token_loss_sum(logits, draw_labels)
-                    loss.backward(retain_graph=draw < mc_samples - 1)
+                    last = draw == mc_samples - 1
+                    loss, n_label = token_loss_sum(logits, draw_labels, reuse_logits=last)
+                    loss.backward(retain_graph=not last)
             else:
-                loss, n_label = token_loss_sum(logits, labels)
+                loss, n_label = token_loss_sum(logits, labels, reuse_logits=True)
                 loss.backward()
         totals["batches"] += 1
         totals["sequences"] += input_ids.shape[0]
@@ -528,6 +656,8 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         if progress is not None:
             progress.update(input_ids.shape[0])
         del logits, loss
+        if device.type == "cpu":
+            release_host_memory()  # this batch's activations, before the next batch fragments the heap
     if totals["batches"] == 0:
         raise ValueError("the calibration data is empty: no batch was produced")
     if totals["label_tokens"] == 0:

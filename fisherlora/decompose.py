@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fisherlora import ops
+from fisherlora._hostmem import release_host_memory
 from fisherlora.config import Magnitude, Score
 
 __all__ = [
@@ -69,15 +70,19 @@ def svd_gram_eigh(W: torch.Tensor, dtype: torch.dtype = torch.float64
     lam, V = torch.linalg.eigh(M.mT @ M)
     lam, V = lam.flip(-1), V.flip(-1)
     S = lam.clamp_min(0).sqrt()
-    U = (M @ V) / S.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2)
+    U = (M @ V).div_(S.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2))  # in place: one (d_out, k) buffer
     return (U, S, V.mT) if tall else (V, S, U.mT)
 
 
 #: default SVD path per device type, chosen by ``bench/svd_paths.py`` (time and accuracy, bench/RESULTS.md)
 SVD_METHOD = {"cpu": "gram_eigh", "cuda": "svd"}
+#: largest same-shape stack (float32 bytes) per solver call, per device type. On the CPU batching buys
+#: nothing (``bench/svd_paths.py``: LAPACK already uses every core on one matrix) while a stack's float64
+#: workspace is about four times its size, so the CPU decomposes one matrix at a time.
+SVD_BATCH_BYTES = {"cpu": 0, "cuda": 1 << 28}
 
 
-def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 << 28,
+def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int | None = None,
                   out_dtype: torch.dtype = torch.float32, seconds: dict | None = None, method: str = "auto"):
     """Thin SVDs of many weights, batched by shape; yields ``(name, (U, S, Vh))`` chunk by chunk.
 
@@ -89,6 +94,8 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 
 
     Args:
         weights: name -> ``(d_out, d_in)`` weight (any float dtype; one device).
+        max_batch_bytes: the largest stack per solver call (float32 bytes; at least one matrix);
+            default :data:`SVD_BATCH_BYTES` for the device.
         out_dtype: dtype of the yielded ``U`` and ``Vh`` (``S`` is float32).
         seconds: if given, ``"d_outxd_in"`` -> seconds spent in the solver is added to it.
         method: ``"svd"`` (float32 ``torch.linalg.svd``), ``"gram_eigh"`` (:func:`svd_gram_eigh`)
@@ -103,12 +110,15 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 
     for name, W in weights.items():
         by_shape.setdefault(tuple(W.shape), []).append(name)
     for shape, names in by_shape.items():
+        if max_batch_bytes is None:
+            max_batch_bytes = SVD_BATCH_BYTES.get(weights[names[0]].device.type, 1 << 28)
         per = max(1, max_batch_bytes // (4 * shape[0] * shape[1]))
         for i in range(0, len(names), per):
             chunk = names[i : i + per]
             t0 = time.perf_counter()
             stack = torch.stack([weights[n].detach().to(torch.float32) for n in chunk])
-            how = SVD_METHOD.get(stack.device.type, "svd") if method == "auto" else method
+            stack_device = stack.device
+            how = SVD_METHOD.get(stack_device.type, "svd") if method == "auto" else method
             try:
                 if how == "gram_eigh":
                     U, S, Vh = svd_gram_eigh(stack)
@@ -126,6 +136,8 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int = 1 
             for n, (u, s, vh) in zip(chunk, results):
                 yield n, (u.to(out_dtype), s.to(torch.float32), vh.to(out_dtype))
             del results
+            if stack_device.type == "cpu":
+                release_host_memory()
 
 
 def direction_energy(U: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, G: torch.Tensor,

@@ -37,6 +37,7 @@ from fisherlora import __version__
 from fisherlora.collect import (
     FisherStatistics,
     StatisticsCollector,
+    decoder_layer_index,
     find_target_modules,
     fingerprints_match,
     is_conv1d,
@@ -106,15 +107,18 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
         batches: iterable of ``{"input_ids", "attention_mask", "labels"}`` dicts.
         config: fisher type, label draws, seed, statistics dtype and backend.
         mode, bases: the memory mode and, for ``"projected"``, the singular bases
-            (see :class:`fisherlora.StatisticsCollector`).
+            (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
+            one, also recomputes the decoder layers in the backward pass (activation
+            checkpointing).
 
     Raises:
         ValueError: empty data. RuntimeError/FloatingPointError: as
             :meth:`StatisticsCollector.statistics`. The model is restored in every case.
     """
     dtype = getattr(torch, config.stats_dtype)
-    with StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
-                             bases=bases) as col, _progress(num_batches or 0, desc, progress, "seq") as bar:
+    collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
+                                    bases=bases, checkpoint=mode == "projected")
+    with collector as col, _progress(num_batches or 0, desc, progress, "seq") as bar:
         totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
                                  mc_samples=config.mc_samples, seed=config.seed, progress=bar)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})
@@ -190,13 +194,13 @@ def layer_groups(modules: dict[str, nn.Module], n_groups: int) -> list[dict[str,
     """Split target layers into ``n_groups`` contiguous groups of decoder layers.
 
     The decoder layer of a module is the first integer in its dotted name
-    (``model.layers.7.mlp.up_proj`` -> 7); modules without one join the first group.
+    (:func:`fisherlora.collect.decoder_layer_index`: ``model.layers.7.mlp.up_proj`` -> 7);
+    modules without one join the first group.
     """
-    import re
 
     def index(name):
-        m = re.search(r"\.(\d+)(\.|$)", name)
-        return int(m.group(1)) if m else -1
+        where = decoder_layer_index(name)
+        return -1 if where is None else where[1]
 
     indices = sorted({index(n) for n in modules})
     n_groups = max(1, min(n_groups, len(indices)))
@@ -334,16 +338,27 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 @contextlib.contextmanager
 def _restore_on_error(model: nn.Module):
     """Put ``model`` back exactly if the block raises: modules, flags, hooks, attributes, and the
-    weights overwritten through the yielded ``stash`` (call ``stash(param)`` before writing it;
-    the original is kept on the CPU until the block ends)."""
+    weights overwritten through the yielded ``stash`` (call ``stash(param)`` before writing it).
+
+    The originals are kept until the block ends where they do not compete with the model: an
+    accelerator's weights in host memory, host weights in a temporary file (a copy in RAM would
+    nearly double a CPU run's peak, since the target layers are most of a model's weights)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
     hooks = [(m, {h: set(getattr(m, h)) for h in _HOOK_DICTS}) for m in model.modules()]
     attrs = set(vars(model))
-    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    originals: list[tuple[torch.Tensor, torch.Tensor | Path]] = []
+    spill: list[tempfile.TemporaryDirectory] = []
 
     def stash(param: torch.Tensor) -> None:
-        originals.append((param, param.detach().to("cpu", copy=True)))
+        if not _stash_on_disk(param):
+            originals.append((param, param.detach().to("cpu", copy=True)))
+            return
+        if not spill:
+            spill.append(tempfile.TemporaryDirectory(prefix="fisherlora-stash-"))
+        path = Path(spill[0].name) / f"{len(originals)}.pt"
+        torch.save(param.detach(), path)
+        originals.append((param, path))
 
     try:
         yield stash
@@ -352,6 +367,8 @@ def _restore_on_error(model: nn.Module):
 
         with torch.no_grad():
             for param, saved in originals:
+                if isinstance(saved, Path):
+                    saved = torch.load(saved, map_location=param.device, weights_only=True)
                 param.copy_(saved)
         for m, before in hooks:
             for h, keys in before.items():
@@ -369,6 +386,14 @@ def _restore_on_error(model: nn.Module):
         for extra in set(vars(model)) - attrs:
             delattr(model, extra)
         raise
+    finally:
+        for d in spill:
+            d.cleanup()
+
+
+def _stash_on_disk(param: torch.Tensor) -> bool:
+    """Where :func:`_restore_on_error` keeps an original: a temporary file for host weights."""
+    return param.device.type == "cpu"
 
 
 def _wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):

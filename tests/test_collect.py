@@ -10,9 +10,9 @@ from tests.models import TinyMLP, pad_batch, random_sequences, reference_factors
 TOL = dict(rtol=1e-9, atol=1e-11)
 
 
-def collect(model, names, batches, **kw):
+def collect(model, names, batches, checkpoint=False, **kw):
     modules = {n: model.get_submodule(n) for n in names}
-    with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch") as col:
+    with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch", checkpoint=checkpoint) as col:
         run_calibration(model, batches, **kw)
     return col.statistics()
 
@@ -156,6 +156,102 @@ def test_gradient_checkpointing_does_not_double_count(data, reentrant):
     for name in names:
         for a, b in zip(ref.factors(name), st.factors(name)):
             torch.testing.assert_close(b, a, **TOL, msg=f"checkpointing (reentrant={reentrant}) changed {name}")
+
+
+def test_own_checkpointing_recomputes_layers_and_keeps_the_factors(data):
+    """checkpoint=True (the projected mode's) recomputes every decoder layer from the lowest
+    hooked one, gives the same factors, and leaves no wrapper behind."""
+    seqs, labels = data
+    model = tiny_llama(layers=3)
+    names = target_names(model)
+    ref = collect(model, names, [pad_batch(seqs, labels)])
+    calls = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    st = collect(model, names, [pad_batch(seqs, labels)], checkpoint=True)
+    for h in hooks:
+        h.remove()
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2], f"every layer runs twice (forward + recompute); got {calls}"
+    assert st.a_count == ref.a_count and st.g_count == ref.g_count
+    for name in names:
+        for a, b in zip(ref.factors(name), st.factors(name)):
+            torch.testing.assert_close(b, a, **TOL, msg=f"checkpoint=True changed {name}")
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    # upper layers only: layer 0 runs once (no graph below the hooked layers), layers 1-2 twice
+    calls.clear()
+    hooks = [layer.mlp.register_forward_pre_hook(lambda *a, i=i: calls.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    upper = [n for n in names if ".layers.0." not in n]
+    collect(model, upper, [pad_batch(seqs, labels)], checkpoint=True)
+    for h in hooks:
+        h.remove()
+    assert sorted(calls) == [0, 1, 1, 2, 2]
+
+
+def test_backward_starts_at_the_lowest_hooked_layer(data):
+    """Layers below every hooked module keep no autograd graph, and the upper layers' factors
+    are those of a pass whose backward reaches the embeddings."""
+    seqs, labels = data
+    model = tiny_llama(layers=3)
+    names = target_names(model)
+    upper = [n for n in names if ".layers.2." in n]
+    everything = collect(model, names, [pad_batch(seqs, labels)])
+    seen = []
+    hook = model.model.layers[1].register_forward_hook(lambda m, a, out: seen.append(
+        (out[0] if isinstance(out, tuple) else out).requires_grad))
+    only_top = collect(model, upper, [pad_batch(seqs, labels)])
+    hook.remove()
+    assert seen == [False], "layer 1 built an autograd graph although nothing below layer 2 is hooked"
+    for name in upper:
+        for a, b in zip(everything.factors(name), only_top.factors(name)):
+            torch.testing.assert_close(b, a, **TOL, msg=f"starting the backward at layer 2 changed {name}")
+
+
+def test_checkpoint_wrappers_removed_when_the_pass_fails(data):
+    seqs, labels = data
+    model = tiny_llama()
+    modules = {n: model.get_submodule(n) for n in target_names(model)}
+
+    def batches():
+        yield pad_batch(seqs, labels)
+        raise RuntimeError("data source failed")
+
+    with pytest.raises(RuntimeError, match="data source failed"):
+        with StatisticsCollector(model, modules, backend="torch", checkpoint=True):
+            run_calibration(model, batches())
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_token_loss_sum_equals_cross_entropy_and_its_gradient(dtype, reuse):
+    from fisherlora.collect import _SumCrossEntropy, token_loss_sum
+
+    torch.manual_seed(0)
+    h = (3 * torch.randn(3, 9, 50, dtype=torch.float64)).to(dtype).requires_grad_()
+    logits = h * 1.0  # a non-leaf, as a model's output: reuse_logits writes the gradient into it
+    labels = torch.randint(0, 50, (3, 9))
+    labels[0, :4] = -100
+    labels[2, 6] = -100
+    old = _SumCrossEntropy.CHUNK_ELEMENTS
+    _SumCrossEntropy.CHUNK_ELEMENTS = 7 * 50  # several chunks, the last one partial
+    try:
+        loss, n = token_loss_sum(logits, labels, reuse_logits=reuse)
+        loss.backward()
+    finally:
+        _SumCrossEntropy.CHUNK_ELEMENTS = old
+    ref_logits = h.detach().double().requires_grad_()
+    ref = nn.functional.cross_entropy(ref_logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                      ignore_index=-100, reduction="sum")
+    ref.backward()
+    assert n == int((labels[:, 1:] != -100).sum())
+    assert loss.dtype == torch.promote_types(dtype, torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    grad_tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-3}[dtype]  # bf16: the stored gradient
+    torch.testing.assert_close(h.grad.double(), ref_logits.grad, rtol=grad_tol, atol=grad_tol)
+    assert h.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
 
 
 def test_layer_called_twice_counts_both_calls_and_inplace_after_hook_works():

@@ -221,8 +221,12 @@ def test_bad_input_is_a_clear_error_and_restores_the_model(tmp_path, case, cfg, 
     _assert_restored(model, snap)
 
 
+@pytest.mark.parametrize("on_disk", [True, False], ids=["originals in a file", "originals in RAM"])
 @pytest.mark.parametrize("where", ["inside PEFT", "writing the residuals"])
-def test_failure_after_wrapping_restores_the_model(monkeypatch, where):
+def test_failure_after_wrapping_restores_the_model(monkeypatch, tmp_path, where, on_disk):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = tiny_llama(torch.float32)
     model.gradient_checkpointing_enable()  # PEFT then adds an input-require-grads hook
     model.eval()
@@ -239,9 +243,11 @@ def test_failure_after_wrapping_restores_the_model(monkeypatch, where):
 
     real = fi.residual_weight
     monkeypatch.setattr(fi, "_lora_layers" if where == "inside PEFT" else "residual_weight", broken)
+    monkeypatch.setattr(fi, "_stash_on_disk", lambda param: on_disk)
     with pytest.raises(KeyboardInterrupt, match="simulated"):
         fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
     _assert_restored(model, snap)
+    assert list(tmp_path.iterdir()) == [], "the stash of original weights was left behind"
 
 
 def test_output_directory_is_atomic_and_refuses_to_clobber(tmp_path, monkeypatch):
