@@ -36,7 +36,7 @@ step ops_bench 150 $PY -m pytest -q bench/test_bench_ops.py --benchmark-only --b
 if [ -n "$CONFIGS" ]; then
   step init_1b 90 $PY -m bench.gpu_init --config "$CONFIGS/llama-3.2-1b.json" --memory-mode full --json "$OUT/init_1b.json"
   step init_8b 200 $PY -m bench.gpu_init --config "$CONFIGS/llama-3-8b.json" --memory-mode projected \
-    --layer-groups 8 --batch-size 1 --json "$OUT/init_8b_projected_g8.json"
+    --layer-groups 4 --batch-size 4 --json "$OUT/init_8b_projected_g4.json"
 else
   echo "no shared/configs found: skipping the full-size inits" | tee -a "$OUT/steps.log"
 fi

@@ -7,7 +7,7 @@ device with random weights, makes ``num_samples`` random token sequences (length
 the peak memory (CUDA allocator peak, or peak RSS on a CPU) and the plan's prediction, as JSON.
 
     python -m bench.gpu_init --config ../shared/configs/llama-3-8b.json --memory-mode projected \\
-        --layer-groups 8 --json $OUT/init_8b.json
+        --layer-groups 4 --json $OUT/init_8b.json
 """
 
 from __future__ import annotations

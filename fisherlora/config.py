@@ -34,7 +34,9 @@ class MemoryMode(str, enum.Enum):
 
     ``full``: dense float32 ``A`` and ``G`` (``A`` shared by layers with the same input).
     ``packed``: their upper triangles (half the memory). ``projected``: the SVDs first, then only
-    ``diag(VᵀAV)`` and ``diag(UᵀGU)`` are accumulated; ``A`` and ``G`` are never formed.
+    ``diag(VᵀAV)`` and ``diag(UᵀGU)`` are accumulated; ``A`` and ``G`` are never formed, and the
+    decoder layers are recomputed in the backward pass (activation checkpointing: about a third
+    more compute per pass for one layer's activations instead of all of them).
     ``auto``: the fastest mode whose planned peak fits the device's free memory.
     """
 

@@ -11,9 +11,12 @@ Every figure is in bytes. The statistics figures are exact closed forms:
   dtype, counted as "SVD workspace".
 
 With ``layer_groups = g`` only the largest group's statistics are held at once. Activations are
-an estimate for one batch with gradients flowing back to the embeddings (weights frozen):
-``B·T·(L·(10·hidden + 4·intermediate)·bytes + vocab·(bytes + 8))`` (saved tensors of a
-Llama-style block, and the logits with their float32 upcast and gradient). The sharing of
+an estimate for one batch (weights frozen), with ``a = (10·hidden + 4·intermediate)·bytes`` the
+saved tensors of one Llama-style block per token and ``vocab·bytes`` the logits (the loss,
+:func:`fisherlora.collect.token_loss_sum`, writes their gradient into them):
+``B·T·(L·a + vocab·bytes)`` for ``full`` and ``packed``; ``B·T·(L·hidden·bytes + 2a +
+vocab·bytes)`` for ``projected``, whose decoder layers are recomputed in the backward pass (only
+their inputs are kept, plus one block and its gradients at a time). The sharing of
 ``A`` is found by running :class:`fisherlora.StatisticsCollector` on a meta-device copy of the
 model, the same mechanism that shares ``A`` at collection time.
 """
@@ -138,8 +141,9 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
     n_layers = getattr(cfg, "num_hidden_layers", 1)
     vocab = getattr(cfg, "vocab_size", 0)
     act_bytes = elem or next(model.parameters()).element_size()
-    activations = batch_size * max_length * (n_layers * (10 * hidden + 4 * inter) * act_bytes
-                                             + vocab * (act_bytes + 8))
+    block = (10 * hidden + 4 * inter) * act_bytes  # one block's saved tensors, per token
+    activations = batch_size * max_length * (n_layers * block + vocab * act_bytes)
+    checkpointed = batch_size * max_length * (n_layers * hidden * act_bytes + 2 * block + vocab * act_bytes)
 
     def dense(names, packed=False, share=True):
         size = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
@@ -161,7 +165,7 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
         plans.append(ModePlan("full", g, weights, activations, max(dense(x) for x in groups), svd_ws))
         plans.append(ModePlan("packed", g, weights, activations, max(dense(x, packed=True) for x in groups), svd_ws))
         k_total = sum(min(shapes[n]) for n in names)
-        plans.append(ModePlan("projected", g, weights, activations, 2 * k_total * stats_bytes,
+        plans.append(ModePlan("projected", g, weights, checkpointed, 2 * k_total * stats_bytes,
                               max(bases(x) for x in groups) + svd_ws))
     return plans
 
