@@ -6,9 +6,12 @@ import argparse
 import dataclasses
 import enum
 import json
+import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 from fisherlora.config import FisherLoraConfig
 
@@ -262,8 +265,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
+    # --quiet also silences bars that libraries draw with tqdm directly (GGUF de-quantisation)
+    quiet = mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}) if getattr(args, "quiet", False) else nullcontext()
     try:
-        return handler(args)
+        with quiet:
+            return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
         return 2

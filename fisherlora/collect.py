@@ -633,21 +633,23 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
             kwargs["position_ids"] = position_ids_from_mask(attention_mask)
         with torch.enable_grad():
             logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+            draws = [labels]
             if fisher_type == "true":
                 if gen is None:
                     gen = torch.Generator(device=logits.device).manual_seed(seed)
                 probs = torch.softmax(logits.detach()[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
                 keep = labels[:, 1:] != -100
-                for draw in range(mc_samples):
+                draws = []
+                for _ in range(mc_samples):
                     sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
-                    sampled = sampled.reshape(keep.shape).masked_fill(~keep, -100)
-                    draw_labels = torch.cat([labels[:, :1], sampled], dim=1)
-                    last = draw == mc_samples - 1
-                    loss, n_label = token_loss_sum(logits, draw_labels, reuse_logits=last)
-                    loss.backward(retain_graph=not last)
-            else:
-                loss, n_label = token_loss_sum(logits, labels, reuse_logits=True)
-                loss.backward()
+                    draws.append(torch.cat([labels[:, :1], sampled.reshape(keep.shape).masked_fill(~keep, -100)], 1))
+                del probs
+            for draw, draw_labels in enumerate(draws):
+                last = draw == len(draws) - 1
+                loss, n_label = token_loss_sum(logits, draw_labels, reuse_logits=last)
+                if last:  # the loss's graph holds the logits only until their gradient has been used
+                    del logits
+                loss.backward(retain_graph=not last)
         totals["batches"] += 1
         totals["sequences"] += input_ids.shape[0]
         totals["tokens"] += int(attention_mask.sum())
@@ -655,7 +657,7 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         totals["loss_sum"] += float(loss.detach())
         if progress is not None:
             progress.update(input_ids.shape[0])
-        del logits, loss
+        del loss
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
     if totals["batches"] == 0:

@@ -22,9 +22,15 @@ def run(*args, check_rc=0):
 @pytest.fixture(scope="module")
 def embedded_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "out"
-    run("init", "--num-samples", "4", "--max-length", "96", "--batch-size", "2", "--rank", "4",
-        "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet")
+    proc = run("init", "--num-samples", "4", "--max-length", "96", "--batch-size", "2", "--rank", "4",
+               "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet")
+    (out.parent / "stderr.txt").write_text(proc.stderr)
     return out
+
+
+def test_quiet_draws_no_progress_bar(embedded_out):
+    stderr = (embedded_out.parent / "stderr.txt").read_text()
+    assert "it/s" not in stderr and "de-quantizing" not in stderr, stderr[-2000:]
 
 
 def test_init_on_the_embedded_model_and_gsm8k(embedded_out):
