@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
+import io
 import json
-import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 from fisherlora.config import FisherLoraConfig
 
@@ -184,7 +183,10 @@ def cmd_init(args) -> int:
         records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed)
     timings["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
+    # errors still raise
+    with contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
+        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
     timings["load model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if records is not None:
@@ -265,11 +267,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
-    # --quiet also silences bars that libraries draw with tqdm directly (GGUF de-quantisation)
-    quiet = mock.patch.dict(os.environ, {"TQDM_DISABLE": "1"}) if getattr(args, "quiet", False) else nullcontext()
     try:
-        with quiet:
-            return handler(args)
+        return handler(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
         return 2
