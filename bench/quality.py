@@ -25,7 +25,7 @@ Resumable: each finished run is appended to ``<out>/quality_runs.jsonl`` (keyed 
 seed and the settings) and skipped when the command runs again. Output:
 ``<out>/quality.{md,json,png}`` (table, all runs, held-out loss curves with mean and band).
 
-Run: ``python -m bench.quality --quick`` (CPU, default LoRA, PiSSA, MiLoRA and two fisherlora
+Run: ``python -m bench.quality --quick`` (CPU, default LoRA, PiSSA, MiLoRA and four fisherlora
 variants), ``python -m bench.quality`` (every method and every score x magnitude; resumable).
 """
 
@@ -53,7 +53,7 @@ HELD_OUT_RANGE = (1000, 1319)
 FULL_METHODS = ["lora", "pissa", "milora", "eva", "corda", "lora_ga", "fisherlora"]
 QUICK_METHODS = ["lora", "pissa", "milora", "fisherlora"]
 ALL_VARIANTS = [f"{s}:{m}" for s in ("fisher", "fisher_sigma") for m in ("sigma", "top_sigma", "unit", "energy")]
-QUICK_VARIANTS = ["fisher:sigma", "fisher:top_sigma"]
+QUICK_VARIANTS = ["fisher:sigma", "fisher_sigma:sigma", "fisher:top_sigma", "fisher:unit"]
 SETTINGS_KEYS = ("model", "tiny", "rank", "alpha", "steps", "batch_size", "max_length", "chat_template",
                  "calib_pairs", "eval_pairs", "eval_at", "em_pairs", "dtype")
 
@@ -362,22 +362,22 @@ def plot(summary: dict, path: Path) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="default LoRA, PiSSA, MiLoRA, two fisherlora variants; lr on seed 0, then 3 seeds")
+                   help="default LoRA, PiSSA, MiLoRA, four fisherlora variants; lr on seed 0, then 3 seeds")
     p.add_argument("--methods", default=None, help=f"comma list from {FULL_METHODS} (and gaussian, olora, "
                    "pissa_niter_4); 'fisherlora' expands to --variants")
     p.add_argument("--variants", default=None,
                    help=f"fisherlora score:magnitude list (full default: all {len(ALL_VARIANTS)})")
     p.add_argument("--reference", default=None, help="method the paired differences are taken to "
                    "(default: the first fisherlora variant)")
-    p.add_argument("--lrs", default="1e-4,3e-4,1e-3")
+    p.add_argument("--lrs", default="1e-4,5e-4,2.5e-3", help="learning-rate grid (factor 5 apart)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=None, help="training steps (full 200, quick 10)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (full 200, quick 20)")
     p.add_argument("--batch-size", type=int, default=None, help="(full 8, quick 4)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per pair (full 512, quick 112)")
     p.add_argument("--chat-template", action="store_true",
                    help="render pairs with the chat template (more tokens)")
     p.add_argument("--calib-pairs", type=int, default=None, help="calibration pairs (full 128, quick 16)")
-    p.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs evaluated (full 319, quick 24)")
+    p.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs evaluated (full 319, quick 64)")
     p.add_argument("--eval-points", type=int, default=None, help="evaluations during training (full 10, quick 2)")
     p.add_argument("--em-pairs", type=int, default=None,
                    help="exact-match questions at the end (full 319, quick 0)")
@@ -391,7 +391,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     full = {"steps": 200, "batch_size": 8, "max_length": 512, "calib_pairs": 128, "eval_pairs": 319,
             "eval_points": 10, "em_pairs": 319}
-    quick = {"steps": 10, "batch_size": 4, "max_length": 112, "calib_pairs": 16, "eval_pairs": 24,
+    quick = {"steps": 20, "batch_size": 4, "max_length": 112, "calib_pairs": 16, "eval_pairs": 64,
              "eval_points": 2, "em_pairs": 0}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
