@@ -32,7 +32,7 @@ Conventions (tested in ``tests/test_collect.py``):
   autograd graph and see no backward pass), or, when the hooked modules do not all sit in one
   stack of decoder layers (``model.layers.<i>...``), the input embeddings' output (for a model
   without input embeddings, its floating-point inputs).
-- ``checkpoint=True`` (the projected mode's default, DESIGN.md §4) recomputes each decoder layer
+- ``checkpoint=True`` (what the projected mode passes, DESIGN.md §4) recomputes each decoder layer
   from that lowest one upward during the backward pass (``torch.utils.checkpoint``,
   non-reentrant), so a batch holds one layer's activations instead of all of them.
 - The model's train/eval mode is left as the caller set it (``eval()`` for the Fisher of the
