@@ -6,6 +6,10 @@ device with random weights, makes ``num_samples`` random token sequences (length
 :func:`fisherlora.initialize_fisher_lora` with the chosen memory mode. Reports time per phase,
 the peak memory (CUDA allocator peak, or peak RSS on a CPU) and the plan's prediction, as JSON.
 
+``--num-layers N`` keeps only the first ``N`` decoder layers of the architecture (every shape
+unchanged): the SVD of every projection costs the same per layer, so a short GPU lease can time
+one layer's worth of an 8B init and check the memory plan on the same truncated model.
+
     python -m bench.gpu_init --config ../shared/configs/llama-3-8b.json --memory-mode projected \\
         --layer-groups 4 --json $OUT/init_8b.json
 """
@@ -27,6 +31,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a transformers config.json")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="keep only the first N decoder layers (same shapes; default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--num-samples", type=int, default=128)
@@ -40,11 +46,18 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    meta = meta_model_from_config(args.config)
+    config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
+    if args.num_layers is not None:
+        if not 1 <= args.num_layers <= config.num_hidden_layers:
+            p.error(f"--num-layers must be in 1..{config.num_hidden_layers}")
+        config.num_hidden_layers = args.num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: args.num_layers]
+    meta = meta_model_from_config(config)
     cfg = FisherLoraConfig(rank=args.rank, alpha=args.rank, num_samples=args.num_samples, max_length=args.max_length,
                            batch_size=args.batch_size, memory_mode=args.memory_mode, layer_groups=args.layer_groups,
                            bases_dtype=args.bases_dtype, backend=args.backend)
@@ -66,7 +79,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t0
     report = result.report()
     out = {
-        "config": str(args.config), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "config": str(args.config), "num_layers_built": meta.config.num_hidden_layers,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": args.dtype, "memory_mode": result.extra["memory_mode"], "layer_groups": result.extra["layer_groups"],
         "tokens": common.batch_tokens(batches), "build_s": build_s, "total_s": total,
         "timings_s": result.timings, "svd_seconds_per_shape": result.extra["svd_seconds_per_shape"],

@@ -23,6 +23,9 @@ def test_svd_paths_benchmark_runs_at_toy_size(tmp_path):
     assert set(by_path) == set(svd_paths.PATHS)
     # the float64 Gram path fisherlora uses on CPUs keeps the smallest directions; float32 Gram loses them
     assert by_path["gram_eigh64"]["smallest_dirs_err"] < 1e-6 < by_path["gram_eigh"]["smallest_dirs_err"]
+    # the reference-free columns (what a CUDA run reports): every path reconstructs W
+    assert by_path["gram_eigh64"]["residual"] < 1e-12 and by_path["batched"]["residual"] < 1e-5
+    assert by_path["batched"]["orthogonality_loss"] < 1e-5
 
 
 def test_full_size_init_script_runs_on_a_tiny_config(tmp_path):
@@ -40,6 +43,13 @@ def test_full_size_init_script_runs_on_a_tiny_config(tmp_path):
     r = json.loads(out.read_text())
     assert r["memory_mode"] == "projected" and r["layer_groups"] == 2 and r["num_layers"] == 14
     assert r["planned"]["mode"] == "projected" and r["total_s"] > 0
+
+    # --num-layers keeps the first decoder layers only (7 projections each), shapes unchanged
+    assert gpu_init.main(["--config", str(tmp_path / "config.json"), "--device", "cpu", "--dtype", "float32",
+                          "--num-samples", "2", "--max-length", "16", "--num-layers", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["num_layers_built"] == 1 and r["num_layers"] == 7
+    assert set(r["svd_seconds_per_shape"]) == {"32x32", "16x32", "48x32", "32x48"}
 
 
 def test_gpu_check_script_is_valid_bash():
