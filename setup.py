@@ -45,6 +45,19 @@ def _nvidia_wheel_includes():
     return [path for path in found if os.path.isdir(path)]
 
 
+def _shared_libstdcxx_link_args():
+    """``-l:libstdc++.so.6`` on Linux: link the shared libstdc++ that torch itself loads.
+
+    On the H200 machine's image (Ubuntu g++ 13, torch 2.11+cu130) a plain build gave a ``_C`` with
+    no ``libstdc++.so.6`` among its needed libraries and about 3,200 ``std::`` symbols of its own:
+    a static copy of libstdc++ beside torch's shared one. The first TORCH_CHECK message holding an
+    integer then crashed the process (SIGSEGV in ``ostream::_M_insert<long>``). Naming the
+    runtime library first makes the linker resolve every libstdc++ symbol from it; where the
+    shared library would have been linked anyway this changes nothing.
+    """
+    return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
 def extensions():
     """The compiled extension ``fisherlora._C`` (see csrc/README.md), or nothing when skipped.
 
@@ -72,7 +85,7 @@ def extensions():
     sources = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
     kwargs = {
         "extra_compile_args": {"cxx": cxx_flags},
-        "extra_link_args": openmp,
+        "extra_link_args": openmp + _shared_libstdcxx_link_args(),
         "include_dirs": [os.path.join(HERE, "csrc")],
     }
     if with_cuda:

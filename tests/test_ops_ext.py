@@ -5,6 +5,8 @@ kernels run the same cases when a GPU is present (``gpu`` marker).
 """
 
 import importlib.util
+import shutil
+import sys
 
 import pytest
 import torch
@@ -220,3 +222,14 @@ def test_whole_init_with_ext_chooses_the_torch_backends_directions():
                                                    progress=False)
         chosen[backend] = {name: sel.indices.tolist() for name, sel in result.selections.items()}
     assert chosen["ext"] == chosen["torch"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None, reason="ldd (Linux)")
+def test_extension_uses_the_shared_libstdcxx_that_torch_loads():
+    """A static copy of libstdc++ inside _C (what g++ links when its libstdc++.so symlink is missing,
+    as on the H200 machine's image) crashed on the first TORCH_CHECK message holding an integer;
+    setup.py then names libstdc++.so.6 explicitly."""
+    import subprocess
+
+    so = importlib.util.find_spec("fisherlora._C").origin
+    assert "libstdc++.so.6" in subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
