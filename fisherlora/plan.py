@@ -10,6 +10,9 @@ Every figure is in bytes. The statistics figures are exact closed forms:
   ``U (d_out, k)`` and ``V (d_in, k)`` of the layers in flight (one layer group) in the bases
   dtype, counted as "SVD workspace".
 
+Every mode also holds one matrix's SVD workspace at a time, that of the largest target
+(:func:`fisherlora.decompose.svd_workspace_bytes`, the float64 Gram path).
+
 With ``layer_groups = g`` only the largest group's statistics are held at once. Activations are
 an estimate for one batch (weights frozen), with ``a = (10·hidden + 4·intermediate)·bytes`` the
 saved tensors of one Llama-style block per token and ``vocab·bytes`` the logits (the loss,
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from fisherlora.collect import StatisticsCollector, find_target_modules, layer_shape
+from fisherlora.decompose import svd_workspace_bytes
 
 __all__ = ["ModePlan", "plan_memory", "choose_mode", "meta_model_from_config", "free_memory_bytes",
            "shared_activation_factors"]
@@ -153,9 +157,7 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
     def bases(names):
         return sum((d_out + d_in) * min(d_out, d_in) for d_out, d_in in (shapes[n] for n in names)) * bases_bytes
 
-    biggest = max(shapes.values(), key=lambda s: s[0] * s[1])
-    k_big = min(biggest)
-    svd_ws = (biggest[0] * biggest[1] + (biggest[0] + biggest[1]) * k_big + k_big) * 4
+    svd_ws = max(svd_workspace_bytes(*shape) for shape in shapes.values())
     names = list(modules)
     plans = [ModePlan("naive", 1, weights, activations, dense(names, share=False), svd_ws)]
     for g in group_options:

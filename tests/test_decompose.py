@@ -124,3 +124,22 @@ def test_gram_eigh_path_matches_a_float64_svd(shape):
     for n in ws:
         torch.testing.assert_close(a[n][1], b[n][1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close((a[n][0] * b[n][0]).sum(0).abs(), torch.ones(k), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(300, 100), (100, 300), (200, 200), (1400, 400)])
+def test_svd_workspace_formula_matches_the_allocator(shape):
+    """The memory plan's SVD term is what one matrix on the Gram path allocates (profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fisherlora.decompose import iter_thin_svd, svd_workspace_bytes
+
+    weights = {"w": torch.randn(*shape, dtype=torch.bfloat16)}
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in iter_thin_svd(weights, method="gram_eigh"):
+            pass
+    running = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        running += e.nbytes()
+        peak = max(peak, running)
+    assert 1.0 <= peak / svd_workspace_bytes(*shape) < 1.02
