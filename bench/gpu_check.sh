@@ -73,8 +73,17 @@ cat "$WORK/versions.txt"
 
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} FISHERLORA_CUDA=1
 step build 200 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e .
-# every case of the Triton and extension op tests runs on the GPU when one is visible
-step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_ops_triton.py tests/test_ops_ext.py
+# every case of the Triton and extension op tests runs on the GPU when one is visible; serially
+# they outlast 150 s there (Triton compiles each case), so they spread over workers when
+# pytest-xdist is installed (it is on the H200 image)
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step kernel_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rfE "${XDIST[@]}" tests/test_ops_triton.py tests/test_ops_ext.py
+# the ceiling the kernels' TFLOP/s are read against: one large bf16 matrix product
+step matmul_rate 30 "$PY" -c "import torch, triton.testing as tt
+a, b = (torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16) for _ in range(2))
+ms = tt.do_bench(lambda: a @ b, warmup=200, rep=1000, return_mode='median')
+print(f'bf16 8192^3 matmul: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s')"
 step ops_bench 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py --benchmark-only \
   --benchmark-json="$WORK/ops.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 step svd_paths 90 "$PY" -m bench.svd_paths --out "$WORK/svd"
