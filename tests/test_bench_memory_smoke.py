@@ -58,3 +58,26 @@ def test_gpu_check_script_is_valid_bash():
 
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_gpu_summary_tables_the_check_results(tmp_path):
+    """bench/gpu_summary.py reads what gpu_check.sh leaves: ops JSON, svd/ and init_*.json."""
+    from bench import gpu_init, gpu_summary, svd_paths
+
+    def bench_row(provider, median):
+        return {"group": "syrk-d48", "extra_info": {"provider": provider, "median_s": median, "tflops": 1.5,
+                                                    "peak_mem_bytes": 2 << 20}}
+
+    (tmp_path / "ops.json").write_text(json.dumps({"benchmarks": [bench_row("naive", 0.004),
+                                                                  bench_row("triton", 0.001)]}))
+    assert svd_paths.main(["--quick", "--out", str(tmp_path / "svd"), "--device", "cpu"]) == 0
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 300, "hidden_size": 32,
+           "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "max_position_embeddings": 128, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert gpu_init.main(["--config", str(tmp_path / "config.json"), "--device", "cpu", "--dtype", "float32",
+                          "--num-samples", "2", "--max-length", "16", "--json", str(tmp_path / "init_tiny.json")]) == 0
+    text = gpu_summary.summary(tmp_path)
+    assert "| syrk-d48 | triton | 1.00 | 4.00 | 1.5 | 2 |" in text
+    assert "| 48x32 | gram_eigh64 |" in text
+    assert "| init_tiny | projected g=1 | 1 |" in text
