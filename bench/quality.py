@@ -25,7 +25,7 @@ Resumable: each finished run is appended to ``<out>/quality_runs.jsonl`` (keyed 
 seed and the settings) and skipped when the command runs again. Output:
 ``<out>/quality.{md,json,png}`` (table, all runs, held-out loss curves with mean and band).
 
-Run: ``python -m bench.quality --quick`` (CPU, default LoRA, PiSSA, MiLoRA and three fisherlora
+Run: ``python -m bench.quality --quick`` (CPU, default LoRA, PiSSA, MiLoRA and four fisherlora
 variants), ``python -m bench.quality`` (every method and every score x magnitude; resumable).
 """
 
@@ -53,7 +53,7 @@ HELD_OUT_RANGE = (1000, 1319)
 FULL_METHODS = ["lora", "pissa", "milora", "eva", "corda", "lora_ga", "fisherlora"]
 QUICK_METHODS = ["lora", "pissa", "milora", "fisherlora"]
 ALL_VARIANTS = [f"{s}:{m}" for s in ("fisher", "fisher_sigma") for m in ("sigma", "top_sigma", "unit", "energy")]
-QUICK_VARIANTS = ["fisher:sigma", "fisher_sigma:sigma", "fisher:top_sigma"]
+QUICK_VARIANTS = ["fisher:sigma", "fisher_sigma:sigma", "fisher:top_sigma", "fisher:unit"]
 SETTINGS_KEYS = ("model", "tiny", "rank", "alpha", "steps", "batch_size", "max_length", "chat_template",
                  "calib_pairs", "eval_pairs", "eval_at", "em_pairs", "dtype")
 
@@ -362,7 +362,7 @@ def plot(summary: dict, path: Path) -> None:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="default LoRA, PiSSA, MiLoRA, three fisherlora variants; lr on seed 0, then 3 seeds")
+                   help="default LoRA, PiSSA, MiLoRA, four fisherlora variants; lr on seed 0, then 3 seeds")
     p.add_argument("--methods", default=None, help=f"comma list from {FULL_METHODS} (and gaussian, olora, "
                    "pissa_niter_4); 'fisherlora' expands to --variants")
     p.add_argument("--variants", default=None,
