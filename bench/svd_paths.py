@@ -4,9 +4,10 @@ Paths, each on ``n`` matrices of one shape (float32 in, float64 as the accuracy 
 
 - ``loop``: ``torch.linalg.svd`` one matrix at a time;
 - ``batched``: one ``torch.linalg.svd`` call on the stacked ``(n, d_out, d_in)`` batch
-  (what :func:`fisherlora.decompose.iter_thin_svd` does);
+  (``iter_thin_svd(method="svd")``);
 - ``gram_eigh``: ``eigh`` of the Gram matrix ``WᵀW`` (or ``WWᵀ``), ``σ = √λ``, the other side
-  recovered as ``W v / σ``; ``gram_eigh64``: the same in float64;
+  recovered as ``W v / σ``; ``gram_eigh64``: the same in float64, what
+  :func:`fisherlora.decompose.iter_thin_svd` uses on CPUs and GPUs (chosen by this script);
 - on CUDA also ``gesvd`` and ``gesvdj``: the batched call with cuSOLVER's QR or Jacobi driver
   named (``batched`` leaves the choice to torch).
 
