@@ -229,7 +229,7 @@ def train_run(pm, train, held, tok, args, lr: float, seed: int, base_loss: float
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if not math.isfinite(losses[-1]):
             curve.append([step, float("nan")])
             break
