@@ -321,7 +321,7 @@ def lora_factors(U_I: torch.Tensor, Vh_I: torch.Tensor, magnitudes: torch.Tensor
 
 def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, *, rank: int,
                     scaling: float, score: Score | str = Score.FISHER,
-                    magnitude: Magnitude | str = Magnitude.SIGMA, damping: float = 0.0,
+                    magnitude: Magnitude | str = Magnitude.UNIT, damping: float = 0.0,
                     backend: str = "auto", projected: bool = False,
                     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     ) -> tuple[LayerSelection, torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Initialisation invariants, save/load round trips, PEFT conversion, and errors that lose nothing."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -54,10 +55,12 @@ def test_logits_unchanged_right_after_init(magnitude):
         assert (logits(result.model, ids) - before).abs().max() > 1e-3
 
 
-def test_written_factors_are_the_chosen_singular_directions():
+@pytest.mark.parametrize("magnitude", ["unit", "sigma"])
+def test_written_factors_are_the_chosen_singular_directions(magnitude):
     model = tiny_llama(torch.float32)
     W = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
-    result = fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
+    cfg = dataclasses.replace(CFG, magnitude=magnitude)
+    result = fisherlora.initialize_fisher_lora(model, None, batches(), cfg, progress=False)
     name = "model.layers.1.self_attn.o_proj"
     layer = result.model.get_base_model().get_submodule(name)
     B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
@@ -68,7 +71,9 @@ def test_written_factors_are_the_chosen_singular_directions():
     torch.testing.assert_close((Bn * U[:, idx]).sum(0).abs(), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(Bn.T @ Bn, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     s = layer.scaling["default"]
-    torch.testing.assert_close(s * B.norm(dim=0) * A.norm(dim=1), S[idx].float(), rtol=1e-5, atol=1e-6)
+    # s·|b_i|·|a_i| is the direction's magnitude: 1 (the default, unit) or its own σ_i
+    expected = torch.ones(4) if magnitude == "unit" else S[idx].float()
+    torch.testing.assert_close(s * B.norm(dim=0) * A.norm(dim=1), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_save_then_load_on_the_original_base_and_plain_peft_on_the_residual(tmp_path):
