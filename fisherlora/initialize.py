@@ -279,13 +279,16 @@ class FisherLoraResult:
 
 
 def check_output_dir(out_dir, *, overwrite: bool = False) -> Path:
-    """``out_dir`` as a Path, if it may be written; creates nothing.
+    """``out_dir`` as an absolute Path, if it may be written; creates nothing.
+
+    The path is normalised first (``a/../b`` is ``b``), so the check looks at the directory that
+    will really be replaced, even when ``a`` does not exist yet.
 
     Raises:
         FileExistsError: it exists and is non-empty and ``overwrite`` is false, it is a file, or
             its nearest existing ancestor is not a writable directory.
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         what = "is a file" if not out.is_dir() else "exists and is not empty"
         raise FileExistsError(f"output {str(out)!r} {what}; choose another path or pass --overwrite")

@@ -263,6 +263,10 @@ def test_output_directory_is_atomic_and_refuses_to_clobber(tmp_path, monkeypatch
     with pytest.raises(FileExistsError, match="--overwrite"):
         result.save(out)
     assert (out / "keep.txt").read_text() == "mine"
+    # the same directory reached through a parent that does not exist yet ("new/../out")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        result.save(tmp_path / "new" / ".." / "out")
+    assert (out / "keep.txt").read_text() == "mine" and not (tmp_path / "new").exists()
     # a failure while writing leaves neither a partial output nor a temporary directory
     import fisherlora.report as rep
 
