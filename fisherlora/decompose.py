@@ -49,6 +49,8 @@ def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 #: rows of the long side converted to the working dtype at a time by :func:`svd_gram_eigh`
 GRAM_BLOCK_ROWS = 1024
+#: smallest σ/σ_max the float64 Gram path resolves; below it :func:`iter_thin_svd` uses :func:`thin_svd`
+GRAM_MIN_SIGMA_RATIO = 1e-7
 
 
 def svd_gram_eigh(W: torch.Tensor, dtype: torch.dtype = torch.float64, out_dtype: torch.dtype | None = None
@@ -128,7 +130,9 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int | No
     ``max_batch_bytes`` (float32) and decomposed by one solver call (on a GPU the batched solver
     is much faster than a loop); a chunk's workspace is released before the next chunk is
     computed, so a consumer that keeps only what it needs holds one chunk at a time. A chunk
-    whose solver fails is redone matrix by matrix with :func:`thin_svd`'s float64 retry.
+    whose solver fails (or, on the Gram path, that holds a σ below
+    :data:`GRAM_MIN_SIGMA_RATIO`·σ_max: a rank-deficient weight) is redone matrix by matrix
+    with :func:`thin_svd` (float32 SVD, float64 retry).
 
     Args:
         weights: name -> ``(d_out, d_in)`` weight (any float dtype; one device).
@@ -164,7 +168,11 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int | No
                 else:
                     stack = torch.stack([weights[n].detach().to(torch.float32) for n in chunk])
                     U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
-                results = list(zip(U, S, Vh)) if torch.isfinite(S).all() else None
+                # the Gram path cannot resolve directions with σ under ~1e-7·σ_max (U = W v / σ
+                # blows up for a rank-deficient W): such chunks go to thin_svd below
+                resolved = how != "gram_eigh" or bool((S[..., -1] > GRAM_MIN_SIGMA_RATIO * S[..., 0]).all())
+                finite = all(bool(torch.isfinite(t).all()) for t in (U, S, Vh))
+                results = list(zip(U, S, Vh)) if finite and resolved else None
             except (RuntimeError, torch.linalg.LinAlgError):
                 results = None
             del stack

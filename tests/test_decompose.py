@@ -143,3 +143,17 @@ def test_svd_workspace_formula_matches_the_allocator(shape):
         running += e.nbytes()
         peak = max(peak, running)
     assert 1.0 <= peak / svd_workspace_bytes(*shape) < 1.02
+
+
+def test_rank_deficient_weight_gets_finite_orthonormal_bases():
+    """The Gram path's U = W v / σ overflows for σ = 0: such weights go to the SVD solver."""
+    from fisherlora.decompose import iter_thin_svd
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 48, generator=g)
+    W[24:] = W[:8]  # duplicated rows: rank 24 of 32
+    ((_, (U, S, Vh)),) = list(iter_thin_svd({"w": W}))
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    torch.testing.assert_close(U.mT @ U, torch.eye(32), atol=1e-4, rtol=0)
+    torch.testing.assert_close((U * S) @ Vh, W, atol=1e-4, rtol=1e-4)
+    assert S[-1] < 1e-4 * S[0]
