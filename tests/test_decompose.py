@@ -129,19 +129,11 @@ def test_gram_eigh_path_matches_a_float64_svd(shape):
 @pytest.mark.parametrize("shape", [(300, 100), (100, 300), (200, 200), (1400, 400)])
 def test_svd_workspace_formula_matches_the_allocator(shape):
     """The memory plan's SVD term is what one matrix on the Gram path allocates (profiler, CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    from bench.common import peak_memory
     from fisherlora.decompose import iter_thin_svd, svd_workspace_bytes
 
     weights = {"w": torch.randn(*shape, dtype=torch.bfloat16)}
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in iter_thin_svd(weights, method="gram_eigh"):
-            pass
-    running = peak = 0
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        running += e.nbytes()
-        peak = max(peak, running)
+    peak, _ = peak_memory(lambda: list(iter_thin_svd(weights, method="gram_eigh")), torch.device("cpu"))
     assert 1.0 <= peak / svd_workspace_bytes(*shape) < 1.02
 
 
