@@ -7,9 +7,10 @@ that each op's inputs are built in one place (STYLE.md point 12).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import torch
+
+from fisherlora import testing
 
 #: ``FISHERLORA_BENCH_QUICK=1`` shrinks every benchmark to toy sizes (seconds on a CPU); the smoke
 #: test in ``tests/`` uses it so the benchmark files never rot.
@@ -86,38 +87,10 @@ def projected_flops(tokens: int, d: int, k: int) -> float:
     return 2.0 * tokens * d * k
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
-    """Peak bytes allocated by one call of ``fn`` beyond what was allocated before it.
-
-    CUDA: the caching allocator's peak statistic. CPU: the allocation events recorded by the
-    PyTorch profiler (``profile_memory=True``), summed in time order. Returns ``(bytes, method)``;
-    ``bytes`` is None when no method applies.
-    """
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base, "cuda_max_memory_allocated"
-    if device.type == "cpu":
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        running = peak = 0
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            running += e.nbytes()
-            peak = max(peak, running)
-        return peak, "torch_profiler_memory_events"
-    return None, "unavailable"
-
-
 # ----------------------------------------------------------------------------- model-level setup
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MiB (:func:`fisherlora.initialize.peak_memory_mb`)."""
-    from fisherlora.initialize import peak_memory_mb
+    """The process's peak resident memory so far, in MiB (:func:`fisherlora.memory.peak_memory_mb`)."""
+    from fisherlora.memory import peak_memory_mb
 
     return peak_memory_mb("cpu")
 
@@ -201,20 +174,6 @@ def memory_peak(device: torch.device) -> float | None:
 
 
 # ----------------------------------------------------------------------------- tiny stand-in model
-def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermediate: int = 48, layers: int = 2,
-                 heads: int = 4, kv_heads: int = 2, max_positions: int = 128, dtype: torch.dtype = torch.float32):
-    """A random-weight Llama in eval mode with sdpa attention (eager attention turns left-padding
-    rows into NaN in float64, DESIGN.md §5). Shared by the benchmarks and the tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=max_positions, tie_word_embeddings=False,
-                      attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).to(dtype).eval()
-
-
 def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101,
                        hidden: int = 32, intermediate: int = 48, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                        dtype: torch.dtype = torch.float32):
@@ -223,50 +182,16 @@ def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, se
 
     No tokenizer (returned as None). Returns ``(model, None, batches)``.
     """
-    model = random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
+    model = testing.random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
                          heads=heads, kv_heads=kv_heads, max_positions=max(128, max_length), dtype=dtype)
-    data = tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
-    return model, None, list(pad_batches(data, batch_size))
+    data = testing.tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
+    return model, None, list(testing.pad_batches(data, batch_size))
 
 
 def tiny_setup(num_samples: int, max_length: int, batch_size: int, *, seed: int = 0, vocab: int = 101):
     """A random 2-layer Llama (hidden 32) for smoke tests of the model-level benchmarks: seconds
     on a CPU. See :func:`random_llama_setup`."""
     return random_llama_setup(num_samples, max_length, batch_size, seed=seed, vocab=vocab)
-
-
-def tiny_data(num_samples: int, max_length: int, *, seed: int = 0, vocab: int = 101):
-    """``num_samples`` random token sequences (lengths ``max_length//2 .. max_length``) as
-    :class:`fisherlora.data.CalibrationData`, labels -100 on a random prompt prefix."""
-    from fisherlora.data import CalibrationData
-
-    g = torch.Generator().manual_seed(seed)
-    ids, labels = [], []
-    for _ in range(num_samples):
-        n = int(torch.randint(max(2, max_length // 2), max_length + 1, (1,), generator=g))
-        seq = torch.randint(1, vocab, (n,), generator=g).tolist()
-        n_prompt = int(torch.randint(0, n - 1, (1,), generator=g))
-        ids.append(seq)
-        labels.append([-100] * n_prompt + seq[n_prompt:])
-    return CalibrationData(ids, labels)
-
-
-def pad_batches(data, batch_size: int, pad_id: int = 0, side: str = "right"):
-    """Padded ``{"input_ids", "attention_mask", "labels"}`` batches of ``data``
-    (:class:`fisherlora.data.CalibrationData`) without a tokenizer, padding on ``side``."""
-    for start in range(0, len(data), batch_size):
-        seqs = data.input_ids[start:start + batch_size]
-        labs = data.labels[start:start + batch_size]
-        T = max(len(s) for s in seqs)
-        out = {"input_ids": torch.full((len(seqs), T), pad_id, dtype=torch.long),
-               "attention_mask": torch.zeros(len(seqs), T, dtype=torch.long),
-               "labels": torch.full((len(seqs), T), -100, dtype=torch.long)}
-        for b, (s, lab) in enumerate(zip(seqs, labs, strict=True)):
-            sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-            out["input_ids"][b, sl] = torch.tensor(s)
-            out["attention_mask"][b, sl] = 1
-            out["labels"][b, sl] = torch.tensor(lab)
-        yield out
 
 
 def unpadded_sequences(batches) -> list[torch.Tensor]:

@@ -26,8 +26,9 @@ import torch
 
 def main(argv=None) -> int:
     from bench import common
-    from fisherlora import FisherLoraConfig, initialize_fisher_lora
-    from fisherlora.plan import meta_model_from_config, plan_memory
+    from fisherlora import FisherLoraConfig, initialize_fisher_lora, testing
+    from fisherlora.models import meta_model_from_config
+    from fisherlora.plan import plan_memory
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="a transformers config.json")
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(meta.config, dtype=dtype, attn_implementation="sdpa").eval()
-    data = common.tiny_data(args.num_samples, args.max_length, vocab=meta.config.vocab_size)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in common.pad_batches(data, args.batch_size)]
+    data = testing.tiny_data(args.num_samples, args.max_length, vocab=meta.config.vocab_size)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in testing.pad_batches(data, args.batch_size)]
     build_s = time.perf_counter() - t0
     common.memory_mark(device)
     t0 = time.perf_counter()

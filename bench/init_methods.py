@@ -155,7 +155,7 @@ class _Timer:
 def floor_pass(model, batches) -> int:
     """Forward + backward of the sum-reduced label loss, no hooks, frozen weights: the gradient
     reaches every layer through the input embeddings (which require grad), as in fisherlora."""
-    from fisherlora.collect import position_ids_from_mask, token_loss_sum
+    from fisherlora.calibration import position_ids_from_mask, token_loss_sum
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
@@ -257,7 +257,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         return pm, info
     if method == "naive":
         from bench.naive import naive_select, naive_statistics
-        from fisherlora.collect import find_target_modules
+        from fisherlora.layers import find_target_modules
 
         modules = find_target_modules(model, lora_config(rank, alpha))
         with timer("collect"):

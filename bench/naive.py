@@ -83,8 +83,8 @@ def naive_select(model: nn.Module, modules: dict[str, nn.Module], stats: dict, r
 
 def main(argv=None) -> int:
     from bench import common
-    from fisherlora.collect import find_target_modules
     from fisherlora.config import FisherLoraConfig
+    from fisherlora.layers import find_target_modules
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-samples", type=int, default=32)

@@ -47,6 +47,7 @@ import torch
 
 from bench import common
 from bench.init_methods import initialize, lora_config
+from fisherlora import testing
 
 TRAIN_RANGE = (0, 1000)
 HELD_OUT_RANGE = (1000, 1319)
@@ -65,9 +66,9 @@ def load_data(args):
 
     if args.tiny:
         model, tok, _ = common.tiny_setup(2, args.max_length, args.batch_size)
-        train = common.tiny_data(64, args.max_length, seed=1)
-        held = common.tiny_data(args.eval_pairs, args.max_length, seed=2)
-        calib = list(common.pad_batches(common.tiny_data(args.calib_pairs, args.max_length, seed=3), 4))
+        train = testing.tiny_data(64, args.max_length, seed=1)
+        held = testing.tiny_data(args.eval_pairs, args.max_length, seed=2)
+        calib = list(testing.pad_batches(testing.tiny_data(args.calib_pairs, args.max_length, seed=3), 4))
         return model, tok, train, held, calib
     model, tok = fdata.load_model_and_tokenizer(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if not args.chat_template:
@@ -89,7 +90,7 @@ def batches_of(data, idx, tok, batch_size):
 
     sub = CalibrationData([data.input_ids[i] for i in idx], [data.labels[i] for i in idx])
     if tok is None:
-        return list(common.pad_batches(sub, batch_size))
+        return list(testing.pad_batches(sub, batch_size))
     return list(calibration_batches(sub, tok, batch_size))
 
 
@@ -107,7 +108,7 @@ def final_number(text: str) -> str | None:
 @torch.no_grad()
 def held_out_loss(model, held, tok, batch_size=8) -> float:
     """Mean cross-entropy per answer token over the held-out pairs."""
-    from fisherlora.collect import token_loss_sum
+    from fisherlora.calibration import token_loss_sum
 
     was = model.training
     model.eval()
@@ -127,7 +128,7 @@ def exact_match(model, tok, held, n: int, max_new_tokens: int = 256, batch_size:
     equals the reference's."""
     if tok is None or n <= 0:
         return None
-    from fisherlora.data import _render_pair
+    from fisherlora.data import render_pair
 
     model.eval()
     device = next(model.parameters()).device
@@ -137,7 +138,7 @@ def exact_match(model, tok, held, n: int, max_new_tokens: int = 256, batch_size:
         for start in range(0, n, batch_size):
             prompts = []
             for q in held.questions[start:start + batch_size][: n - start]:
-                ids, n_prompt = _render_pair(tok, q, "")
+                ids, n_prompt = render_pair(tok, q, "")
                 prompts.append(ids[:n_prompt])
             enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
             out = model.generate(input_ids=enc["input_ids"].to(device),

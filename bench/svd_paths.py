@@ -7,7 +7,7 @@ Paths, each on ``n`` matrices of one shape (float32 in, float64 as the accuracy 
   (``iter_thin_svd(method="svd")``);
 - ``gram_eigh``: ``eigh`` of the Gram matrix ``WᵀW`` (or ``WWᵀ``), ``σ = √λ``, the other side
   recovered as ``W v / σ``; ``gram_eigh64``: the same in float64, what
-  :func:`fisherlora.decompose.iter_thin_svd` uses on CPUs and GPUs (chosen by this script);
+  :func:`fisherlora.svd.iter_thin_svd` uses on CPUs and GPUs (chosen by this script);
 - on CUDA also ``gesvd`` and ``gesvdj``: the batched call with cuSOLVER's QR or Jacobi driver
   named (``batched`` leaves the choice to torch).
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fisherlora.decompose import svd_gram_eigh
+from fisherlora.svd import svd_gram_eigh
 
 CPU_SHAPES = [(576, 576, 8), (192, 576, 8), (1536, 576, 8), (576, 1536, 8)]  # SmolLM2-135M projections
 GPU_SHAPES = [(4096, 4096, 2), (1024, 4096, 4), (14336, 4096, 2), (4096, 14336, 2)]  # Llama-3-8B
@@ -59,7 +59,7 @@ def gram_eigh(W):
 
 
 def gram_eigh64(W):
-    """fisherlora's Gram path (float64), :func:`fisherlora.decompose.svd_gram_eigh`."""
+    """fisherlora's Gram path (float64), :func:`fisherlora.svd.svd_gram_eigh`."""
     return svd_gram_eigh(W)
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from bench import common
-from fisherlora import ops
+from fisherlora import ops, testing
 
 DEVICE = common.pick_device()
 PROVIDERS = ("naive", "torch", "triton", "ext")
@@ -76,7 +76,7 @@ def _run(benchmark, fn, flops: float, info: dict) -> None:
         common.synchronize(DEVICE)
 
     timed()  # warm-up outside the statistics: compilation, autotuning, allocator growth
-    peak, method = common.peak_memory(fn, DEVICE)
+    peak, method = testing.peak_memory(fn, DEVICE)
     benchmark.extra_info.update(info, device=str(DEVICE), flops=flops, peak_mem_bytes=peak,
                                 peak_mem_method=method)
     benchmark.pedantic(timed, rounds=_rounds(), warmup_rounds=1, iterations=1)

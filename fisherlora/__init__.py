@@ -14,16 +14,14 @@ Quick use, next to PEFT::
 
 __version__ = "0.1.0"
 
-from fisherlora.collect import FisherStatistics, StatisticsCollector, find_target_modules  # noqa: E402
+from fisherlora.adapter import load  # noqa: E402
+from fisherlora.collect import StatisticsCollector, collect_statistics  # noqa: E402
 from fisherlora.config import FisherLoraConfig, FisherType, Magnitude, Score  # noqa: E402
-from fisherlora.initialize import (  # noqa: E402
-    FisherLoraResult,
-    collect_statistics,
-    compute_initialization,
-    get_peft_model,
-    initialize_fisher_lora,
-    load,
-)
+from fisherlora.decompose import compute_initialization  # noqa: E402
+from fisherlora.initialize import get_peft_model, initialize_fisher_lora  # noqa: E402
+from fisherlora.layers import find_target_modules  # noqa: E402
+from fisherlora.result import FisherLoraResult  # noqa: E402
+from fisherlora.statistics import FisherStatistics  # noqa: E402
 
 __all__ = [
     "FisherLoraConfig", "FisherType", "Score", "Magnitude",

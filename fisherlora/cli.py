@@ -155,8 +155,10 @@ def cmd_init(args) -> int:
         hf_logging.disable_progress_bar()
 
     from fisherlora import data as fdata
-    from fisherlora.collect import FisherStatistics
-    from fisherlora.initialize import check_output_dir, initialize_fisher_lora, peak_memory_mb
+    from fisherlora.initialize import initialize_fisher_lora
+    from fisherlora.memory import peak_memory_mb
+    from fisherlora.outdir import check_output_dir
+    from fisherlora.statistics import FisherStatistics
 
     # everything that can be checked without the model is checked before loading it
     config = _config_from_args(args)
@@ -212,10 +214,10 @@ def cmd_plan(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fisherlora import data as fdata
-    from fisherlora.plan import GB, choose_mode, format_plan, meta_model_from_config, plan_memory
+    from fisherlora.models import EMBEDDED_MODEL, embedded_model_path, meta_model_from_config
+    from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
 
-    path = Path(str(fdata.embedded_model_path()) if args.model == fdata.EMBEDDED_MODEL else args.model)
+    path = Path(str(embedded_model_path()) if args.model == EMBEDDED_MODEL else args.model)
     if path.suffix == ".gguf":
         from transformers import AutoConfig
 

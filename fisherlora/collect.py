@@ -43,190 +43,20 @@ Conventions (tested in ``tests/test_collect.py``):
 
 from __future__ import annotations
 
-import json
-import re
 import weakref
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fisherlora import ops
-from fisherlora._hostmem import release_host_memory
+from fisherlora.calibration import run_calibration
+from fisherlora.config import FisherLoraConfig
+from fisherlora.layers import decoder_layer_index, layer_shape
+from fisherlora.statistics import FisherStatistics
 
-__all__ = ["FisherStatistics", "StatisticsCollector", "find_target_modules", "is_conv1d", "weight_fingerprint",
-           "fingerprints_match", "decoder_layer_index"]
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """True for ``transformers``' ``Conv1D`` (weight stored ``(d_in, d_out)``)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:
-    """A sketch that recognises a weight: ``{"rms": ‖W‖_F/√(d_out·d_in), "sketch": [uₖᵀ W zₖ]}``.
-
-    ``uₖ`` and ``zₖ`` are fixed unit Gaussian vectors (seeded by the shape), so any change of
-    ``W`` beyond rounding (a permutation, a fine-tuning step) moves the sketch at first order,
-    unlike the Frobenius norm. Computed in float64 on the CPU. Used to recognise the base model
-    of a saved initialisation and the model statistics were collected on.
-    """
-    d_out, d_in = W.shape
-    g = torch.Generator().manual_seed(1_000_003 * d_out + d_in)
-    u = torch.randn(probes, d_out, generator=g, dtype=torch.float64)
-    z = torch.randn(probes, d_in, generator=g, dtype=torch.float64)
-    u, z = u / u.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
-    Wd = W.detach().to("cpu", torch.float64)
-    return {"rms": float(Wd.norm()) / (d_out * d_in) ** 0.5, "sketch": ((u @ Wd) * z).sum(1).tolist()}
-
-
-def fingerprints_match(a: dict, b: dict, rtol: float = 1e-3) -> bool:
-    """Sketches equal up to ``rtol`` of the weight's rms entry (a sketch's typical size): float32
-    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not."""
-    tol = rtol * max(a["rms"], 1e-30)
-    return len(a["sketch"]) == len(b["sketch"]) and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"]))
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear or Conv1D layer."""
-    w = module.weight
-    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
-
-
-_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
-
-
-def decoder_layer_index(name: str) -> tuple[str, int] | None:
-    """``(stack, i)`` for a module inside decoder layer ``i`` of the stack ``stack``: the first
-    integer of the dotted name (``model.layers.7.mlp.up_proj`` -> ``("model.layers", 7)``), or
-    None for a module outside any numbered stack (``lm_head``)."""
-    m = _LAYER_INDEX.search(name)
-    return (name[: m.start()], int(m.group(1))) if m else None
-
-
-def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
-    """The layers PEFT's ``LoraConfig`` would adapt, by full module name, in model order.
-
-    Uses PEFT's own matching (``check_target_module_exists``, and its ``all-linear`` expansion,
-    which leaves out the output head), so fisherlora and PEFT always agree on the targets.
-
-    Raises:
-        ValueError: nothing matches, or a match is not a Linear/Conv1D layer.
-    """
-    import copy
-
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
-
-    config = copy.deepcopy(lora_config)
-    config = _maybe_include_all_linear_layers(config, model)
-    found = {}
-    for name, module in model.named_modules():
-        if name and check_target_module_exists(config, name):
-            if hasattr(module, "base_layer"):
-                raise ValueError(
-                    f"{name!r} already carries PEFT adapters ({type(module).__name__}); pass the base model, "
-                    "not a PeftModel or a model wrapped before")
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
-                raise ValueError(
-                    f"target module {name!r} is a {type(module).__name__}; fisherlora supports nn.Linear "
-                    "and transformers' Conv1D"
-                )
-            found[name] = module
-    if not found:
-        raise ValueError(
-            f"target_modules={lora_config.target_modules!r} matches no module of {type(model).__name__}; "
-            f"some module names: {[n for n, _ in list(model.named_modules())[1:8]]}"
-        )
-    return found
-
-
-@dataclass
-class FisherStatistics:
-    """Normalised K-FAC factors of a set of layers.
-
-    Attributes:
-        A: factor key -> activation covariance ``E[aaᵀ]`` (float32/float64): dense
-            ``(d_in, d_in)`` (``kind="full"``), packed ``(d_in(d_in+1)/2,)`` (``"packed"``), or
-            its projection ``diag(VᵀAV)`` ``(k,)`` on the layer's right singular vectors
-            (``"projected"``).
-        G: layer name -> gradient covariance ``E[ggᵀ]``, in the same form (``diag(UᵀGU)``).
-        a_key: layer name -> key of its (possibly shared) ``A``.
-        a_count: factor key -> counted (token, call) pairs ``N_A``.
-        g_count: layer name -> counted (token, call, draw) triples ``N_G``.
-        shapes: layer name -> ``(d_out, d_in)``.
-        info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
-        kind: ``"full"``, ``"packed"`` or ``"projected"``.
-    """
-
-    A: dict[str, torch.Tensor]
-    G: dict[str, torch.Tensor]
-    a_key: dict[str, str]
-    a_count: dict[str, int]
-    g_count: dict[str, int]
-    shapes: dict[str, tuple[int, int]]
-    info: dict = field(default_factory=dict)
-    kind: str = "full"
-
-    @classmethod
-    def merge(cls, parts: list[FisherStatistics]) -> FisherStatistics:
-        """One object from the statistics of disjoint layer groups (same kind)."""
-        out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else "full")
-        for p in parts:
-            if p.kind != out.kind:
-                raise ValueError(f"cannot merge {p.kind} statistics into {out.kind} ones")
-            for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
-                getattr(out, name).update(getattr(p, name))
-            fingerprints = {**out.info.get("weight_fingerprints", {}), **p.info.get("weight_fingerprints", {})}
-            out.info.update(p.info)  # the calibration totals are the same for every group
-            out.info["weight_fingerprints"] = fingerprints
-        return out
-
-    def drop_tensors(self) -> None:
-        """Free the factors, keeping names and counts (for the report)."""
-        self.A.clear()
-        self.G.clear()
-
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, G)`` of layer ``name``."""
-        return self.A[self.a_key[name]], self.G[name]
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.G)
-
-    def save(self, path) -> None:
-        """Write to a safetensors file (tensors ``A.<key>``, ``G.<name>``; the rest as metadata)."""
-        from safetensors.torch import save_file
-
-        tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
-        tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
-        meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
-                "shapes": self.shapes, "info": self.info, "kind": self.kind}
-        save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
-
-    @classmethod
-    def load(cls, path, device="cpu") -> FisherStatistics:
-        """Read a file written by :meth:`save`; raises ``ValueError`` for another kind of file."""
-        from safetensors import SafetensorError, safe_open
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                raw = (f.metadata() or {}).get("fisherlora")
-                if raw is None:
-                    raise ValueError(f"{path} is not a fisherlora statistics file (no 'fisherlora' metadata)")
-                meta = json.loads(raw)
-                A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
-                G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
-        except SafetensorError as exc:
-            raise ValueError(f"{str(path)!r} is not a complete fisherlora statistics file: {exc}") from exc
-        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"],
-                   meta.get("kind", "full"))
+__all__ = ["StatisticsCollector", "collect_statistics"]
 
 
 def _in_backward() -> bool:
@@ -525,155 +355,31 @@ def _make_inputs_require_grad(module, args, kwargs):
     return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
-# --------------------------------------------------------------------------- the package's driver
-class _SumCrossEntropy(torch.autograd.Function):
-    """``Σ_n [logsumexp(x_n) − x_n[t_n]]`` over rows with ``t_n != -100``, in row chunks.
-
-    Equal to ``cross_entropy(x, t, reduction="sum", ignore_index=-100)`` but it saves only the
-    logits themselves (no log-softmax copy) and the per-row log-sum-exp, and builds the gradient
-    ``softmax(x_n) − onehot(t_n)`` chunk by chunk into one buffer: about half of the memory of
-    ``cross_entropy``'s graph for a large vocabulary, which is most of a calibration batch's
-    activations in the memory-lean modes.
-    """
-
-    CHUNK_ELEMENTS = 1 << 22  # about 16 MiB of float32 temporaries per chunk
-
-    @staticmethod
-    def forward(ctx, logits, target, reuse_logits=False):
-        work = torch.promote_types(logits.dtype, torch.float32)
-        valid = target != -100
-        safe = target.clamp_min(0)
-        rows = max(1, _SumCrossEntropy.CHUNK_ELEMENTS // max(logits.shape[-1], 1))
-        lse = torch.empty(logits.shape[0], dtype=work, device=logits.device)
-        total = torch.zeros((), dtype=work, device=logits.device)
-        for i in range(0, logits.shape[0], rows):
-            x = logits[i:i + rows].to(work)
-            lse[i:i + rows] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe[i:i + rows, None]).squeeze(1)
-            total += torch.where(valid[i:i + rows], lse[i:i + rows] - picked, 0).sum()
-        ctx.save_for_backward(logits, safe, valid, lse)
-        ctx.rows, ctx.reuse_logits = rows, reuse_logits
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
-        logits, safe, valid, lse = ctx.saved_tensors
-        grad = logits if ctx.reuse_logits else torch.empty_like(logits)  # chunk i is read before it is written
-        rows = ctx.rows
-        for i in range(0, logits.shape[0], rows):
-            p = torch.exp(logits[i:i + rows].to(lse.dtype) - lse[i:i + rows, None])
-            p.scatter_add_(1, safe[i:i + rows, None], -torch.ones_like(p[:, :1]))
-            p.mul_((valid[i:i + rows] * grad_total)[:, None])
-            grad[i:i + rows] = p
-        return grad, None, None
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: bool = False
-                   ) -> tuple[torch.Tensor, int]:
-    """Sum (not mean) of next-token cross-entropies over label tokens, and their count.
+def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
+                       mode: str = "full", bases: dict | None = None, num_batches: int | None = None,
+                       progress: bool = True, desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
+    """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
-    ``logits`` ``(B, T, V)`` (any float dtype) predict ``labels[:, 1:]`` (``(B, T)`` int64); labels
-    of -100 are ignored. The loss is computed in at least float32, in row chunks, and its graph
-    holds only the logits (no log-softmax copy; the backward builds the one gradient buffer chunk
-    by chunk), so a calibration batch with a large vocabulary needs about half of what
-    ``torch.nn.functional.cross_entropy`` needs. With ``reuse_logits=True`` the backward writes
-    the gradient into the logits' own storage (one ``(B, T, V)`` buffer less; the logits are
-    garbage afterwards, so only for a last backward pass; autograd raises if another node saved
-    them).
-
-    Returns:
-        ``(loss, n)``: the scalar sum (float32, or float64 for float64 logits) and the number of
-        label tokens ``n``.
-    """
-    target = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-    loss = _SumCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reuse_logits)
-    return loss, int((target != -100).sum())
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a sequence's positions do not depend on its
-    padding side (left padding otherwise shifts them)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def run_calibration(model: nn.Module, batches: Iterable[dict], *,
-                    fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
-                    progress: Iterator | None = None) -> dict:
-    """Drive forward and backward passes of a causal LM over calibration batches, inside a
-    :class:`StatisticsCollector` (whose hooks do the accumulating).
-
-    Each batch holds ``input_ids`` and ``attention_mask`` ``(B, T)``, and ``labels`` ``(B, T)``
-    (-100 where no loss is taken). The loss is :func:`token_loss_sum`. Under the true Fisher,
-    labels at the label positions are drawn ``mc_samples`` times from the model's own
-    predictive distribution (a ``torch.Generator`` seeded with ``seed``; the global RNG is not
-    touched) and each draw is back-propagated; the forward pass, and so ``A``, is shared.
-
-    Returns:
-        ``{"batches", "sequences", "tokens", "label_tokens", "loss_sum"}`` totals.
+    Args:
+        model: a causal LM (output with ``.logits``). modules: layer name -> module.
+        batches: iterable of ``{"input_ids", "attention_mask", "labels"}`` dicts.
+        config: fisher type, label draws, seed, statistics dtype and backend.
+        mode, bases: the memory mode and, for ``"projected"``, the singular bases
+            (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
+            one, also recomputes the decoder layers in the backward pass (activation
+            checkpointing).
 
     Raises:
-        ValueError: empty data, or a batch without ``input_ids``.
+        ValueError: empty data. RuntimeError/FloatingPointError: as
+            :meth:`StatisticsCollector.statistics`. The model is restored in every case.
     """
-    accepts_positions = "position_ids" in _forward_params(model)
-    totals = {"batches": 0, "sequences": 0, "tokens": 0, "label_tokens": 0, "loss_sum": 0.0}
-    gen = None
-    for batch in batches:
-        if "input_ids" not in batch:
-            raise ValueError(f"a calibration batch needs 'input_ids'; got keys {sorted(batch)}")
-        device = next(model.parameters()).device
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch.get("attention_mask")
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-        labels = batch.get("labels")
-        labels = input_ids if labels is None else labels.to(device)
-        labels = labels.masked_fill(attention_mask == 0, -100)  # padding never counts, whatever the labels say
-        kwargs = {"attention_mask": attention_mask}
-        if accepts_positions:
-            kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-        with torch.enable_grad():
-            logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
-            draws = [labels]
-            if fisher_type == "true":
-                if gen is None:
-                    gen = torch.Generator(device=logits.device).manual_seed(seed)
-                probs = torch.softmax(logits.detach()[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), -1)
-                keep = labels[:, 1:] != -100
-                draws = []
-                for _ in range(mc_samples):
-                    sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=gen)
-                    draws.append(torch.cat([labels[:, :1], sampled.reshape(keep.shape).masked_fill(~keep, -100)], 1))
-                del probs
-            for draw, draw_labels in enumerate(draws):
-                last = draw == len(draws) - 1
-                loss, n_label = token_loss_sum(logits, draw_labels, reuse_logits=last)
-                if last:  # the loss's graph holds the logits only until their gradient has been used
-                    del logits
-                loss.backward(retain_graph=not last)
-        totals["batches"] += 1
-        totals["sequences"] += input_ids.shape[0]
-        totals["tokens"] += int(attention_mask.sum())
-        totals["label_tokens"] += n_label
-        totals["loss_sum"] += float(loss.detach())
-        if progress is not None:
-            progress.update(input_ids.shape[0])
-        del loss
-        if device.type == "cpu":
-            release_host_memory()  # this batch's activations, before the next batch fragments the heap
-    if totals["batches"] == 0:
-        raise ValueError("the calibration data is empty: no batch was produced")
-    if totals["label_tokens"] == 0:
-        raise ValueError(
-            f"the calibration data has no label tokens ({totals['tokens']} tokens, all labelled -100 or "
-            "sequences of one token): the loss, and so G, would be zero. Check that max_length does not "
-            "truncate away every response, and the response field")
-    return totals
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+    dtype = getattr(torch, config.stats_dtype)
+    collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
+                                    bases=bases, checkpoint=mode == "projected")
+    with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
+                                dynamic_ncols=True) as bar:
+        totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
+                                 mc_samples=config.mc_samples, seed=config.seed, progress=bar)
+    return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})

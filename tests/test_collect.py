@@ -4,27 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from fisherlora.collect import FisherStatistics, StatisticsCollector, run_calibration
-from tests.models import TinyMLP, pad_batch, random_sequences, reference_factors, target_names, tiny_llama
-
-TOL = dict(rtol=1e-9, atol=1e-11)
-
-
-def collect(model, names, batches, checkpoint=False, **kw):
-    modules = {n: model.get_submodule(n) for n in names}
-    with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch", checkpoint=checkpoint) as col:
-        run_calibration(model, batches, **kw)
-    return col.statistics()
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def data():
-    return random_sequences(6, vocab=101, seed=1)
+from fisherlora.calibration import run_calibration
+from fisherlora.collect import StatisticsCollector
+from tests.models import (
+    TOL,
+    TinyMLP,
+    collect,
+    pad_batch,
+    reference_factors,
+    target_names,
+    tiny_llama,
+)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -223,38 +213,6 @@ def test_checkpoint_wrappers_removed_when_the_pass_fails(data):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_token_loss_sum_equals_cross_entropy_and_its_gradient(dtype, reuse):
-    from fisherlora.collect import _SumCrossEntropy, token_loss_sum
-
-    torch.manual_seed(0)
-    h = (3 * torch.randn(3, 9, 50, dtype=torch.float64)).to(dtype).requires_grad_()
-    logits = h * 1.0  # a non-leaf, as a model's output: reuse_logits writes the gradient into it
-    labels = torch.randint(0, 50, (3, 9))
-    labels[0, :4] = -100
-    labels[2, 6] = -100
-    old = _SumCrossEntropy.CHUNK_ELEMENTS
-    _SumCrossEntropy.CHUNK_ELEMENTS = 7 * 50  # several chunks, the last one partial
-    try:
-        loss, n = token_loss_sum(logits, labels, reuse_logits=reuse)
-        loss.backward()
-    finally:
-        _SumCrossEntropy.CHUNK_ELEMENTS = old
-    ref_logits = h.detach().double().requires_grad_()
-    ref = nn.functional.cross_entropy(ref_logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
-                                      ignore_index=-100, reduction="sum")
-    ref.backward()
-    assert n == int((labels[:, 1:] != -100).sum())
-    assert loss.dtype == torch.promote_types(dtype, torch.float32)
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}[dtype]
-    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
-    # half precision: the rounding of the stored gradient
-    grad_tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}[dtype]
-    torch.testing.assert_close(h.grad.double(), ref_logits.grad, rtol=grad_tol, atol=grad_tol)
-    assert h.grad[:, -1].abs().sum() == 0  # the last position predicts nothing
-
-
 def test_layer_called_twice_counts_both_calls_and_inplace_after_hook_works():
     class Twice(nn.Module):
         def __init__(self):
@@ -286,36 +244,6 @@ def test_layer_called_twice_counts_both_calls_and_inplace_after_hook_works():
     torch.testing.assert_close(st.factors("lin")[1], G_ref, **TOL)
 
 
-def test_true_fisher_is_seeded_and_keeps_A(llama, data):
-    seqs, labels = data
-    names = target_names(llama)[:3]
-    emp = collect(llama, names, [pad_batch(seqs, labels)])
-    t1 = collect(llama, names, [pad_batch(seqs, labels)], fisher_type="true", mc_samples=2, seed=3)
-    t2 = collect(llama, names, [pad_batch(seqs, labels)], fisher_type="true", mc_samples=2, seed=3)
-    for name in names:
-        torch.testing.assert_close(t1.factors(name)[0], emp.factors(name)[0], **TOL)
-        torch.testing.assert_close(t1.factors(name)[1], t2.factors(name)[1], rtol=0, atol=0)
-        assert not torch.allclose(t1.factors(name)[1], emp.factors(name)[1])
-        assert t1.g_count[name] == 2 * emp.g_count[name]
-
-
-def test_statistics_cache_round_trips_exactly(llama, data, tmp_path):
-    seqs, labels = data
-    names = target_names(llama)
-    st = collect(llama, names, [pad_batch(seqs, labels)])
-    st.info["note"] = "x"
-    st.save(tmp_path / "s.safetensors")
-    back = FisherStatistics.load(tmp_path / "s.safetensors")
-    assert back.a_key == st.a_key and back.a_count == st.a_count and back.g_count == st.g_count
-    assert back.shapes == st.shapes and back.info == st.info
-    for name in names:
-        for a, b in zip(st.factors(name), back.factors(name)):
-            assert torch.equal(a, b)
-    (tmp_path / "other.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):  # noqa: B017 (safetensors' own header error)
-        FisherStatistics.load(tmp_path / "other.safetensors")
-
-
 def test_non_finite_statistics_name_the_layer(llama, data):
     seqs, labels = data
     names = target_names(llama)
@@ -331,31 +259,3 @@ def test_non_finite_statistics_name_the_layer(llama, data):
         col.statistics()
 
 
-def test_labels_at_padding_never_count(llama, data):
-    seqs, labels = data
-    names = target_names(llama)[:4]
-    batch = pad_batch(seqs, labels)
-    ref = collect(llama, names, [batch])
-    loose = dict(batch, labels=batch["input_ids"].masked_fill(torch.tensor(labels_mask(labels, batch)), -100))
-    got = collect(llama, names, [loose])  # labels left on padded positions
-    for name in names:
-        torch.testing.assert_close(got.factors(name)[1], ref.factors(name)[1], **TOL)
-
-
-def labels_mask(labels, batch):
-    """True where the padded batch has a real token whose label is -100 (padding stays False)."""
-    out = (batch["labels"] == -100) & (batch["attention_mask"] == 1)
-    return out.tolist()
-
-
-def test_no_label_tokens_is_a_clear_error(llama, data):
-    seqs, labels = data
-    batch = pad_batch(seqs, [[-100] * len(s) for s in seqs])
-    with pytest.raises(ValueError, match="no label tokens"):
-        collect(llama, target_names(llama), [batch])
-
-
-def test_empty_data_is_a_clear_error(llama):
-    names = target_names(llama)
-    with pytest.raises(ValueError, match="calibration data is empty"):
-        collect(llama, names, [])

@@ -254,7 +254,8 @@ def test_custom_ops_pass_opcheck():
 def test_collection_gives_the_same_factors_as_the_torch_backend(model_dtype):
     """The tiny Llama's K-FAC factors with backend="triton" (float32 statistics) match
     backend="torch", with padding (masked rows) and a bf16 model (the upcast path when interpreted)."""
-    from fisherlora.collect import StatisticsCollector, run_calibration
+    from fisherlora.calibration import run_calibration
+    from fisherlora.collect import StatisticsCollector
     from tests.models import pad_batch, random_sequences, target_names, tiny_llama
 
     model = tiny_llama(dtype=model_dtype).to(DEVICE)

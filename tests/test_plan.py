@@ -1,89 +1,31 @@
-"""Memory modes (full, packed, projected, layer groups, auto) and the memory plan (DESIGN.md §4)."""
+"""The memory plan: closed forms on a tiny Llama, the Llama-3-8B yardstick, the plan command, and
+memory_mode='auto'."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-import fisherlora
 from fisherlora import FisherLoraConfig
-from fisherlora.decompose import svd_workspace_bytes
-from fisherlora.plan import choose_mode, meta_model_from_config, plan_memory
-from tests.models import pad_batch, random_sequences, tiny_llama
+from fisherlora.models import meta_model_from_config
+from fisherlora.plan import choose_mode, plan_memory
+from fisherlora.svd import svd_workspace_bytes
+from tests.models import run_mode, tiny_llama
 
 CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 
 
-def batches(n=8, seed=2):
-    seqs, labels = random_sequences(n, vocab=101, seed=seed, max_len=12)
-    return [pad_batch(seqs[:4], labels[:4]), pad_batch(seqs[4:], labels[4:])]
-
-
-def run(mode, groups=1, layers=3, **kw):
-    model = tiny_llama(torch.float32, layers=layers)
-    kw.setdefault("backend", "torch")
-    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode=mode, layer_groups=groups, **kw)
-    return fisherlora.initialize_fisher_lora(model, None, batches(), cfg, progress=False)
-
-
-@pytest.fixture(scope="module")
-def full():
-    return run("full")
-
-
-@pytest.mark.parametrize("mode, groups", [("packed", 1), ("projected", 1), ("full", 3), ("projected", 2)])
-def test_modes_and_layer_groups_agree_with_full(full, mode, groups):
-    other = run(mode, groups)
-    assert other.extra["memory_mode"] == mode and other.extra["layer_groups"] == groups
-    assert set(other.selections) == set(full.selections)
-    for name, sel in full.selections.items():
-        o = other.selections[name]
-        rel = ((o.energy - sel.energy).abs().max() / sel.energy.abs().max()).item()
-        assert rel <= 1e-4, f"{mode}/{groups}: energies of {name} differ by {rel:.2e} (relative)"
-        assert o.indices.tolist() == sel.indices.tolist(), f"{mode}/{groups}: {name} chose other directions"
-    if mode == "packed":
-        d = full.statistics.shapes["model.layers.0.mlp.down_proj"][1]
-        assert other.statistics.A["model.layers.0.mlp.down_proj"].shape == (d * (d + 1) // 2,)
-    if mode == "projected":
-        assert all(a.dim() == 1 for a in other.statistics.A.values())  # A and G never formed
-
-
-def test_layer_groups_need_reiterable_data():
-    model = tiny_llama(torch.float32, layers=3)
-    cfg = FisherLoraConfig(rank=2, backend="torch", layer_groups=2)
-    with pytest.raises(ValueError, match="re-iterable"):
-        fisherlora.initialize_fisher_lora(model, None, iter(batches()), cfg, progress=False)
-
-
 def test_auto_mode_picks_a_plan_that_fits_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="fisherlora"):
-        result = run("auto")
+        result = run_mode("auto")
     assert result.extra["memory_mode"] == "full"  # a tiny model fits anywhere: the fastest mode
     assert "memory_mode=auto chose full" in caplog.text
-
-
-def _closed_form(shapes, shared_groups):
-    """Statistics bytes by hand: naive, full, packed for (d_out, d_in) shapes per layer."""
-    naive = sum(i * i + o * o for o, i in shapes.values()) * 4
-    inputs = {}
-    for name, (_, i) in shapes.items():
-        inputs[shared_groups(name)] = i
-    full = (sum(i * i for i in inputs.values()) + sum(o * o for o, _ in shapes.values())) * 4
-    tri = lambda d: d * (d + 1) // 2  # noqa: E731
-    packed = (sum(tri(i) for i in inputs.values()) + sum(tri(o) for o, _ in shapes.values())) * 4
-    return naive, full, packed
-
-
-def _share(name):
-    layer, _, proj = name.rpartition(".")
-    return layer.rsplit(".", 1)[0] + ".qkv" if proj in ("q_proj", "k_proj", "v_proj") else (
-        layer + ".gate_up" if proj in ("gate_proj", "up_proj") else name)
 
 
 def test_plan_equals_closed_form_on_the_tiny_llama():
     model = tiny_llama(torch.float32)
     lc = FisherLoraConfig().to_lora_config()
-    from fisherlora.collect import find_target_modules, layer_shape
+    from fisherlora.layers import find_target_modules, layer_shape
 
     shapes = {n: layer_shape(m) for n, m in find_target_modules(model, lc).items()}
     naive, full, packed = _closed_form(shapes, _share)
@@ -139,15 +81,19 @@ def test_plan_command_prints_every_mode(capsys):
     assert '"mode": "projected"' in out and '"statistics"' in out
 
 
-@pytest.mark.parametrize("mode", ["packed", "projected"])
-def test_every_cpu_backend_agrees_in_every_mode(full, mode):
-    from fisherlora.ops import available_backends
+def _closed_form(shapes, shared_groups):
+    """Statistics bytes by hand: naive, full, packed for (d_out, d_in) shapes per layer."""
+    naive = sum(i * i + o * o for o, i in shapes.values()) * 4
+    inputs = {}
+    for name, (_, i) in shapes.items():
+        inputs[shared_groups(name)] = i
+    full = (sum(i * i for i in inputs.values()) + sum(o * o for o, _ in shapes.values())) * 4
+    tri = lambda d: d * (d + 1) // 2  # noqa: E731
+    packed = (sum(tri(i) for i in inputs.values()) + sum(tri(o) for o, _ in shapes.values())) * 4
+    return naive, full, packed
 
-    # interpreted Triton is covered op by op in tests/test_ops_triton.py
-    compiled = [b for b in available_backends("cpu") if b not in ("torch", "triton")]
-    if not compiled:
-        pytest.skip("no compiled CPU backend built")
-    for backend in compiled:
-        other = run(mode, backend=backend)
-        for name, sel in full.selections.items():
-            assert other.selections[name].indices.tolist() == sel.indices.tolist(), f"{backend}/{mode}: {name}"
+
+def _share(name):
+    layer, _, proj = name.rpartition(".")
+    return layer.rsplit(".", 1)[0] + ".qkv" if proj in ("q_proj", "k_proj", "v_proj") else (
+        layer + ".gate_up" if proj in ("gate_proj", "up_proj") else name)

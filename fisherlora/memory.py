@@ -1,9 +1,22 @@
-"""Host (CPU) memory housekeeping shared by the SVD and the calibration passes."""
+"""Process memory: the peak so far, and host (CPU) heap housekeeping shared by the SVD and the
+calibration passes."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import resource
+
+import torch
+
+__all__ = ["peak_memory_mb", "release_host_memory"]
+
+
+def peak_memory_mb(device: torch.device | str = "cpu") -> float:
+    """Peak memory so far in MiB: the CUDA allocator's peak on a GPU, else the process's max RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @functools.cache

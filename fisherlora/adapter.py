@@ -1,0 +1,154 @@
+"""The adapter on the model and on disk: PEFT wrapping with the factors and residual weights
+written (the model restored if anything fails), loading a saved initialisation back onto the
+ORIGINAL base, and the residual model for plain-PEFT users.
+
+The residual ``W_res = W − s·B0 A0`` is rebuilt from the ORIGINAL base and the initial adapter
+by :func:`load`, so no residual model has to be written. After training, PEFT converts the
+trained adapter to a plain LoRA on the original base with
+``peft_model.save_pretrained(dir, path_initial_model_for_weight_conversion=out)``
+(the saved config has ``init_lora_weights=True`` as that mechanism requires).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fisherlora.decompose import LayerInit, residual_weight
+from fisherlora.layers import fingerprints_match, is_conv1d, weight_fingerprint, weight_view
+from fisherlora.snapshot import restore_on_error
+
+__all__ = ["META_FILE", "lora_layers", "wrap_and_write", "save_residual_model", "load"]
+
+META_FILE = "fisherlora.json"
+
+
+def lora_layers(peft_model, adapter_name: str = "default"):
+    """``(name in the base model, LoRA layer)`` for every adapted layer."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
+
+
+
+def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
+    """Wrap with PEFT and write B, A and the residual weights (model restored on error)."""
+    import copy
+
+    import peft
+
+    cfg = copy.deepcopy(lora_config)
+    cfg.init_lora_weights = True  # cheap (B = 0) and what PEFT's conversion to plain LoRA expects
+    with restore_on_error(model) as stash:
+        peft_model = peft.get_peft_model(model, cfg)
+        layers = dict(lora_layers(peft_model))
+        missing = set(inits) - set(layers)
+        if missing:
+            raise RuntimeError(f"PEFT did not adapt {sorted(missing)[:5]}; fisherlora and PEFT disagree on targets")
+        with torch.no_grad():
+            for name, init in inits.items():
+                layer = layers[name]
+                if abs(layer.scaling["default"] - init.scaling) > 1e-6 * init.scaling:
+                    raise RuntimeError(f"{name}: PEFT scaling {layer.scaling['default']} != expected {init.scaling}")
+                layer.lora_A["default"].weight.copy_(init.A)
+                layer.lora_B["default"].weight.copy_(init.B)
+            for name, init in inits.items():  # residuals last; each original is stashed first
+                base = layers[name].get_base_layer()
+                W_res = residual_weight(weight_view(base), init.B, init.A, init.scaling)
+                stash(base.weight)
+                base.weight.copy_(W_res.T if is_conv1d(base) else W_res)
+    return peft_model
+
+
+def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
+    """Save the residual base model (base weights ``W_res``, no LoRA) as a ``transformers`` folder.
+
+    The model is rebuilt from its config without ``quantization_config`` (``save_pretrained``
+    refuses GGUF-loaded models) and given the residual state dict.
+    """
+    import copy
+
+    base = peft_model.get_base_model()
+    state = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        clean = type(base)(config)
+    clean.load_state_dict(state, assign=True, strict=False)
+    clean.tie_weights()
+    clean.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = False):
+    """Re-apply a saved initialisation to the ORIGINAL base model.
+
+    The residual ``W_res = W − s·B0 A0`` is rebuilt from the initial adapter in ``out_dir``; then
+    the adapter's weights are the trained ones from ``adapter`` (a PEFT adapter directory
+    trained from this initialisation) if given, else the initial ones.
+
+    Args:
+        base_model: the model the initialisation was computed from, unmodified.
+        out_dir: a directory written by :meth:`FisherLoraResult.save` / ``fisherlora init``.
+        adapter: optional trained adapter directory (same LoRA shape).
+        is_trainable: load the adapter for further training.
+
+    Returns:
+        ``peft.PeftModel`` on the residual base.
+
+    Raises:
+        FileNotFoundError: ``out_dir`` is not a fisherlora output. ValueError: the base model's
+            weights do not match the recorded fingerprints (a different base), or the trained
+            adapter's shapes differ. The base model is restored on error.
+    """
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    out = Path(out_dir)
+    meta_path = out / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{str(out)!r} holds no {META_FILE}: not a fisherlora output directory")
+    meta = json.loads(meta_path.read_text())
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
+    with restore_on_error(base_model) as stash:
+        peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
+        with torch.no_grad():
+            layers = dict(lora_layers(peft_model))
+            for name, recorded in meta["base_weight_fingerprints"].items():
+                if name not in layers:
+                    raise ValueError(f"layer {name!r} of the saved initialisation is not in this model")
+                have = weight_fingerprint(weight_view(layers[name].get_base_layer()))
+                if not fingerprints_match(recorded, have):
+                    raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
+                                     f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
+            trained = None
+            if adapter is not None:  # read and check the trained weights before any weight is written
+                trained = load_peft_weights(str(adapter), device="cpu")
+                expected = {k: v.shape for k, v in get_peft_model_state_dict(peft_model).items()}
+                wrong = [k for k, v in trained.items() if k not in expected or expected[k] != v.shape]
+                if wrong or len(trained) != len(expected):
+                    raise ValueError(f"the adapter {str(adapter)!r} does not match this initialisation "
+                                     f"(LoRA shapes or layers differ, e.g. {wrong[:2]})")
+            for layer in layers.values():
+                base = layer.get_base_layer()
+                delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
+                                                    @ layer.lora_A["default"].weight.float())
+                W = weight_view(base).float() - delta
+                stash(base.weight)
+                base.weight.copy_(W.T if is_conv1d(base) else W)
+            if trained is not None:
+                set_peft_model_state_dict(peft_model, trained)
+    return peft_model

@@ -1,0 +1,176 @@
+"""The target layers of a model: which modules are adapted, their weights' shape and orientation,
+their decoder-layer index and group, their rank and scaling, and the fingerprint that recognises
+a weight. Every other module of the package reads layers through these functions.
+
+A target is a ``torch.nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2), whose weight is
+stored transposed, ``(d_in, d_out)``; :func:`weight_view` and :func:`write_weight` hide that.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+__all__ = [
+    "is_conv1d",
+    "weight_view",
+    "write_weight",
+    "layer_shape",
+    "decoder_layer_index",
+    "find_target_modules",
+    "layer_groups",
+    "ranks_and_scalings",
+    "check_ranks",
+    "weight_fingerprint",
+    "fingerprints_match",
+]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for ``transformers``' ``Conv1D`` (weight stored ``(d_in, d_out)``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The ``(d_out, d_in)`` view of a Linear/Conv1D weight (no copy)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def write_weight(module: nn.Module, W: torch.Tensor) -> None:
+    """Copy the ``(d_out, d_in)`` matrix ``W`` into the module's weight, in its own dtype and
+    orientation (no autograd)."""
+    with torch.no_grad():
+        weight_view(module).copy_(W)
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Conv1D layer."""
+    return tuple(weight_view(module).shape)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def decoder_layer_index(name: str) -> tuple[str, int] | None:
+    """``(stack, i)`` for a module inside decoder layer ``i`` of the stack ``stack``: the first
+    integer of the dotted name (``model.layers.7.mlp.up_proj`` -> ``("model.layers", 7)``), or
+    None for a module outside any numbered stack (``lm_head``)."""
+    m = _LAYER_INDEX.search(name)
+    return (name[: m.start()], int(m.group(1))) if m else None
+
+
+def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
+    """The layers PEFT's ``LoraConfig`` would adapt, by full module name, in model order.
+
+    Uses PEFT's own matching (``check_target_module_exists``, and its ``all-linear`` expansion,
+    which leaves out the output head), so fisherlora and PEFT always agree on the targets.
+
+    Raises:
+        ValueError: nothing matches, or a match is not a Linear/Conv1D layer.
+    """
+    import copy
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+
+    config = copy.deepcopy(lora_config)
+    config = _maybe_include_all_linear_layers(config, model)
+    found = {}
+    for name, module in model.named_modules():
+        if name and check_target_module_exists(config, name):
+            if hasattr(module, "base_layer"):
+                raise ValueError(
+                    f"{name!r} already carries PEFT adapters ({type(module).__name__}); pass the base model, "
+                    "not a PeftModel or a model wrapped before")
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise ValueError(
+                    f"target module {name!r} is a {type(module).__name__}; fisherlora supports nn.Linear "
+                    "and transformers' Conv1D"
+                )
+            found[name] = module
+    if not found:
+        raise ValueError(
+            f"target_modules={lora_config.target_modules!r} matches no module of {type(model).__name__}; "
+            f"some module names: {[n for n, _ in list(model.named_modules())[1:8]]}"
+        )
+    return found
+
+
+def layer_groups(modules: dict[str, object], n_groups: int) -> list[dict[str, object]]:
+    """Split target layers into ``n_groups`` contiguous groups of decoder layers.
+
+    The decoder layer of a module is :func:`decoder_layer_index` (``model.layers.7.mlp.up_proj``
+    -> 7); modules without one join the first group. Fewer groups come back when there are
+    fewer decoder layers than ``n_groups``.
+    """
+
+    def index(name):
+        where = decoder_layer_index(name)
+        return -1 if where is None else where[1]
+
+    indices = sorted({index(n) for n in modules})
+    n_groups = max(1, min(n_groups, len(indices)))
+    per = -(-len(indices) // n_groups)
+    group_of = {idx: min(i // per, n_groups - 1) for i, idx in enumerate(indices)}
+    groups = [dict() for _ in range(n_groups)]
+    for name, module in modules.items():
+        groups[group_of[index(name)]][name] = module
+    return [g for g in groups if g]
+
+
+def ranks_and_scalings(lora_config, names: list[str]) -> dict[str, tuple[int, float]]:
+    """``(r, s)`` per layer as PEFT will build it (``rank_pattern``/``alpha_pattern``, rsLoRA):
+    ``s = alpha / r``, or ``alpha / √r`` with ``use_rslora``."""
+    from peft.utils.other import get_pattern_key
+
+    out = {}
+    for name in names:
+        r = lora_config.r
+        alpha = lora_config.lora_alpha
+        if lora_config.rank_pattern:
+            r = lora_config.rank_pattern.get(get_pattern_key(lora_config.rank_pattern.keys(), name), r)
+        if lora_config.alpha_pattern:
+            alpha = lora_config.alpha_pattern.get(get_pattern_key(lora_config.alpha_pattern.keys(), name), alpha)
+        out[name] = (r, alpha / (r**0.5 if lora_config.use_rslora else r))
+    return out
+
+
+def check_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> None:
+    """The one rank bound: ``r <= min(d_out, d_in)`` for every layer.
+
+    Args:
+        shapes: layer name -> ``(d_out, d_in)``. ranks: layer name -> ``r``.
+
+    Raises:
+        ValueError: naming the first layer whose rank is too large, with its shape.
+    """
+    for name, r in ranks.items():
+        d_out, d_in = shapes[name]
+        if r > min(d_out, d_in):
+            raise ValueError(f"rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
+                             f"({d_out}x{d_in})")
+
+
+def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:
+    """A sketch that recognises a weight: ``{"rms": ‖W‖_F/√(d_out·d_in), "sketch": [uₖᵀ W zₖ]}``.
+
+    ``uₖ`` and ``zₖ`` are fixed unit Gaussian vectors (seeded by the shape), so any change of
+    ``W`` beyond rounding (a permutation, a fine-tuning step) moves the sketch at first order,
+    unlike the Frobenius norm. Computed in float64 on the CPU. Used to recognise the base model
+    of a saved initialisation and the model statistics were collected on.
+    """
+    d_out, d_in = W.shape
+    g = torch.Generator().manual_seed(1_000_003 * d_out + d_in)
+    u = torch.randn(probes, d_out, generator=g, dtype=torch.float64)
+    z = torch.randn(probes, d_in, generator=g, dtype=torch.float64)
+    u, z = u / u.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    Wd = W.detach().to("cpu", torch.float64)
+    return {"rms": float(Wd.norm()) / (d_out * d_in) ** 0.5, "sketch": ((u @ Wd) * z).sum(1).tolist()}
+
+
+def fingerprints_match(a: dict, b: dict, rtol: float = 1e-3) -> bool:
+    """Sketches equal up to ``rtol`` of the weight's rms entry (a sketch's typical size): float32
+    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not."""
+    tol = rtol * max(a["rms"], 1e-30)
+    return len(a["sketch"]) == len(b["sketch"]) and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"]))

