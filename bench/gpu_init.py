@@ -64,7 +64,7 @@ def main(argv=None) -> int:
                            bases_dtype=args.bases_dtype, backend=args.backend)
     plans = plan_memory(meta, cfg.to_lora_config(), batch_size=args.batch_size, max_length=args.max_length,
                         dtype=dtype, bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4)
-    planned = next((q.to_dict() for q in plans if q.mode == args.memory_mode and q.layer_groups == args.layer_groups),
+    planned = next((q.to_dict() for q in plans if q.label == args.memory_mode and q.layer_groups == args.layer_groups),
                    None)
     t0 = time.perf_counter()
     torch.manual_seed(0)

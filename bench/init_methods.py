@@ -63,20 +63,11 @@ NOTES = {
 
 
 # ----------------------------------------------------------------------------- method registry
-def memory_modes() -> list[str | None]:
-    """The values of ``FisherLoraConfig.memory_mode`` if that field exists, else ``[None]``."""
-    from fisherlora.config import FisherLoraConfig
+def memory_modes() -> list[str]:
+    """The memory modes statistics can be held in (``auto`` only picks one of them)."""
+    from fisherlora.config import MemoryMode
 
-    fields = {f.name: f for f in dataclasses.fields(FisherLoraConfig)}
-    if "memory_mode" not in fields:
-        return [None]
-    import fisherlora.config as fc
-
-    enum_cls = getattr(fc, "MemoryMode", None)
-    if enum_cls is not None:  # 'auto' only picks one of the others
-        return [m.value for m in enum_cls if m.value != "auto"]
-    default = fields["memory_mode"].default
-    return [getattr(default, "value", default)]
+    return [m.value for m in MemoryMode.held()]
 
 
 def fisherlora_variants(device: str) -> list[str]:
@@ -86,7 +77,7 @@ def fisherlora_variants(device: str) -> list[str]:
     out = []
     for backend in available_backends(device):
         for mode in memory_modes():
-            out.append(f"fisherlora[{backend}]" if mode is None else f"fisherlora[{backend},{mode}]")
+            out.append(f"fisherlora[{backend},{mode}]")
     return out
 
 

@@ -251,7 +251,7 @@ def cmd_plan(args) -> int:
         if args.free_gb:
             pick = choose_mode(plans, int(args.free_gb * GB))
             fits = pick.total <= args.free_gb * GB
-            print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.mode}, {pick.layer_groups} layer group(s), "
+            print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "
                   f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
                                                                "plan; lower --batch-size or --max-length"))
     return 0

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from fisherlora import ops
 from fisherlora.calibration import run_calibration
-from fisherlora.config import FisherLoraConfig
+from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
 from fisherlora.statistics import FisherStatistics
 
@@ -86,27 +86,28 @@ class StatisticsCollector:
         modules: layer name -> Linear/Conv1D module to hook (see :func:`find_target_modules`).
         stats_dtype: ``torch.float32`` (default) or ``torch.float64``.
         backend: op backend for the factor updates (``"auto"``, ``"torch"``, ...).
-        mode: ``"full"``, ``"packed"`` or ``"projected"`` (module docstring).
-        bases: for ``"projected"``: layer name -> ``(U, Vh)``, the thin SVD factors
+        mode: a :class:`~fisherlora.config.MemoryMode` other than ``auto`` (module docstring).
+        bases: for ``projected``: layer name -> ``(U, Vh)``, the thin SVD factors
             ``(d_out, k)`` and ``(k, d_in)`` of the layer's weight (any float dtype).
         checkpoint: recompute the decoder layers, from the lowest hooked one up, in the
             backward pass (module docstring); ignored when the hooked modules are not all in
             one stack of decoder layers.
 
     Raises:
-        ValueError: no modules, an unknown mode, or missing bases for ``"projected"``.
+        ValueError: no modules, an unknown mode, or missing bases for ``projected``.
     """
 
-    MODES = ("full", "packed", "projected")
-
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
-                 stats_dtype: torch.dtype = torch.float32, backend: str = "auto", mode: str = "full",
+                 stats_dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 mode: MemoryMode | str = MemoryMode.FULL,
                  bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False):
         if not modules:
             raise ValueError("StatisticsCollector needs at least one target module")
-        if mode not in self.MODES:
-            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if mode == "projected":
+        held = MemoryMode.held()
+        if mode not in held:
+            raise ValueError(f"mode must be one of {[m.value for m in held]}, got {mode!r}")
+        mode = MemoryMode(mode)
+        if mode is MemoryMode.PROJECTED:
             missing = [n for n in modules if not bases or n not in bases]
             if missing:
                 raise ValueError(f"projected mode needs the singular bases of {missing[:5]}")
@@ -117,8 +118,8 @@ class StatisticsCollector:
         self.mode = mode
         self.checkpoint = checkpoint
         # projected mode: Q matrices (d, k) for the input side (V) and the output side (U)
-        self._V = {n: bases[n][1].mT for n in modules} if mode == "projected" else {}
-        self._U = {n: bases[n][0] for n in modules} if mode == "projected" else {}
+        self._V = {n: bases[n][1].mT for n in modules} if mode is MemoryMode.PROJECTED else {}
+        self._U = {n: bases[n][0] for n in modules} if mode is MemoryMode.PROJECTED else {}
         self.shapes = {n: layer_shape(m) for n, m in self.modules.items()}
         self._A: dict[str, torch.Tensor] = {}
         self._G: dict[str, torch.Tensor] = {}
@@ -234,9 +235,9 @@ class StatisticsCollector:
             output.register_hook(partial(self._grad_hook, name, mask, count))
 
     def _new_acc(self, name: str, d: int, device) -> torch.Tensor:
-        if self.mode == "projected":
+        if self.mode is MemoryMode.PROJECTED:
             size = (min(self.shapes[name]),)
-        elif self.mode == "packed":
+        elif self.mode is MemoryMode.PACKED:
             size = (ops.packed_size(d),)
         else:
             size = (d, d)
@@ -250,7 +251,7 @@ class StatisticsCollector:
 
     @torch.no_grad()
     def _accumulate_A(self, name: str, x: torch.Tensor, mask: torch.Tensor | None, count: int) -> None:
-        if self.mode == "projected":  # no sharing: every layer projects on its own V
+        if self.mode is MemoryMode.PROJECTED:  # no sharing: every layer projects on its own V
             self.a_key[name] = name
             if name not in self._A:
                 self._A[name] = self._new_acc(name, 0, x.device)
@@ -358,15 +359,16 @@ def _make_inputs_require_grad(module, args, kwargs):
 
 
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
-                       mode: str = "full", bases: dict | None = None, num_batches: int | None = None,
-                       progress: bool = True, desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
+                       mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
+                       num_batches: int | None = None, progress: bool = True,
+                       desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
     """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
     Args:
         model: a causal LM (output with ``.logits``). modules: layer name -> module.
         batches: iterable of ``{"input_ids", "attention_mask", "labels"}`` dicts.
         config: fisher type, label draws, seed, statistics dtype and backend.
-        mode, bases: the memory mode and, for ``"projected"``, the singular bases
+        mode, bases: the memory mode and, for ``projected``, the singular bases
             (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
             one, also recomputes the decoder layers in the backward pass (activation
             checkpointing).
@@ -377,7 +379,7 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     """
     dtype = getattr(torch, config.stats_dtype)
     collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
-                                    bases=bases, checkpoint=mode == "projected")
+                                    bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar:
         totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,

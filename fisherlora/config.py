@@ -45,6 +45,11 @@ class MemoryMode(str, enum.Enum):
     PACKED = "packed"
     PROJECTED = "projected"
 
+    @classmethod
+    def held(cls) -> tuple[MemoryMode, ...]:
+        """The modes statistics can be held in, fastest first (``auto`` only picks one of them)."""
+        return cls.FULL, cls.PACKED, cls.PROJECTED
+
 
 class Magnitude(str, enum.Enum):
     """The singular value each chosen direction carries in the adapter (DESIGN.md §1 step 5).

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fisherlora import ops
-from fisherlora.config import FisherLoraConfig, Magnitude, Score
+from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
 from fisherlora.layers import check_ranks, layer_shape, ranks_and_scalings, weight_view
 from fisherlora.statistics import FisherStatistics
 from fisherlora.svd import iter_thin_svd, thin_svd
@@ -256,7 +256,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         if tuple(stats.shapes[name]) != tuple(weight_view(module).shape):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
                              f"the layer is {tuple(weight_view(module).shape)}")
-    if stats.kind == "projected" and bases is None:
+    if stats.kind is MemoryMode.PROJECTED and bases is None:
         raise ValueError("projected statistics need the singular bases they were accumulated on")
     svds = bases.items() if bases is not None else iter_thin_svd(
         {n: weight_view(m) for n, m in modules.items()}, seconds=svd_seconds)
@@ -269,7 +269,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             sel, B, A_lora = decompose_layer(
                 name, weight_view(modules[name]), A, G, rank=r, scaling=s, score=config.score,
                 magnitude=config.magnitude, damping=config.damping, backend=config.backend,
-                projected=stats.kind == "projected", svd=svd)
+                projected=stats.kind is MemoryMode.PROJECTED, svd=svd)
             inits[name] = LayerInit(B, A_lora, s)
             selections[name] = sel
             bar.update(1)

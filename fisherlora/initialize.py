@@ -11,7 +11,7 @@ from torch import nn
 
 from fisherlora.adapter import wrap_and_write
 from fisherlora.collect import collect_statistics
-from fisherlora.config import FisherLoraConfig
+from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization
 from fisherlora.layers import (
     check_ranks,
@@ -72,10 +72,11 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                 {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
     if statistics is None and data is None:
         raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
-    if statistics is not None and statistics.kind == "projected":
+    if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
         raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
                          "of one run; save full or packed statistics to re-select")
-    mode, n_groups = resolve_memory_mode(model, lora_config, config) if statistics is None else ("given", 1)
+    mode, n_groups = (resolve_memory_mode(model, lora_config, config) if statistics is None
+                      else (statistics.kind, 1))
     groups = layer_groups(modules, n_groups)
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
@@ -94,7 +95,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         bases = None
         stats = statistics
         if stats is None:
-            if mode == "projected":  # the SVD first: the hooks project on the bases
+            if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
                 bases = dict(iter_thin_svd({n: weight_view(m) for n, m in group.items()}, out_dtype=bases_dtype,
                                            seconds=svd_seconds))
@@ -126,7 +127,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         del timings["svd"]
     result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
                               peak_memory_mb(device))
-    result.extra.update(memory_mode=mode, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
+    result.extra.update(memory_mode=mode.value, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
     return result
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fisherlora.collect import StatisticsCollector
-from fisherlora.config import FisherLoraConfig
+from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import find_target_modules, layer_groups, layer_shape
 from fisherlora.svd import svd_workspace_bytes
 
@@ -46,9 +46,10 @@ GB = 1e9
 
 @dataclass
 class ModePlan:
-    """Planned peak memory of one mode, in bytes."""
+    """Planned peak memory of one mode, in bytes. ``mode`` is None for the naive baseline (one
+    dense ``A`` and ``G`` per layer), which is a comparison, not a mode."""
 
-    mode: str
+    mode: MemoryMode | None
     layer_groups: int
     weights: int
     activations: int
@@ -59,8 +60,13 @@ class ModePlan:
     def total(self) -> int:
         return self.weights + self.activations + self.statistics + self.svd_workspace
 
+    @property
+    def label(self) -> str:
+        """``"naive"`` or the mode's value."""
+        return "naive" if self.mode is None else self.mode.value
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "mode": self.label, "total": self.total}
 
 
 
@@ -133,15 +139,16 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
 
     svd_ws = max(svd_workspace_bytes(*shape) for shape in shapes.values())
     names = list(modules)
-    plans = [ModePlan("naive", 1, weights, activations, dense(names, share=False), svd_ws)]
+    plans = [ModePlan(None, 1, weights, activations, dense(names, share=False), svd_ws)]
     for g in group_options:
         groups = _groups_sizes(names, g)
         if len(groups) != g:
             continue
-        plans.append(ModePlan("full", g, weights, activations, max(dense(x) for x in groups), svd_ws))
-        plans.append(ModePlan("packed", g, weights, activations, max(dense(x, packed=True) for x in groups), svd_ws))
+        plans.append(ModePlan(MemoryMode.FULL, g, weights, activations, max(dense(x) for x in groups), svd_ws))
+        plans.append(ModePlan(MemoryMode.PACKED, g, weights, activations,
+                              max(dense(x, packed=True) for x in groups), svd_ws))
         k_total = sum(min(shapes[n]) for n in names)
-        plans.append(ModePlan("projected", g, weights, checkpointed, 2 * k_total * stats_bytes,
+        plans.append(ModePlan(MemoryMode.PROJECTED, g, weights, checkpointed, 2 * k_total * stats_bytes,
                               max(bases(x) for x in groups) + svd_ws))
     return plans
 
@@ -150,9 +157,9 @@ def choose_mode(plans: list[ModePlan], free_bytes: int, layer_groups: int | None
     """The fastest plan whose peak fits ``free_bytes``: full, then packed, then projected, each
     with as few layer groups (passes over the data) as possible; the smallest plan if none fits.
     """
-    order = {"full": 0, "packed": 1, "projected": 2}
+    order = MemoryMode.held()
     candidates = [p for p in plans if p.mode in order and (layer_groups is None or p.layer_groups == layer_groups)]
-    candidates.sort(key=lambda p: (p.layer_groups, order[p.mode]))
+    candidates.sort(key=lambda p: (p.layer_groups, order.index(p.mode)))
     for p in candidates:
         if p.total <= free_bytes:
             return p
@@ -172,17 +179,17 @@ def format_plan(plans: list[ModePlan]) -> list[list[str]]:
     """Table rows (GB) for printing."""
     rows = []
     for p in plans:
-        rows.append([p.mode, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
+        rows.append([p.label, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
                     (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)])
     return rows
 
 
-def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig) -> tuple[str, int]:
+def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig) -> tuple[MemoryMode, int]:
     """``(mode, layer_groups)`` to run: the configured ones, or for ``memory_mode="auto"`` the
     fastest plan (:func:`fisherlora.plan.choose_mode`) whose peak fits the device's free memory
     (the weights, already loaded, are counted as available). The choice is logged."""
-    if config.memory_mode.value != "auto":
-        return config.memory_mode.value, config.layer_groups
+    if config.memory_mode is not MemoryMode.AUTO:
+        return config.memory_mode, config.layer_groups
     param = next(model.parameters())
     plans = plan_memory(model, lora_config, batch_size=config.batch_size, max_length=config.max_length,
                         stats_bytes=4 if config.stats_dtype == "float32" else 8,
@@ -190,6 +197,6 @@ def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig)
     free = free_memory_bytes(param.device) + plans[0].weights
     pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
     log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "
-                "available on %s%s", pick.mode, pick.layer_groups, pick.total / GB, free / GB, param.device,
+                "available on %s%s", pick.label, pick.layer_groups, pick.total / GB, free / GB, param.device,
                 "" if pick.total <= free else " (nothing fits: the smallest plan; lower batch_size or max_length)")
     return pick.mode, pick.layer_groups

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fisherlora.config import MemoryMode
+
 __all__ = ["FisherStatistics"]
 
 
@@ -18,16 +20,16 @@ class FisherStatistics:
 
     Attributes:
         A: factor key -> activation covariance ``E[aaᵀ]`` (float32/float64): dense
-            ``(d_in, d_in)`` (``kind="full"``), packed ``(d_in(d_in+1)/2,)`` (``"packed"``), or
-            its projection ``diag(VᵀAV)`` ``(k,)`` on the layer's right singular vectors
-            (``"projected"``).
+            ``(d_in, d_in)`` (``kind=MemoryMode.FULL``), packed ``(d_in(d_in+1)/2,)``
+            (``PACKED``), or its projection ``diag(VᵀAV)`` ``(k,)`` on the layer's right singular
+            vectors (``PROJECTED``).
         G: layer name -> gradient covariance ``E[ggᵀ]``, in the same form (``diag(UᵀGU)``).
         a_key: layer name -> key of its (possibly shared) ``A``.
         a_count: factor key -> counted (token, call) pairs ``N_A``.
         g_count: layer name -> counted (token, call, draw) triples ``N_G``.
         shapes: layer name -> ``(d_out, d_in)``.
         info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
-        kind: ``"full"``, ``"packed"`` or ``"projected"``.
+        kind: the :class:`~fisherlora.config.MemoryMode` they were collected in.
     """
 
     A: dict[str, torch.Tensor]
@@ -37,15 +39,18 @@ class FisherStatistics:
     g_count: dict[str, int]
     shapes: dict[str, tuple[int, int]]
     info: dict = field(default_factory=dict)
-    kind: str = "full"
+    kind: MemoryMode = MemoryMode.FULL
+
+    def __post_init__(self):
+        self.kind = MemoryMode(self.kind)
 
     @classmethod
     def merge(cls, parts: list[FisherStatistics]) -> FisherStatistics:
         """One object from the statistics of disjoint layer groups (same kind)."""
-        out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else "full")
+        out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else MemoryMode.FULL)
         for p in parts:
             if p.kind != out.kind:
-                raise ValueError(f"cannot merge {p.kind} statistics into {out.kind} ones")
+                raise ValueError(f"cannot merge {p.kind.value} statistics into {out.kind.value} ones")
             for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
                 getattr(out, name).update(getattr(p, name))
             fingerprints = {**out.info.get("weight_fingerprints", {}), **p.info.get("weight_fingerprints", {})}
@@ -73,7 +78,7 @@ class FisherStatistics:
         tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
         tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
         meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
-                "shapes": self.shapes, "info": self.info, "kind": self.kind}
+                "shapes": self.shapes, "info": self.info, "kind": self.kind.value}
         save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
 
     @classmethod

@@ -29,7 +29,7 @@ def test_plan_equals_closed_form_on_the_tiny_llama():
 
     shapes = {n: layer_shape(m) for n, m in find_target_modules(model, lc).items()}
     naive, full, packed = _closed_form(shapes, _share)
-    plans = {(p.mode, p.layer_groups): p for p in plan_memory(model, lc)}
+    plans = {(p.label, p.layer_groups): p for p in plan_memory(model, lc)}
     assert plans[("naive", 1)].statistics == naive
     assert plans[("full", 1)].statistics == full
     assert plans[("packed", 1)].statistics == packed
@@ -47,7 +47,7 @@ def test_plan_equals_closed_form_on_the_tiny_llama():
 def test_plan_of_llama_3_8b_matches_the_design_table():
     model = meta_model_from_config(CONFIGS / "llama-3-8b.json")
     assert next(model.parameters()).device.type == "meta"
-    plans = {(p.mode, p.layer_groups): p for p in plan_memory(model, FisherLoraConfig().to_lora_config(),
+    plans = {(p.label, p.layer_groups): p for p in plan_memory(model, FisherLoraConfig().to_lora_config(),
                                                               dtype=torch.bfloat16, bases_bytes=2)}
     h, i, kv, L = 4096, 14336, 1024, 32
     per_layer = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
@@ -68,7 +68,7 @@ def test_plan_of_llama_3_8b_matches_the_design_table():
     assert abs((plans[("projected", 8)].svd_workspace - svd_workspace_bytes(i, h)) / 1e9 - 19.5 / 8) <= 0.02 * 19.5 / 8
     # the 24 GB goal at the default batch (4 x 512): projected with 4 layer groups (recomputed layers)
     pick = choose_mode(list(plans.values()), 24 * 10**9)
-    assert (pick.mode, pick.layer_groups) == ("projected", 4) and pick.total < 24 * 10**9
+    assert (pick.label, pick.layer_groups) == ("projected", 4) and pick.total < 24 * 10**9
 
 
 def test_plan_command_prints_every_mode(capsys):
