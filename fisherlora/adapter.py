@@ -45,7 +45,7 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
 
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True  # cheap (B = 0) and what PEFT's conversion to plain LoRA expects
-    with restore_on_error(model) as stash:
+    with restore_on_error(model) as state:
         peft_model = peft.get_peft_model(model, cfg)
         layers = dict(lora_layers(peft_model))
         missing = set(inits) - set(layers)
@@ -61,7 +61,7 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
             for name, init in inits.items():  # residuals last; each original is stashed first
                 base = layers[name].get_base_layer()
                 W_res = residual_weight(weight_view(base), init.B, init.A, init.scaling)
-                stash(base.weight)
+                state.stash(base.weight)
                 base.weight.copy_(W_res.T if is_conv1d(base) else W_res)
     return peft_model
 
@@ -123,7 +123,7 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     meta = json.loads(meta_path.read_text())
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
-    with restore_on_error(base_model) as stash:
+    with restore_on_error(base_model) as state:
         peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
         with torch.no_grad():
             layers = dict(lora_layers(peft_model))
@@ -147,7 +147,7 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                 delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
                                                     @ layer.lora_A["default"].weight.float())
                 W = weight_view(base).float() - delta
-                stash(base.weight)
+                state.stash(base.weight)
                 base.weight.copy_(W.T if is_conv1d(base) else W)
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)

@@ -54,6 +54,7 @@ from fisherlora import ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
+from fisherlora.snapshot import ModelState
 from fisherlora.statistics import FisherStatistics
 
 __all__ = ["StatisticsCollector", "collect_statistics"]
@@ -130,18 +131,12 @@ class StatisticsCollector:
         self._mask_count: int | None = None
         self._seen: dict[int, tuple] = {}
         self._handles: list = []
-        self._saved: dict | None = None
+        self._state: ModelState | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> StatisticsCollector:
         model = self.model
-        self._saved = {
-            "requires_grad": [(p, p.requires_grad) for p in model.parameters()],
-            "training": [(m, m.training) for m in model.modules()],
-            "rng": torch.random.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            "forward": [],  # (decoder layer, its own instance-level forward or None) under checkpoint
-        }
+        self._state = ModelState(model)
         try:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -157,7 +152,6 @@ class StatisticsCollector:
                 self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
             if self.checkpoint:
                 for layer in layers:
-                    self._saved["forward"].append((layer, layer.__dict__.get("forward")))
                     layer.forward = _checkpointed(layer.forward)
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
@@ -175,21 +169,9 @@ class StatisticsCollector:
         self._handles.clear()
         self._seen.clear()
         self._mask = None
-        saved, self._saved = self._saved, None
-        if saved is None:
-            return
-        for layer, own in saved["forward"]:
-            if own is None:
-                del layer.forward  # back to the class's forward
-            else:
-                layer.forward = own
-        for p, flag in saved["requires_grad"]:
-            p.requires_grad_(flag)
-        for m, flag in saved["training"]:
-            m.training = flag
-        torch.random.set_rng_state(saved["rng"])
-        if saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+        state, self._state = self._state, None
+        if state is not None:
+            state.restore()
 
     def _decoder_layers(self) -> list[nn.Module]:
         """The decoder layers from the lowest one holding a hooked module to the top of their
