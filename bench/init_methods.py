@@ -172,22 +172,20 @@ def floor_pass(model, batches) -> int:
 def milora_write(peft_model) -> None:
     """Overwrite every LoRA layer of ``peft_model`` with MiLoRA's factors (minor singular triplets)
     and its base weight with the residual, so the outputs are unchanged."""
-    from peft.tuners.lora import LoraLayer
+    from fisherlora.adapter import lora_layers
+    from fisherlora.decompose import lora_factors, residual_weight
+    from fisherlora.layers import weight_view, write_weight
 
     with torch.no_grad():
-        for module in peft_model.modules():
-            if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
-                continue
+        for _, module in lora_layers(peft_model):
             base = module.get_base_layer()
-            W = base.weight.float()
+            W = weight_view(base)
             r, s = module.r["default"], module.scaling["default"]
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            root = torch.sqrt(S[-r:] / s)
-            B = U[:, -r:] * root
-            A = root[:, None] * Vh[-r:]
+            U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+            B, A = lora_factors(U[:, -r:], Vh[-r:], S[-r:], s)
             module.lora_A["default"].weight.copy_(A)
             module.lora_B["default"].weight.copy_(B)
-            base.weight.copy_((W - s * B @ A).to(base.weight.dtype))
+            write_weight(base, residual_weight(W, B, A, s))
 
 
 class _CountingLoader:

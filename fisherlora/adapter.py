@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fisherlora.decompose import LayerInit, residual_weight
-from fisherlora.layers import fingerprints_match, is_conv1d, weight_fingerprint, weight_view
+from fisherlora.layers import fingerprints_match, weight_fingerprint, weight_view, write_weight
 from fisherlora.snapshot import restore_on_error
 
 __all__ = ["META_FILE", "lora_layers", "wrap_and_write", "save_residual_model", "load"]
@@ -62,7 +62,7 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
                 base = layers[name].get_base_layer()
                 W_res = residual_weight(weight_view(base), init.B, init.A, init.scaling)
                 state.stash(base.weight)
-                base.weight.copy_(W_res.T if is_conv1d(base) else W_res)
+                write_weight(base, W_res)
     return peft_model
 
 
@@ -144,11 +144,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                                      f"(LoRA shapes or layers differ, e.g. {wrong[:2]})")
             for layer in layers.values():
                 base = layer.get_base_layer()
-                delta = layer.scaling["default"] * (layer.lora_B["default"].weight.float()
-                                                    @ layer.lora_A["default"].weight.float())
-                W = weight_view(base).float() - delta
+                W_res = residual_weight(weight_view(base), layer.lora_B["default"].weight,
+                                        layer.lora_A["default"].weight, layer.scaling["default"])
                 state.stash(base.weight)
-                base.weight.copy_(W.T if is_conv1d(base) else W)
+                write_weight(base, W_res)
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)
     return peft_model
