@@ -19,6 +19,7 @@ __all__ = [
     "write_weight",
     "layer_shape",
     "decoder_layer_index",
+    "layer_kind",
     "find_target_modules",
     "layer_groups",
     "ranks_and_scalings",
@@ -59,6 +60,14 @@ def decoder_layer_index(name: str) -> tuple[str, int] | None:
     None for a module outside any numbered stack (``lm_head``)."""
     m = _LAYER_INDEX.search(name)
     return (name[: m.start()], int(m.group(1))) if m else None
+
+
+def layer_kind(name: str) -> str:
+    """What a module is within its decoder layer, the same for every layer of a stack:
+    ``model.layers.7.self_attn.q_proj`` -> ``self_attn.q_proj``; a module outside any numbered
+    stack is its own kind (``lm_head``)."""
+    m = _LAYER_INDEX.search(name)
+    return name[m.end():] if m and m.end() < len(name) else name
 
 
 def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from fisherlora.layers import layer_kind
+
 __all__ = ["write_report", "plot_energy", "summary_rows"]
-
-
-def _layer_group(name: str) -> tuple[str, int]:
-    """``("self_attn.q_proj", 3)`` from ``model.layers.3.self_attn.q_proj`` (index -1 if none)."""
-    m = re.search(r"\.(\d+)\.(.+)$", name)
-    return (m.group(2), int(m.group(1))) if m else (name, -1)
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
@@ -66,7 +61,7 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
 
     groups: dict[str, list] = {}
     for name, sel in selections.items():
-        groups.setdefault(_layer_group(name)[0], []).append(sel)
+        groups.setdefault(layer_kind(name), []).append(sel)
     chosen = []
     for sels in groups.values():
         picks = sels if len(sels) <= 3 else [sels[0], sels[len(sels) // 2], sels[-1]]
