@@ -17,6 +17,20 @@ from fisherlora import testing
 QUICK_ENV = "FISHERLORA_BENCH_QUICK"
 
 
+#: the calibration-size flags every model-level benchmark takes, generated from FisherLoraConfig
+SIZE_FIELDS = ("num_samples", "max_length", "batch_size", "rank")
+#: the CPU benchmarks' smaller calibration set (FisherLoraConfig's own defaults are 128 x 512)
+CPU_SIZES = {"num_samples": 32, "max_length": 256}
+
+
+def add_size_flags(parser, *extra_fields: str, **defaults) -> None:
+    """``--num-samples --max-length --batch-size --rank`` (and ``extra_fields``) from
+    :func:`fisherlora.flags.add_config_flags`, with benchmark ``defaults``."""
+    from fisherlora.flags import add_config_flags
+
+    add_config_flags(parser, SIZE_FIELDS + extra_fields, defaults=defaults, title="calibration and LoRA shape")
+
+
 def quick() -> bool:
     return os.environ.get(QUICK_ENV) == "1"
 

@@ -26,7 +26,8 @@ import torch
 
 def main(argv=None) -> int:
     from bench import common
-    from fisherlora import FisherLoraConfig, initialize_fisher_lora, testing
+    from fisherlora import initialize_fisher_lora, testing
+    from fisherlora.flags import config_from_args
     from fisherlora.models import meta_model_from_config
     from fisherlora.plan import plan_memory
 
@@ -36,14 +37,8 @@ def main(argv=None) -> int:
                    help="keep only the first N decoder layers (same shapes; default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--num-samples", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--memory-mode", default="projected", choices=["auto", "full", "packed", "projected"])
-    p.add_argument("--layer-groups", type=int, default=1)
-    p.add_argument("--bases-dtype", default="model", choices=["float32", "model"])
-    p.add_argument("--backend", default="auto")
+    common.add_size_flags(p, "memory_mode", "layer_groups", "bases_dtype", "backend", memory_mode="projected",
+                          bases_dtype="model")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
 
@@ -59,9 +54,7 @@ def main(argv=None) -> int:
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[: args.num_layers]
     meta = meta_model_from_config(config)
-    cfg = FisherLoraConfig(rank=args.rank, alpha=args.rank, num_samples=args.num_samples, max_length=args.max_length,
-                           batch_size=args.batch_size, memory_mode=args.memory_mode, layer_groups=args.layer_groups,
-                           bases_dtype=args.bases_dtype, backend=args.backend)
+    cfg = config_from_args(args, alpha=args.rank)
     plans = plan_memory(meta, cfg.to_lora_config(), batch_size=args.batch_size, max_length=args.max_length,
                         dtype=dtype, bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4)
     planned = next((q.to_dict() for q in plans if q.label == args.memory_mode and q.layer_groups == args.layer_groups),

@@ -489,11 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=None, help="comma list (default: all); 'fisherlora' = every variant")
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded) or a local model folder")
-    p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=16.0)
+    common.add_size_flags(p, "alpha", **common.CPU_SIZES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/out", help="output folder (git-ignored by default)")

@@ -87,10 +87,7 @@ def main(argv=None) -> int:
     from fisherlora.layers import find_target_modules
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=16)
+    common.add_size_flags(p, **common.CPU_SIZES)
     p.add_argument("--json", default=None, help="write timings and peak memory here")
     args = p.parse_args(argv)
     model, tok, batches = common.embedded_setup(args.num_samples, args.max_length, args.batch_size)

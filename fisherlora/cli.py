@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import enum
 import io
 import json
 import sys
 import time
 from pathlib import Path
 
-from fisherlora.config import FisherLoraConfig
+from fisherlora.flags import add_config_flags, config_from_args
+
+#: the config fields `fisherlora plan` reads
+PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype")
 
 _EXAMPLES = """\
 examples:
@@ -28,38 +29,6 @@ Loading the result:
   model = fisherlora.load(base, "out/qv-r8")                # rebuilds the residual weights
   # or, with --save-residual, plain PEFT: PeftModel.from_pretrained(<out>/residual model, "<out>")
 """
-
-_CONFIG_FLAGS_SKIP = {"target_modules"}  # parsed specially (comma list or regex)
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FisherLoraConfig field, with its help text, type and choices."""
-    group = parser.add_argument_group("method (FisherLoraConfig)")
-    for f in dataclasses.fields(FisherLoraConfig):
-        if f.name in _CONFIG_FLAGS_SKIP:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f.metadata.get("help", "")
-        if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        elif isinstance(default, enum.Enum):
-            group.add_argument(flag, choices=[m.value for m in type(default)], default=default.value,
-                               help=f"{help_text} (default: %(default)s)")
-        else:
-            group.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: %(default)s)")
-    group.add_argument("--target-modules", default="all-linear",
-                       help="comma-separated module names (q_proj,v_proj), a regex over full names, or "
-                            "'all-linear' (every Linear except the output head) (default: %(default)s)")
-
-
-def _config_from_args(args) -> FisherLoraConfig:
-    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(FisherLoraConfig) if hasattr(args, f.name)}
-    tm = args.target_modules
-    is_regex = any(c in tm for c in "*+?[]()|\\^$") or tm == "all-linear"
-    kwargs["target_modules"] = tm if is_regex else [t.strip() for t in tm.split(",") if t.strip()]
-    return FisherLoraConfig(**kwargs)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -90,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     io.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on GPU); statistics stay float32")
-    _add_config_flags(init)
+    add_config_flags(init)
     out = init.add_argument_group("output")
     out.add_argument("--output", "-o", default="fisherlora-out", help="output directory (default: %(default)s)")
     out.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -110,15 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "dense A and G per layer, for comparison; it is not a mode.")
     plan.add_argument("--model", default="smollm2-135m",
                       help="a config.json, a model folder, a .gguf file or 'smollm2-135m' (default)")
-    plan.add_argument("--num-samples", type=int, default=128, help="calibration sequences (default: %(default)s)")
-    plan.add_argument("--max-length", type=int, default=512, help="tokens per sequence (default: %(default)s)")
-    plan.add_argument("--batch-size", type=int, default=4, help="sequences per pass (default: %(default)s)")
-    plan.add_argument("--rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    plan.add_argument("--target-modules", default="all-linear", help="as for init (default: %(default)s)")
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
-    plan.add_argument("--bases-dtype", default="model", choices=["float32", "model"],
-                      help="dtype of the projected mode's singular bases (default: %(default)s)")
+    add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
     plan.add_argument("--free-gb", type=float, default=None, help="also say which mode `auto` picks for this budget")
     plan.add_argument("--json", default=None, help="write the plan as JSON to this file ('-' for stdout)")
 
@@ -161,7 +124,7 @@ def cmd_init(args) -> int:
     from fisherlora.statistics import FisherStatistics
 
     # everything that can be checked without the model is checked before loading it
-    config = _config_from_args(args)
+    config = config_from_args(args)
     out_dir = check_output_dir(args.output, overwrite=args.overwrite)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -227,12 +190,11 @@ def cmd_plan(args) -> int:
         model = meta_model_from_config(config)
     else:
         model = meta_model_from_config(path)
-    tm = args.target_modules
-    targets = tm if any(c in tm for c in "*+?[]()|\\^$") or tm == "all-linear" else tm.split(",")
-    lora = FisherLoraConfig(rank=args.rank, target_modules=targets).to_lora_config()
+    cfg = config_from_args(args)
     dtype = getattr(torch, args.dtype)
-    plans = plan_memory(model, lora, batch_size=args.batch_size, max_length=args.max_length, dtype=dtype,
-                        bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4)
+    plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
+                        dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
+                        bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4)
     if args.json:
         text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
                            "plans": [p.to_dict() for p in plans]}, indent=1)

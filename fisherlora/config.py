@@ -66,11 +66,13 @@ class Magnitude(str, enum.Enum):
 
 
 _DTYPES = ("float32", "float64")
+_BASES_DTYPES = ("float32", "model")
 _BACKENDS = ("auto", "torch", "triton", "ext")
 
 
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, choices: tuple[str, ...] | None = None, **kw) -> Any:
+    """A dataclass field with its help text (and choices) for the generated command-line flags."""
+    return field(metadata={"help": text, "choices": choices}, **kw)
 
 
 @dataclass(kw_only=True)
@@ -89,8 +91,8 @@ class FisherLoraConfig:
     alpha: float = _help("lora_alpha; the adapter is scaled by alpha/r (alpha/sqrt(r) with rsLoRA)", default=16.0)
     use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r) (Kalajdzievski 2023)", default=False)
     target_modules: str | list[str] = _help(
-        "module names (suffixes), a regex matched against full names, or 'all-linear' (every "
-        "Linear/Conv1D except the output head)",
+        "module names (suffixes; comma-separated on the command line: q_proj,v_proj), a regex matched "
+        "against full names, or 'all-linear' (every Linear/Conv1D except the output head)",
         default="all-linear",
     )
     num_samples: int = _help("calibration set size, in sequences", default=128)
@@ -108,15 +110,17 @@ class FisherLoraConfig:
         "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G",
         default=0.0,
     )
-    stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32")
+    stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32",
+                             choices=_DTYPES)
     memory_mode: MemoryMode = _help("'full', 'packed', 'projected' or 'auto' (fastest that fits)",
                                     default=MemoryMode.FULL)
     layer_groups: int = _help(
         "passes over the calibration data, each collecting statistics for one contiguous group of decoder "
         "layers, so only one group's statistics (or singular bases) are held at once", default=1)
     bases_dtype: str = _help("dtype of the singular bases U, V held by the projected mode: 'float32' or "
-                             "'model' (the weights' dtype, half the memory for bf16)", default="float32")
-    backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto")
+                             "'model' (the weights' dtype, half the memory for bf16)", default="float32",
+                             choices=_BASES_DTYPES)
+    backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto", choices=_BACKENDS)
     seed: int = _help("seed for the calibration sample and for true-Fisher label draws", default=0)
 
     def __post_init__(self):
@@ -147,8 +151,8 @@ class FisherLoraConfig:
             raise ValueError(f"FisherLoraConfig.seed must be an integer, got {self.seed!r}")
         if self.stats_dtype not in _DTYPES:
             raise ValueError(f"FisherLoraConfig.stats_dtype must be one of {_DTYPES}, got {self.stats_dtype!r}")
-        if self.bases_dtype not in ("float32", "model"):
-            raise ValueError(f"FisherLoraConfig.bases_dtype must be 'float32' or 'model', got {self.bases_dtype!r}")
+        if self.bases_dtype not in _BASES_DTYPES:
+            raise ValueError(f"FisherLoraConfig.bases_dtype must be one of {_BASES_DTYPES}, got {self.bases_dtype!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"FisherLoraConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
         tm = self.target_modules
