@@ -238,7 +238,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         lora_config: the PEFT ``LoraConfig`` (ranks, scalings). config: score, magnitude, damping.
         bases: precomputed ``(U, S, Vh)`` per layer (required for projected statistics: they are
             only meaningful on the bases they were accumulated on); else computed here, batched
-            by shape (:func:`fisherlora.svd.iter_thin_svd`), one chunk at a time.
+            one matrix at a time (:func:`fisherlora.svd.iter_thin_svd`).
         svd_seconds: if given, solver seconds per weight shape are added to it.
 
     Returns:
@@ -273,6 +273,5 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             inits[name] = LayerInit(B, A_lora, s)
             selections[name] = sel
             bar.update(1)
-    order = list(modules)  # the SVDs ran grouped by shape; report in model order
-    return {n: inits[n] for n in order}, {n: selections[n] for n in order}
+    return {n: inits[n] for n in modules}, {n: selections[n] for n in modules}  # model order
 

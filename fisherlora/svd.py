@@ -101,28 +101,20 @@ def svd_workspace_bytes(d_out: int, d_in: int, out_bytes: int = 4) -> int:
 #: the float64 Gram path on both. On an H200 it took 0.11-0.125 s per Llama-3-8B projection against
 #: 1.0-1.4 s for torch's float32 SVD (gesvdj), with a residual of 6e-15 against 9e-4.
 SVD_METHOD = {"cpu": "gram_eigh", "cuda": "gram_eigh"}
-#: largest same-shape stack (float32 bytes) per solver call, per device type. Batching buys nothing for
-#: matrices this large (LAPACK uses every core on one matrix; torch loops cuSOLVER's eigh over a batch of
-#: them) while a stack's workspace grows with it, so one matrix goes per call.
-SVD_BATCH_BYTES = {"cpu": 0, "cuda": 0}
+def iter_thin_svd(weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = torch.float32,
+                  seconds: dict | None = None, method: str = "auto"):
+    """Thin SVDs of many weights, one matrix per solver call; yields ``(name, (U, S, Vh))`` in
+    the order of ``weights``.
 
-
-def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int | None = None,
-                  out_dtype: torch.dtype = torch.float32, seconds: dict | None = None, method: str = "auto"):
-    """Thin SVDs of many weights, batched by shape; yields ``(name, (U, S, Vh))`` chunk by chunk.
-
-    Matrices that share a shape are stacked into ``(n, d_out, d_in)`` chunks of at most
-    ``max_batch_bytes`` (float32) and decomposed by one solver call (on a GPU the batched solver
-    is much faster than a loop); a chunk's workspace is released before the next chunk is
-    computed, so a consumer that keeps only what it needs holds one chunk at a time. A chunk
-    whose solver fails (or, on the Gram path, that holds a σ below
-    :data:`GRAM_MIN_SIGMA_RATIO`·σ_max: a rank-deficient weight) is redone matrix by matrix
-    with :func:`thin_svd` (float32 SVD, float64 retry).
+    One matrix per call: batching buys nothing for matrices this large (LAPACK uses every core on
+    one matrix; torch loops cuSOLVER's eigh over a batch), while a stack's workspace grows with
+    it. Each matrix's workspace is released before the next one is decomposed, so a consumer
+    that keeps only what it needs holds one at a time. A matrix whose solver fails (or, on the
+    Gram path, whose smallest σ is below :data:`GRAM_MIN_SIGMA_RATIO`·σ_max: a rank-deficient
+    weight) is redone with :func:`thin_svd` (float32 SVD, float64 retry).
 
     Args:
-        weights: name -> ``(d_out, d_in)`` weight (any float dtype; one device).
-        max_batch_bytes: the largest stack per solver call (float32 bytes; at least one matrix);
-            default :data:`SVD_BATCH_BYTES` for the device.
+        weights: name -> ``(d_out, d_in)`` weight (any float dtype).
         out_dtype: dtype of the yielded ``U`` and ``Vh`` (``S`` is float32).
         seconds: if given, ``"d_outxd_in"`` -> seconds spent in the solver is added to it.
         method: ``"svd"`` (float32 ``torch.linalg.svd``), ``"gram_eigh"`` (:func:`svd_gram_eigh`)
@@ -133,42 +125,32 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, max_batch_bytes: int | No
     """
     import time
 
-    by_shape: dict[tuple[int, int], list[str]] = {}
     for name, W in weights.items():
-        by_shape.setdefault(tuple(W.shape), []).append(name)
-    for shape, names in by_shape.items():
-        if max_batch_bytes is None:
-            max_batch_bytes = SVD_BATCH_BYTES.get(weights[names[0]].device.type, 1 << 28)
-        per = max(1, max_batch_bytes // (4 * shape[0] * shape[1]))
-        for i in range(0, len(names), per):
-            chunk = names[i : i + per]
-            t0 = time.perf_counter()
-            stack_device = weights[chunk[0]].device
-            how = SVD_METHOD.get(stack_device.type, "svd") if method == "auto" else method
-            try:
-                if how == "gram_eigh":  # converts block by block itself: no float32 copy of the stack
-                    stack = (weights[chunk[0]].detach().unsqueeze(0) if len(chunk) == 1
-                             else torch.stack([weights[n].detach() for n in chunk]))
-                    U, S, Vh = svd_gram_eigh(stack, out_dtype=out_dtype)
-                else:
-                    stack = torch.stack([weights[n].detach().to(torch.float32) for n in chunk])
-                    U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
-                # the Gram path cannot resolve directions with σ under ~1e-7·σ_max (U = W v / σ
-                # blows up for a rank-deficient W): such chunks go to thin_svd below
-                resolved = how != "gram_eigh" or bool((S[..., -1] > GRAM_MIN_SIGMA_RATIO * S[..., 0]).all())
-                finite = all(bool(torch.isfinite(t).all()) for t in (U, S, Vh))
-                results = list(zip(U, S, Vh)) if finite and resolved else None
-            except (RuntimeError, torch.linalg.LinAlgError):
-                results = None
-            del stack
-            if results is None:
-                results = [thin_svd(weights[n]) for n in chunk]
-            if seconds is not None:
-                key = f"{shape[0]}x{shape[1]}"
-                seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
-            for n, (u, s, vh) in zip(chunk, results):
-                yield n, (u.to(out_dtype), s.to(torch.float32), vh.to(out_dtype))
-            del results
-            if stack_device.type == "cpu":
-                release_host_memory()
-
+        t0 = time.perf_counter()
+        how = SVD_METHOD.get(W.device.type, "svd") if method == "auto" else method
+        result = None
+        try:
+            if how == "gram_eigh":  # converts block by block itself: no float32 copy of W
+                result = svd_gram_eigh(W, out_dtype=out_dtype)
+            else:
+                result = torch.linalg.svd(W.detach().to(torch.float32), full_matrices=False)
+            # the Gram path cannot resolve directions with σ under ~1e-7·σ_max (U = W v / σ blows
+            # up for a rank-deficient W): such matrices go to thin_svd below
+            S = result[1]
+            if (how == "gram_eigh" and not S[-1] > GRAM_MIN_SIGMA_RATIO * S[0]) or not all(
+                    bool(torch.isfinite(t).all()) for t in result):
+                result = None
+            del S
+        except (RuntimeError, torch.linalg.LinAlgError):
+            result = None
+        if result is None:
+            result = thin_svd(W)
+        if seconds is not None:
+            key = f"{W.shape[0]}x{W.shape[1]}"
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t0
+        U, S, Vh = result
+        del result
+        yield name, (U.to(out_dtype), S.to(torch.float32), Vh.to(out_dtype))
+        del U, S, Vh
+        if W.device.type == "cpu":
+            release_host_memory()
