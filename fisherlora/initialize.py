@@ -83,7 +83,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                          "(a list or a DataLoader), not a one-shot iterator")
     fingerprints = {n: weight_fingerprint(weight_view(m)) for n, m in modules.items()}
     if statistics is not None:  # statistics carry the fingerprints of the model they came from
-        theirs = statistics.info.get("weight_fingerprints", {})
+        theirs = statistics.fingerprints
         other = [n for n in modules if n in theirs and not fingerprints_match(theirs[n], fingerprints[n])]
         if other:
             raise ValueError(f"these statistics were collected on another model: the weights of {other[:3]} differ")
@@ -105,7 +105,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             stats = collect_statistics(model, group, data, config, mode=mode,
                                        bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
                                        num_batches=num_batches, progress=progress, desc=desc)
-            stats.info["weight_fingerprints"] = {n: fingerprints[n] for n in group}
+            stats.fingerprints = {n: fingerprints[n] for n in group}
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases, progress=progress,

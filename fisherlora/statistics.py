@@ -28,8 +28,11 @@ class FisherStatistics:
         a_count: factor key -> counted (token, call) pairs ``N_A``.
         g_count: layer name -> counted (token, call, draw) triples ``N_G``.
         shapes: layer name -> ``(d_out, d_in)``.
-        info: free-form JSON-able metadata (model, data, fisher type, label tokens, ...).
+        info: free-form JSON-able metadata about the whole collection (calibration totals,
+            fisher type), the same for every layer group.
         kind: the :class:`~fisherlora.config.MemoryMode` they were collected in.
+        fingerprints: layer name -> :func:`fisherlora.layers.weight_fingerprint` of the weight
+            the statistics were collected on (so they are refused on another model).
     """
 
     A: dict[str, torch.Tensor]
@@ -40,22 +43,25 @@ class FisherStatistics:
     shapes: dict[str, tuple[int, int]]
     info: dict = field(default_factory=dict)
     kind: MemoryMode = MemoryMode.FULL
+    fingerprints: dict[str, dict] = field(default_factory=dict)
+
+    #: the attributes that map a layer (or a factor key) to something: merged by union
+    PER_LAYER = ("A", "G", "a_key", "a_count", "g_count", "shapes", "fingerprints")
 
     def __post_init__(self):
         self.kind = MemoryMode(self.kind)
 
     @classmethod
     def merge(cls, parts: list[FisherStatistics]) -> FisherStatistics:
-        """One object from the statistics of disjoint layer groups (same kind)."""
+        """One object from the statistics of disjoint layer groups (same kind): the per-layer
+        attributes are united, ``info`` is the groups' common metadata."""
         out = cls({}, {}, {}, {}, {}, {}, {}, parts[0].kind if parts else MemoryMode.FULL)
         for p in parts:
             if p.kind != out.kind:
                 raise ValueError(f"cannot merge {p.kind.value} statistics into {out.kind.value} ones")
-            for name in ("A", "G", "a_key", "a_count", "g_count", "shapes"):
+            for name in cls.PER_LAYER:
                 getattr(out, name).update(getattr(p, name))
-            fingerprints = {**out.info.get("weight_fingerprints", {}), **p.info.get("weight_fingerprints", {})}
-            out.info.update(p.info)  # the calibration totals are the same for every group
-            out.info["weight_fingerprints"] = fingerprints
+            out.info.update(p.info)
         return out
 
     def drop_tensors(self) -> None:
@@ -78,7 +84,8 @@ class FisherStatistics:
         tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
         tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
         meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
-                "shapes": self.shapes, "info": self.info, "kind": self.kind.value}
+                "shapes": self.shapes, "info": self.info, "kind": self.kind.value,
+                "fingerprints": self.fingerprints}
         save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
 
     @classmethod
@@ -99,5 +106,8 @@ class FisherStatistics:
         except SafetensorError as exc:
             raise ValueError(f"{str(path)!r} is not a complete fisherlora statistics file: {exc}") from exc
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
-        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, meta["info"],
-                   meta.get("kind", "full"))
+        info = meta["info"]
+        # files written before fingerprints were their own field kept them in info
+        fingerprints = meta.get("fingerprints", info.pop("weight_fingerprints", {}))
+        return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, info,
+                   meta.get("kind", "full"), fingerprints)

@@ -22,3 +22,15 @@ def test_statistics_cache_round_trips_exactly(llama, data, tmp_path):
     (tmp_path / "other.safetensors").write_bytes(b"")
     with pytest.raises(Exception):  # noqa: B017 (safetensors' own header error)
         FisherStatistics.load(tmp_path / "other.safetensors")
+
+
+def test_merged_layer_groups_keep_every_layers_fingerprint_through_a_file(tmp_path):
+    from tests.models import run_mode
+
+    result = run_mode("full", groups=3)
+    stats = result.statistics
+    assert set(stats.fingerprints) == set(stats.G) == set(result.selections)
+    stats.save(tmp_path / "s.safetensors")
+    back = FisherStatistics.load(tmp_path / "s.safetensors")
+    assert back.fingerprints == stats.fingerprints and back.kind is stats.kind
+    assert "weight_fingerprints" not in back.info
