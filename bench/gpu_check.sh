@@ -13,7 +13,7 @@
 # archive): steps.log (one line per step), gpu_check.json (status and seconds per step),
 # summary.md (bench/gpu_summary.py's tables, also printed last) and gpu_check.tar.gz (every log
 # and result file, under work/). Run it through the device tool as ONE command:
-#   bash bench/gpu_check.sh          (needs the model configs: shared/configs, or GPU_CHECK_CONFIGS)
+#   bash bench/gpu_check.sh          (architectures from fisherlora/configs, or GPU_CHECK_CONFIGS)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu}
@@ -21,10 +21,7 @@ WORK=$(mktemp -d)/work
 mkdir -p "$WORK" "$OUT"
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 BUDGET=${GPU_CHECK_BUDGET:-420}
-CONFIGS=${GPU_CHECK_CONFIGS:-}
-if [ -z "$CONFIGS" ]; then
-  for c in shared/configs ../shared/configs; do [ -d "$c" ] && CONFIGS=$c && break; done
-fi
+CONFIGS=${GPU_CHECK_CONFIGS:-fisherlora/configs}
 export PYTHONUNBUFFERED=1
 declare -A STATUS
 ORDER=()
@@ -87,7 +84,7 @@ print(f'bf16 8192^3 matmul: {2 * 8192**3 / ms / 1e9:.0f} TFLOP/s')"
 step ops_bench 150 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_ops.py --benchmark-only \
   --benchmark-json="$WORK/ops.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 step svd_paths 90 "$PY" -m bench.svd_paths --out "$WORK/svd"
-if [ -n "$CONFIGS" ]; then
+if [ -f "$CONFIGS/llama-3-8b.json" ]; then
   # Llama-3-8B shapes, 4 of its 32 decoder layers: one layer's SVD cost times 32 is the full
   # model's; the measured peak is checked against the plan for this same truncated model
   step init_8b_4layers 120 "$PY" -m bench.gpu_init --config "$CONFIGS/llama-3-8b.json" --num-layers 4 \
@@ -95,5 +92,5 @@ if [ -n "$CONFIGS" ]; then
   step init_1b 150 "$PY" -m bench.gpu_init --config "$CONFIGS/llama-3.2-1b.json" --memory-mode full \
     --batch-size 8 --json "$WORK/init_1b_full.json"
 else
-  echo "no model configs found (shared/configs or GPU_CHECK_CONFIGS): full-size inits skipped" | tee -a "$OUT/steps.log"
+  echo "no model configs in $CONFIGS: full-size inits skipped" | tee -a "$OUT/steps.log"
 fi

@@ -1,8 +1,8 @@
 """The whole initialisation on a full-size architecture with random weights (DESIGN.md §6).
 
-Builds the model from a ``config.json`` (e.g. ``shared/configs/llama-3-8b.json``) directly on the
-device with random weights, makes ``num_samples`` random token sequences (lengths between
-``max_length/2`` and ``max_length``, labels on a random suffix), and runs
+Builds the model from an architecture config (a bundled one such as ``llama-3-8b``, or a
+``config.json``) directly on the device with random weights, makes ``num_samples`` random token
+sequences (lengths between ``max_length/2`` and ``max_length``, labels on a random suffix), and runs
 :func:`fisherlora.initialize_fisher_lora` with the chosen memory mode. Reports time per phase,
 the peak memory (CUDA allocator peak, or peak RSS on a CPU) and the plan's prediction, as JSON.
 
@@ -10,7 +10,7 @@ the peak memory (CUDA allocator peak, or peak RSS on a CPU) and the plan's predi
 unchanged): the SVD of every projection costs the same per layer, so a short GPU lease can time
 one layer's worth of an 8B init and check the memory plan on the same truncated model.
 
-    python -m bench.gpu_init --config ../shared/configs/llama-3-8b.json --memory-mode projected \\
+    python -m bench.gpu_init --config llama-3-8b --memory-mode projected \\
         --layer-groups 4 --json $OUT/init_8b.json
 """
 
@@ -28,11 +28,12 @@ def main(argv=None) -> int:
     from bench import common
     from fisherlora import initialize_fisher_lora, testing
     from fisherlora.flags import config_from_args
-    from fisherlora.models import meta_model_from_config
+    from fisherlora.models import load_config, meta_model_from_config
     from fisherlora.plan import plan_memory
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="a transformers config.json")
+    p.add_argument("--config", required=True,
+                   help="a bundled architecture (llama-3-8b, llama-2-7b, llama-3.2-1b) or a transformers config.json")
     p.add_argument("--num-layers", type=int, default=None,
                    help="keep only the first N decoder layers (same shapes; default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -42,11 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
 
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    config = AutoConfig.for_model(**json.loads(Path(args.config).read_text()))
+    config = load_config(args.config)
     if args.num_layers is not None:
         if not 1 <= args.num_layers <= config.num_hidden_layers:
             p.error(f"--num-layers must be in 1..{config.num_hidden_layers}")

@@ -72,7 +72,7 @@ def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
     The model is rebuilt from its config without ``quantization_config`` (``save_pretrained``
     refuses GGUF-loaded models) and given the residual state dict.
     """
-    import copy
+    from fisherlora.models import plain_config
 
     base = peft_model.get_base_model()
     state = {}
@@ -80,11 +80,8 @@ def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
         if ".lora_" in key:
             continue
         state[key.replace(".base_layer.", ".")] = value
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     with torch.device("meta"):
-        clean = type(base)(config)
+        clean = type(base)(plain_config(base.config))
     clean.load_state_dict(state, assign=True, strict=False)
     clean.tie_weights()
     clean.save_pretrained(path)

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "statistics and SVD workspace (GB = 1e9 bytes). The 'naive' row is the baseline of one "
                     "dense A and G per layer, for comparison; it is not a mode.")
     plan.add_argument("--model", default="smollm2-135m",
-                      help="a config.json, a model folder, a .gguf file or 'smollm2-135m' (default)")
+                      help="a config.json, a model folder, a .gguf file, 'smollm2-135m' (default) or a bundled "
+                           "architecture: llama-3-8b, llama-2-7b, llama-3.2-1b")
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
     add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
@@ -177,20 +178,11 @@ def cmd_plan(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fisherlora.models import EMBEDDED_MODEL, embedded_model_path, meta_model_from_config
+    from fisherlora.models import meta_model_from_config
     from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
 
-    path = Path(str(embedded_model_path()) if args.model == EMBEDDED_MODEL else args.model)
-    if path.suffix == ".gguf":
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = meta_model_from_config(config)
-    else:
-        model = meta_model_from_config(path)
     cfg = config_from_args(args)
+    model = meta_model_from_config(args.model)
     dtype = getattr(torch, args.dtype)
     plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
                         dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,

