@@ -34,7 +34,7 @@ def _nvidia_wheel_includes():
 
     torch's CUDA headers include e.g. ``cublas_v2.h``, which pip-installed CUDA torch ships in
     ``site-packages/nvidia/cu13/include`` (CUDA 13) or ``nvidia/<lib>/include`` (CUDA 12), not in
-    the toolkit that ``nvcc`` comes from (DESIGN.md §5).
+    the toolkit that ``nvcc`` comes from (docs/DESIGN.md §5).
     """
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:

@@ -1,7 +1,7 @@
 """Shared benchmark setup: device choice, op inputs, synchronisation, peak-memory measurement.
 
 A plain module of functions, imported by every ``bench/`` file (``from bench import common``) so
-that each op's inputs are built in one place (STYLE.md point 12).
+that each op's inputs are built in one place.
 """
 
 from __future__ import annotations

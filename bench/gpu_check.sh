@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (DESIGN.md §6): build the CUDA extension, run the kernel tests on the
+# One prepared GPU check (docs/DESIGN.md §6): build the CUDA extension, run the kernel tests on the
 # GPU, time each op against the naive path at Llama-3-8B shapes, time the SVD solvers, and run the
 # whole init on the Llama-3-8B shapes (first layers only) and on the Llama-3.2-1B architecture,
 # with random weights.

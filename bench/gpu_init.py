@@ -1,4 +1,4 @@
-"""The whole initialisation on a full-size architecture with random weights (DESIGN.md §6).
+"""The whole initialisation on a full-size architecture with random weights (docs/DESIGN.md §6).
 
 Builds the model from an architecture config (a bundled one such as ``llama-3-8b``, or a
 ``config.json``) directly on the device with random weights, makes ``num_samples`` random token

@@ -51,7 +51,7 @@ elif DEVICE.type == "cuda":
 else:
     ENERGY_SHAPES = [(2048, 2048, torch.float32, "dense")]
 
-# (d, k, tokens, dtype, mask_frac): Q in the activations' dtype (U, V kept in bf16, DESIGN.md §4)
+# (d, k, tokens, dtype, mask_frac): Q in the activations' dtype (U, V kept in bf16, docs/DESIGN.md §4)
 if common.quick():
     PROJECTED_SHAPES = [(48, 24, 64, torch.bfloat16, 0.5)]
 elif DEVICE.type == "cuda":

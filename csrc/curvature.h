@@ -1,4 +1,4 @@
-// Shared declarations of the fisherlora._C curvature ops (DESIGN.md §3).
+// Shared declarations of the fisherlora._C curvature ops (docs/DESIGN.md §3).
 //
 // The ops are registered as torch ops in the `fisherlora_ext` namespace (bindings.cpp):
 //   fisherlora_ext::syrk_accumulate_(Tensor(a!) acc, Tensor x, Tensor? mask, float scale) -> ()

@@ -1,4 +1,4 @@
-"""Hook-based collection of Kronecker-factored Fisher statistics (DESIGN.md §1 step 1).
+"""Hook-based collection of Kronecker-factored Fisher statistics (docs/DESIGN.md §1 step 1).
 
 For every target layer ``s = W a`` (``W`` of shape ``(d_out, d_in)``) the collector accumulates
 
@@ -22,7 +22,7 @@ Conventions (tested in ``tests/test_collect.py``):
   sharing is discovered from tensor identity on the first forward, and the factor is
   accumulated once per input.
 - Statistics are kept in float32 (float64 on request) whatever the model dtype.
-- Memory modes (DESIGN.md §4): ``full`` keeps dense ``(d, d)`` factors; ``packed`` keeps their
+- Memory modes (docs/DESIGN.md §4): ``full`` keeps dense ``(d, d)`` factors; ``packed`` keeps their
   upper triangles ``(d(d+1)/2,)``; ``projected`` never forms ``A`` or ``G``: given each layer's
   singular bases it accumulates ``diag(VᵀAV)`` and ``diag(UᵀGU)`` ``(k,)`` directly (no ``A``
   sharing: each layer projects on its own ``V``).
@@ -32,7 +32,7 @@ Conventions (tested in ``tests/test_collect.py``):
   autograd graph and see no backward pass), or, when the hooked modules do not all sit in one
   stack of decoder layers (``model.layers.<i>...``), the input embeddings' output (for a model
   without input embeddings, its floating-point inputs).
-- ``checkpoint=True`` (what the projected mode passes, DESIGN.md §4) recomputes each decoder layer
+- ``checkpoint=True`` (what the projected mode passes, docs/DESIGN.md §4) recomputes each decoder layer
   from that lowest one upward during the backward pass (``torch.utils.checkpoint``,
   non-reentrant), so a batch holds one layer's activations instead of all of them.
 - The model's train/eval mode is left as the caller set it (``eval()`` for the Fisher of the

@@ -1,4 +1,4 @@
-"""Configuration of a Fisher-guided LoRA initialisation (DESIGN.md §1)."""
+"""Configuration of a Fisher-guided LoRA initialisation (docs/DESIGN.md §1)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class Score(str, enum.Enum):
 
 
 class MemoryMode(str, enum.Enum):
-    """How the statistics are held (DESIGN.md §4).
+    """How the statistics are held (docs/DESIGN.md §4).
 
     ``full``: dense float32 ``A`` and ``G`` (``A`` shared by layers with the same input).
     ``packed``: their upper triangles (half the memory). ``projected``: the SVDs first, then only
@@ -52,7 +52,7 @@ class MemoryMode(str, enum.Enum):
 
 
 class Magnitude(str, enum.Enum):
-    """The singular value each chosen direction carries in the adapter (DESIGN.md §1 step 5).
+    """The singular value each chosen direction carries in the adapter (docs/DESIGN.md §1 step 5).
 
     ``sigma``: its own ``σ_i`` (PiSSA on the chosen triplets). ``top_sigma``: the ``r`` largest
     singular values of ``W``, assigned in energy order. ``unit``: 1. ``energy``: the ``sigma``

@@ -121,7 +121,7 @@ class LayerSelection:
 
 def adapter_magnitudes(sigma: torch.Tensor, energy: torch.Tensor, indices: torch.Tensor,
                        magnitude: Magnitude | str) -> torch.Tensor:
-    """Singular value carried by each chosen direction (DESIGN.md §1 step 5).
+    """Singular value carried by each chosen direction (docs/DESIGN.md §1 step 5).
 
     Args:
         sigma: ``(k,)`` descending singular values. energy: ``(k,)`` Fisher energies.
@@ -213,7 +213,7 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
 
 def residual_weight(W: torch.Tensor, B: torch.Tensor, A_lora: torch.Tensor, scaling: float) -> torch.Tensor:
     """``W_res = W − s·B A`` computed in float32 ``(d_out, d_in)`` (cast once by the caller), so
-    that ``W_res + s·B A = W`` and the model's outputs are unchanged (DESIGN.md §1 step 5)."""
+    that ``W_res + s·B A = W`` and the model's outputs are unchanged (docs/DESIGN.md §1 step 5)."""
     return W.detach().float() - scaling * (B.float() @ A_lora.float())
 
 

@@ -36,7 +36,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
                            statistics: FisherStatistics | None = None, num_batches: int | None = None,
                            progress: bool = True, keep_statistics: bool = True) -> FisherLoraResult:
-    """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; DESIGN.md §1).
+    """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; docs/DESIGN.md §1).
 
     Args:
         model: a ``transformers`` causal LM (or any module whose output has ``.logits``). It is
@@ -48,7 +48,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             when ``layer_groups > 1`` since each group makes its own pass. Not needed with
             ``statistics``.
         fisher_config: :class:`FisherLoraConfig` (default: all defaults), including the memory
-            mode and layer groups (DESIGN.md §4).
+            mode and layer groups (docs/DESIGN.md §4).
         statistics: precomputed statistics (e.g. :meth:`FisherStatistics.load`), to re-select
             with another rank without new passes (full or packed kinds).
         num_batches: for the progress bar (sequences); optional.

@@ -1,4 +1,4 @@
-"""Memory planning: what each memory mode needs, without loading weights (DESIGN.md §4).
+"""Memory planning: what each memory mode needs, without loading weights (docs/DESIGN.md §4).
 
 Every figure is in bytes. The statistics figures are exact closed forms:
 

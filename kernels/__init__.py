@@ -1,4 +1,4 @@
-"""Triton backend of the curvature ops (``fisherlora.kernels``; DESIGN.md §3).
+"""Triton backend of the curvature ops (``fisherlora.kernels``; docs/DESIGN.md §3).
 
 One module per op, each holding its ``@triton.jit`` kernels, host launcher and a docstring with
 shapes, dtypes and formula:

@@ -34,7 +34,7 @@ def interpret_upcast(dtype: torch.dtype) -> bool:
     """Whether tiles of ``dtype`` must be upcast to float32 before ``tl.dot``.
 
     Only under the interpreter, and only for bfloat16: the interpreter computes bf16 ``tl.dot``
-    wrongly (DESIGN.md §3); fp16 and fp32 are exact there, so they keep the native path.
+    wrongly (docs/DESIGN.md §3); fp16 and fp32 are exact there, so they keep the native path.
     """
     return INTERPRET and dtype == torch.bfloat16
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-# Triton kernels run interpreted on CPU-only machines (DESIGN.md §5). The variable must be set
+# Triton kernels run interpreted on CPU-only machines (docs/DESIGN.md §5). The variable must be set
 # before the @triton.jit functions are defined, i.e. before fisherlora.kernels is imported.
 # device_count() asks NVML first, so this does not initialise CUDA.
 _cuda_visible = torch.backends.cuda.is_built() and torch.cuda.device_count() > 0

@@ -110,8 +110,8 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_out:
 
     A low-precision backend may be at most ``factor`` times as far from the float64 reference as
     PyTorch's own result at the same precision (``torch_out``), plus a floor of ``rel_floor``
-    times the reference's scale (STYLE.md point 3). The message names the mismatch count, the
-    worst index and any NaN/inf.
+    times the reference's scale. The message names the mismatch count, the worst index and any
+    NaN/inf.
     """
     out64 = out.detach().to(torch.float64).cpu()
     ref64 = ref64.detach().to(torch.float64).cpu()

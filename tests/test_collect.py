@@ -1,4 +1,4 @@
-"""K-FAC statistics collection against float64 hand computations (DESIGN.md §1 step 1)."""
+"""K-FAC statistics collection against float64 hand computations (docs/DESIGN.md §1 step 1)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Fisher energy, selection and the LoRA factors (DESIGN.md §1 steps 2-5)."""
+"""Fisher energy, selection and the LoRA factors (docs/DESIGN.md §1 steps 2-5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Importing fisherlora (and its compiled backend) must not initialise CUDA (STYLE.md point 8).
+"""Importing fisherlora (and its compiled backend) must not initialise CUDA.
 
 Runs in a fresh interpreter, where torch's CUDA initialisation entry points are replaced by
 tripwires first: on a CPU machine ``torch.cuda.is_initialized()`` is always false, so the

@@ -53,7 +53,7 @@ def test_plan_of_llama_3_8b_matches_the_design_table():
     assert plans[("naive", 1)].statistics == naive
     assert plans[("full", 1)].statistics == full
     assert plans[("packed", 1)].statistics == packed
-    # DESIGN.md §4's table, within 2 %
+    # docs/DESIGN.md §4's table, within 2 %
     for (mode, g), gb in {("naive", 1): 98.5, ("full", 1): 92.1, ("packed", 1): 46.0}.items():
         assert abs(plans[(mode, g)].statistics / 1e9 - gb) <= 0.02 * gb, mode
     bases = plans[("projected", 1)].svd_workspace - plans[("full", 1)].svd_workspace

@@ -1,4 +1,4 @@
-// CPU kernels of the curvature ops (DESIGN.md §3).
+// CPU kernels of the curvature ops (docs/DESIGN.md §3).
 //
 // Common scheme: the rows of x that the mask keeps are described by their element offsets (one
 // int64 per kept token; masked-out rows are never read, so NaN padding cannot leak). Work is cut

@@ -1,4 +1,4 @@
-// CUDA kernels of the curvature ops (DESIGN.md §3). Needs only the CUDA toolkit (see launch.h).
+// CUDA kernels of the curvature ops (docs/DESIGN.md §3). Needs only the CUDA toolkit (see launch.h).
 //
 // They are the fallback where Triton is missing and a second, independent implementation to
 // check the Triton kernels against; they favour simplicity and determinism over peak speed:

@@ -1,4 +1,4 @@
-"""The curvature ops (DESIGN.md §3), with backend dispatch.
+"""The curvature ops (docs/DESIGN.md §3), with backend dispatch.
 
 Every op validates its arguments here, once, whatever the backend, so that all backends raise
 the same clear errors; then :mod:`fisherlora.ops.dispatch` picks the implementation.
@@ -67,7 +67,7 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     """Accumulate a masked, scaled Gram matrix: ``acc += scale · x_mᵀ x_m`` in place.
 
     This is the K-FAC factor update (``A += aaᵀ`` for layer inputs, ``G += ggᵀ`` for output
-    gradients; Martens & Grosse 2015, eq. 1; DESIGN.md §1 step 1).
+    gradients; Martens & Grosse 2015, eq. 1; docs/DESIGN.md §1 step 1).
 
     Args:
         acc: float32 (float64 for references) accumulator on ``x``'s device, either dense
@@ -110,7 +110,7 @@ def fisher_energy(M: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") ->
 
     With ``M = G`` and ``Q = U`` (left singular vectors) and ``M = A``, ``Q = V`` this gives the
     two factors of the Fisher energy ``e_i = (u_iᵀ G u_i)(v_iᵀ A v_i)`` of the direction
-    ``u_i v_iᵀ`` under ``F ≈ A ⊗ G`` (DESIGN.md §1 step 3).
+    ``u_i v_iᵀ`` under ``F ≈ A ⊗ G`` (docs/DESIGN.md §1 step 3).
 
     Args:
         M: symmetric float32/float64 matrix, dense ``(d, d)`` (both triangles read) or packed
@@ -143,7 +143,7 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
     """Accumulate squared projections: ``acc += Σ_t (Qᵀ x_t)²`` over unmasked rows, in place.
 
     Summed over a calibration set this is ``diag(Qᵀ (Σ_t x_t x_tᵀ) Q)`` without ever forming the
-    ``(d, d)`` factor: the projected memory mode (DESIGN.md §4).
+    ``(d, d)`` factor: the projected memory mode (docs/DESIGN.md §4).
 
     Args:
         acc: ``(k,)`` float32 (float64 for references) accumulator on ``x``'s device.

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference implementations of the curvature ops (DESIGN.md §3).
+"""Pure-PyTorch reference implementations of the curvature ops (docs/DESIGN.md §3).
 
 These are the ground truth for every other backend: they work on any device and in float64,
 and the tests and benchmarks import them rather than re-writing them.
