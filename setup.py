@@ -17,6 +17,9 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: the extension's sources: always the C++ ones, the CUDA ones when built with CUDA
+CPP_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
+CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu"]
 
 
 def _flag(name):
@@ -82,7 +85,7 @@ def extensions():
 
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     cxx_flags = ["-O3", *openmp]
-    sources = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
+    sources = list(CPP_SOURCES)
     kwargs = {
         "extra_compile_args": {"cxx": cxx_flags},
         "extra_link_args": openmp + _shared_libstdcxx_link_args(),
@@ -90,7 +93,7 @@ def extensions():
     }
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # no GPU to detect at build time
-        sources += ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu"]
+        sources += CUDA_SOURCES
         kwargs["include_dirs"] += _nvidia_wheel_includes()
         kwargs["define_macros"] = [("FISHERLORA_WITH_CUDA", None)]
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]

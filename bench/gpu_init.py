@@ -38,8 +38,9 @@ def main(argv=None) -> int:
                    help="keep only the first N decoder layers (same shapes; default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    toy = {"num_samples": 8, "max_length": 32} if common.quick() else {}  # FISHERLORA_BENCH_QUICK=1: smoke tests
     common.add_size_flags(p, "memory_mode", "layer_groups", "bases_dtype", "backend", memory_mode="projected",
-                          bases_dtype="model")
+                          bases_dtype="model", **toy)
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
 

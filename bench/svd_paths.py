@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench import common
 from fisherlora.svd import svd_gram_eigh
 
 CPU_SHAPES = [(576, 576, 8), (192, 576, 8), (1536, 576, 8), (576, 1536, 8)]  # SmolLM2-135M projections
@@ -116,7 +117,8 @@ def measure(shape, device, repeats=3, seed=0, reference=True, on_row=None):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", default=common.quick(),
+                   help=f"toy shapes (seconds; also when {common.QUICK_ENV}=1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench/out/svd")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per path (default 3; 2 on CUDA)")

@@ -96,19 +96,27 @@ def test_rank_pattern_and_rslora_follow_peft():
 
 
 @pytest.mark.parametrize(
-    "case, cfg, lc, data, err, match",
+    "cfg, lc, match",
     [
-        ("empty data", CFG, None, [], ValueError, "calibration data is empty"),
-        ("rank too large", FisherLoraConfig(rank=40, backend="torch"), None, None, ValueError,
-         r"rank 40 exceeds min\(d_out, d_in\)"),
-        ("no target", CFG, LoraConfig(r=2, target_modules=["nope_proj"]), None, ValueError, "matches no module"),
+        (FisherLoraConfig(rank=40, backend="torch"), None, r"rank 40 exceeds min\(d_out, d_in\)"),
+        (CFG, LoraConfig(r=2, target_modules=["nope_proj"]), "matches no module"),
     ],
+    ids=["rank too large", "no target"],
 )
-def test_bad_input_is_a_clear_error_and_restores_the_model(tmp_path, case, cfg, lc, data, err, match):
+def test_bad_configuration_is_a_clear_error_before_any_pass(cfg, lc, match):
+    def never():
+        raise AssertionError("a calibration batch was read")
+        yield
+
+    with pytest.raises(ValueError, match=match):
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), lc, never(), cfg, progress=False)
+
+
+def test_empty_data_is_a_clear_error_after_the_hooks_and_restores_the_model():
     model = tiny_llama(torch.float32)
     snap = model_snapshot(model)
-    with pytest.raises(err, match=match):
-        fisherlora.initialize_fisher_lora(model, lc, batches() if data is None else data, cfg, progress=False)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        fisherlora.initialize_fisher_lora(model, None, [], CFG, progress=False)
     assert_restored(model, snap)
 
 

@@ -1,10 +1,11 @@
 """The reference ops against float64 hand computations, and the shared argument checks."""
 
+import warnings
+
 import pytest
 import torch
 
 from fisherlora import ops
-from fisherlora.ops import reference
 from tests.op_cases import ENERGY_CASES, PROJECTED_CASES, SYRK_CASES, assert_close_to_reference
 
 
@@ -95,6 +96,21 @@ def test_unknown_backend_is_a_clear_error():
         ops.syrk_accumulate_(torch.zeros(2, 2), torch.randn(3, 2), backend="cublas")
 
 
-def test_reference_is_the_always_available_backend():
-    assert "torch" in ops.available_backends("cpu")
-    assert reference.packed_size(300) == 45150
+def test_a_backend_that_fails_to_import_warns_once_and_auto_falls_back(monkeypatch):
+    from fisherlora.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_MODULES", {**dispatch._MODULES, "ext": "fisherlora.no_such_backend"})
+    monkeypatch.setattr(dispatch, "_loaded", {})
+    monkeypatch.setattr(dispatch, "_errors", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    acc = torch.zeros(3, 3, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="'ext' backend is unavailable .*ModuleNotFoundError"):
+        ops.syrk_accumulate_(acc, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        ops.syrk_accumulate_(acc, x)
+    torch.testing.assert_close(torch.triu(acc), torch.triu(2 * x.T @ x))
+    assert "ext" not in ops.available_backends("cpu")
+    with pytest.raises(RuntimeError, match="backend 'ext' is unavailable: ModuleNotFoundError"):
+        ops.syrk_accumulate_(acc, x, backend="ext")
