@@ -31,6 +31,17 @@ def add_size_flags(parser, *extra_fields: str, **defaults) -> None:
     add_config_flags(parser, SIZE_FIELDS + extra_fields, defaults=defaults, title="calibration and LoRA shape")
 
 
+def write_markdown_table(path, header: list[str], rows: list[list[str]]) -> str:
+    """Write (and return) a Markdown table: the benchmarks' human-readable result beside their JSON."""
+    from pathlib import Path
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
 def quick() -> bool:
     return os.environ.get(QUICK_ENV) == "1"
 

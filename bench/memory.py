@@ -62,6 +62,8 @@ def worker(mode: str, groups: int, sizes: dict, device: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from bench import common
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/out/memory", help="folder for memory.json and memory.md")
     p.add_argument("--quick", action="store_true", help="toy sizes (seconds), for smoke tests")
@@ -94,14 +96,11 @@ def main(argv=None) -> int:
     meta = {"sizes": sizes, "device": args.device, "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "rows": rows}
     (out / "memory.json").write_text(json.dumps(meta, indent=1))
-    lines = ["| mode | layer groups | wall s | × full | peak MiB | × naive | beyond model MiB | × naive |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['layer_groups']} | {r['wall_s']:.1f} | {r['time_vs_full']:.2f} | "
-                     f"{r['peak_mb']:.0f} | {r['peak_vs_naive']:.2f} | {r['beyond_model_mb']:.0f} | "
-                     f"{r['beyond_model_vs_naive']:.2f} |")
-    (out / "memory.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["mode", "layer groups", "wall s", "× full", "peak MiB", "× naive", "beyond model MiB", "× naive"]
+    table = [[r["mode"], r["layer_groups"], f"{r['wall_s']:.1f}", f"{r['time_vs_full']:.2f}", f"{r['peak_mb']:.0f}",
+              f"{r['peak_vs_naive']:.2f}", f"{r['beyond_model_mb']:.0f}", f"{r['beyond_model_vs_naive']:.2f}"]
+             for r in rows]
+    print(common.write_markdown_table(out / "memory.md", header, table), end="")
     return 0
 
 

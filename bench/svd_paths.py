@@ -147,15 +147,15 @@ def main(argv=None) -> int:
     def fmt(x):
         return "n/a" if x is None else f"{x:.1e}"
 
-    lines = ["| shape | n | path | median s | × batched | residual | orthogonality loss | σ rel. err "
-             "| smallest-direction err |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ["shape", "n", "path", "median s", "× batched", "residual", "orthogonality loss", "σ rel. err",
+              "smallest-direction err"]
+    table = []
     for r in rows:
         base = next(x for x in rows if x["shape"] == r["shape"] and x["path"] == "batched")["median_s"]
-        lines.append(f"| {r['shape']} | {r['n']} | {r['path']} | {r['median_s']:.4f} | {r['median_s'] / base:.2f} | "
-                     f"{fmt(r['residual'])} | {fmt(r['orthogonality_loss'])} | {fmt(r['sigma_rel_err'])} "
-                     f"| {fmt(r['smallest_dirs_err'])} |")
-    (out / "svd_paths.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        table.append([r["shape"], r["n"], r["path"], f"{r['median_s']:.4f}", f"{r['median_s'] / base:.2f}",
+                      fmt(r["residual"]), fmt(r["orthogonality_loss"]), fmt(r["sigma_rel_err"]),
+                      fmt(r["smallest_dirs_err"])])
+    print(common.write_markdown_table(out / "svd_paths.md", header, table), end="")
     return 0
 
 

@@ -43,16 +43,16 @@ def supports(device_type: str) -> bool:
     return device_type == "cpu" and INTERPRET
 
 
-def _is_f64(*tensors: torch.Tensor | None) -> bool:
-    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+def _impl(module, op: str, *tensors: torch.Tensor | None):
+    """``module.op``, or the float64 reference when any tensor is float64 (Triton's float64 is not
+    what the kernels are built for; the reference is exact there)."""
+    f64 = any(t is not None and t.dtype == torch.float64 for t in tensors)
+    return getattr(_reference if f64 else module, op)
 
 
 @torch.library.custom_op("fisherlora::triton_syrk_accumulate_", mutates_args=("acc",))
 def _syrk_op(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
-    if _is_f64(acc, x):
-        _reference.syrk_accumulate_(acc, x, mask, scale)
-    else:
-        _syrk_mod.syrk_accumulate_(acc, x, mask, scale)
+    _impl(_syrk_mod, "syrk_accumulate_", acc, x)(acc, x, mask, scale)
 
 
 @_syrk_op.register_fake
@@ -62,9 +62,7 @@ def _(acc, x, mask, scale):
 
 @torch.library.custom_op("fisherlora::triton_fisher_energy", mutates_args=())
 def _energy_op(M: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    if _is_f64(M, Q):
-        return _reference.fisher_energy(M, Q)
-    return _energy_mod.fisher_energy(M, Q)
+    return _impl(_energy_mod, "fisher_energy", M, Q)(M, Q)
 
 
 @_energy_op.register_fake
@@ -75,10 +73,7 @@ def _(M, Q):
 
 @torch.library.custom_op("fisherlora::triton_projected_sq_accumulate_", mutates_args=("acc",))
 def _projected_op(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor, mask: torch.Tensor | None) -> None:
-    if _is_f64(acc, x, Q):
-        _reference.projected_sq_accumulate_(acc, x, Q, mask)
-    else:
-        _projected_mod.projected_sq_accumulate_(acc, x, Q, mask)
+    _impl(_projected_mod, "projected_sq_accumulate_", acc, x, Q)(acc, x, Q, mask)
 
 
 @_projected_op.register_fake
