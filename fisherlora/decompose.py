@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from fisherlora import ops
 from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
-from fisherlora.layers import check_ranks, layer_shape, ranks_and_scalings, weight_view
+from fisherlora.layers import check_ranks, check_target_weights, layer_shape, ranks_and_scalings, weight_view
 from fisherlora.statistics import FisherStatistics
 from fisherlora.svd import iter_thin_svd, thin_svd
 
@@ -248,6 +248,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         ValueError: a rank larger than ``min(d_in, d_out)``, or statistics that do not match
             the layers (naming them).
     """
+    check_target_weights(modules)
     plan = ranks_and_scalings(lora_config, list(modules))
     check_ranks({n: layer_shape(m) for n, m in modules.items()}, {n: r for n, (r, _) in plan.items()})
     for name, module in modules.items():

@@ -14,6 +14,7 @@ from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization
 from fisherlora.layers import (
+    check_model,
     check_ranks,
     find_target_modules,
     fingerprints_match,
@@ -61,13 +62,16 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
 
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
-            nothing, one-shot data with several layer groups. FloatingPointError: non-finite
-            statistics (naming the layer).
+            nothing, target weights that are not plain float parameters (quantised, meta, sharded
+            placeholders) or that share storage with another module (tied weights), one-shot data
+            with several layer groups. FloatingPointError: non-finite weights (naming the tensor) or
+            statistics (naming the layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
     lora_config = lora_config if lora_config is not None else config.to_lora_config()
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
+    check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
     check_ranks({n: layer_shape(m) for n, m in modules.items()},
                 {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
     if statistics is None and data is None:

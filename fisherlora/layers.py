@@ -24,6 +24,10 @@ __all__ = [
     "layer_groups",
     "ranks_and_scalings",
     "check_ranks",
+    "check_target_weights",
+    "check_not_shared",
+    "check_finite",
+    "check_model",
     "weight_fingerprint",
     "fingerprints_match",
 ]
@@ -159,6 +163,113 @@ def check_ranks(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> No
         if r > min(d_out, d_in):
             raise ValueError(f"rank {r} exceeds min(d_out, d_in) = {min(d_out, d_in)} of layer {name!r} "
                              f"({d_out}x{d_in})")
+
+
+#: weight dtypes fisherlora decomposes
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _own_shape(module: nn.Module) -> tuple[int, int]:
+    """The shape the layer's weight has when it is a plain tensor: ``(out, in)``, Conv1D ``(in, out)``."""
+    if is_conv1d(module):
+        return (module.nx, module.nf) if hasattr(module, "nx") else tuple(module.weight.shape)
+    return (module.out_features, module.in_features)
+
+
+def _weight_problem(module: nn.Module) -> str | None:
+    """Why the module's weight is not a plain float ``Parameter`` of its own shape, or None."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return f"is {type(w).__name__}, not a tensor"
+    what = f"a {type(w).__name__} ({str(w.dtype).removeprefix('torch.')}, shape {tuple(w.shape)})"
+    if w.is_meta:
+        return (f"is {what} on the meta device (a model built without its weights, e.g. under "
+                "init_empty_weights): load the weights first")
+    if w.numel() == 0 or (w.dim() < 2 and hasattr(w, "ds_shape")):
+        return (f"is {what}, an empty or 1-D placeholder: the model is sharded (DeepSpeed ZeRO-3 partitions "
+                "weights this way); gather the full weights first")
+    if type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor":
+        return f"is {what}, a sharded DTensor (FSDP2 or tensor parallel): gather the full weights first"
+    if type(w) is not nn.Parameter and type(w) is not torch.Tensor:
+        return f"is {what}: a quantised or wrapped weight type"
+    if w.dtype not in FLOAT_DTYPES:
+        return f"is {what}: not a floating-point weight"
+    if tuple(w.shape) != _own_shape(module):
+        return f"is {what}, not the layer's own shape {_own_shape(module)}"
+    return None
+
+
+def check_target_weights(modules: dict[str, nn.Module]) -> None:
+    """Refuse, by kind, every target whose weight fisherlora cannot decompose and write back.
+
+    Supported: a plain ``torch.nn.Parameter`` (or tensor) of dtype float16, bfloat16, float32 or
+    float64 with the layer's own shape. Refused, naming the layer and the weight's type, dtype and
+    shape: quantised weights (bitsandbytes ``Int8Params``/``Params4bit``, any other tensor
+    subclass), integer weights, meta tensors, empty or 1-D placeholders (DeepSpeed ZeRO-3) and
+    sharded ``DTensor`` weights.
+
+    Raises:
+        ValueError: for the first such target.
+    """
+    for name, module in modules.items():
+        problem = _weight_problem(module)
+        if problem is not None:
+            raise ValueError(
+                f"target {name!r} ({type(module).__name__}): its weight {problem}. fisherlora supports plain "
+                "float16/bfloat16/float32/float64 nn.Parameter weights of the layer's own shape (quantised bases "
+                "are not supported yet: load the model without a quantization_config)")
+
+
+def check_not_shared(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Refuse a target whose weight shares its storage with another parameter or buffer of the
+    model (tied embeddings, one ``Parameter`` assigned to two layers, views of one tensor): writing
+    its residual would change the other module too. Sharing is found by storage, not by name.
+
+    Raises:
+        ValueError: naming the target and the tensors it shares with.
+    """
+    owners: dict[int, list[str]] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for tname, t in tensors:
+        if t.numel() and not t.is_meta:
+            owners.setdefault(t.untyped_storage().data_ptr(), []).append(tname)
+    for name, module in modules.items():
+        w = module.weight
+        if not w.numel() or w.is_meta:
+            continue
+        others = [o for o in owners.get(w.untyped_storage().data_ptr(), []) if o != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"target {name!r} shares its weight with {others} (tied weights, e.g. tie_word_embeddings): "
+                "writing its residual would change them too. Leave it out of target_modules, or untie the "
+                "weights before initialising (give the module its own copy of the weight)")
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse non-finite values in any floating-point parameter or buffer the passes read.
+
+    Raises:
+        FloatingPointError: naming the tensor (``model.embed_tokens.weight``) and its count of NaN/inf.
+    """
+    with torch.no_grad():
+        for tname, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and not t.is_meta and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise FloatingPointError(f"{tname} holds {bad} non-finite value(s) (NaN or inf): the calibration "
+                                         "passes would spread them into every statistic; fix the weights first")
+
+
+def check_model(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Every up-front check of the model's weights, before any pass: the targets' weight kind
+    (:func:`check_target_weights`), shared storage (:func:`check_not_shared`) and non-finite
+    values anywhere (:func:`check_finite`).
+
+    Raises:
+        ValueError, FloatingPointError: as those functions.
+    """
+    check_target_weights(modules)
+    check_not_shared(model, modules)
+    check_finite(model)
 
 
 def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:

@@ -14,7 +14,8 @@ __all__ = ["random_llama", "tiny_data", "pad_batches", "peak_memory"]
 
 
 def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermediate: int = 48, layers: int = 2,
-                 heads: int = 4, kv_heads: int = 2, max_positions: int = 128, dtype: torch.dtype = torch.float32):
+                 heads: int = 4, kv_heads: int = 2, max_positions: int = 128, dtype: torch.dtype = torch.float32,
+                 tie_word_embeddings: bool = False):
     """A random-weight Llama in eval mode with sdpa attention (eager attention turns left-padding
     rows into NaN in float64, docs/DESIGN.md). Shared by the benchmarks and the tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -22,7 +23,7 @@ def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermedi
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
                       attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

@@ -15,7 +15,8 @@ from fisherlora.layers import (
     weight_view,
     write_weight,
 )
-from tests.models import tiny_gpt2
+from fisherlora.testing import random_llama
+from tests.models import tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("name, index, kind", [
@@ -62,3 +63,92 @@ def test_fingerprints_see_a_permutation_and_a_small_step_but_not_a_copy():
     assert fingerprints_match(fp, weight_fingerprint(W.clone()))
     assert not fingerprints_match(fp, weight_fingerprint(W.flip(0)))
     assert not fingerprints_match(fp, weight_fingerprint(W + 0.01 * W.std() * torch.randn_like(W)))
+
+
+# ----------------------------------------------------------------------------- what is refused up front
+def _never():
+    raise AssertionError("a calibration batch was read: the refusal came too late")
+    yield
+
+
+def _quantised(tmp_path, **bnb):
+    """A tiny Llama saved and loaded back through bitsandbytes on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    random_llama(hidden=64, intermediate=128).save_pretrained(tmp_path / "fp")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=BitsAndBytesConfig(**bnb),
+                                                device_map="cpu")
+
+
+def _placeholder(model):
+    """DeepSpeed ZeRO-3 leaves empty (or 1-D) placeholders in place of partitioned weights."""
+    lin = model.model.layers[0].self_attn.q_proj
+    lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    lin.weight.ds_shape = (32, 32)
+    return model
+
+
+def _int_weight(model):
+    lin = model.model.layers[1].mlp.down_proj
+    lin.weight = nn.Parameter(torch.zeros(lin.weight.shape, dtype=torch.int8), requires_grad=False)
+    return model
+
+
+@pytest.mark.parametrize("kind, build, match", [
+    ("bnb 8-bit", lambda tmp: _quantised(tmp, load_in_8bit=True), r"q_proj.*Int8Params.*int8.*\(64, 64\)"),
+    ("bnb 4-bit nf4 + double quant", lambda tmp: _quantised(
+        tmp, load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True), r"Params4bit.*uint8"),
+    ("bnb 4-bit fp4", lambda tmp: _quantised(tmp, load_in_4bit=True, bnb_4bit_quant_type="fp4"), "Params4bit"),
+    ("ZeRO-3 placeholder", lambda tmp: _placeholder(tiny_llama(torch.float32)), "empty.*shard"),
+    ("integer weight", lambda tmp: _int_weight(tiny_llama(torch.float32)), r"down_proj.*\bint8"),
+    ("meta device", lambda tmp: __import__("fisherlora.models").models.meta_model_from_config(
+        tiny_llama(torch.float32).config), "meta device"),
+])
+def test_weights_that_are_not_plain_float_parameters_are_refused_before_any_pass(tmp_path, kind, build, match):
+    import fisherlora
+    from tests.models import CFG
+
+    model = build(tmp_path)
+    with pytest.raises(ValueError, match=match) as err:
+        fisherlora.initialize_fisher_lora(model, None, _never(), CFG, progress=False)
+    assert "supports" in str(err.value), "the message says what is supported"
+
+
+def _two_modules_one_weight(model):
+    model.model.layers[1].self_attn.o_proj.weight = model.model.layers[0].self_attn.o_proj.weight
+    return model
+
+
+@pytest.mark.parametrize("kind, build, targets, match", [
+    ("tied embeddings, lm_head targeted", lambda: random_llama(tie_word_embeddings=True), ["q_proj", "lm_head"],
+     r"'lm_head'.*shares its weight with .*embed_tokens"),
+    ("one Parameter in two layers", lambda: _two_modules_one_weight(tiny_llama(torch.float32)), ["o_proj"],
+     r"layers\.\d\.self_attn\.o_proj.*shares its weight with .*layers\.\d\.self_attn\.o_proj"),
+])
+def test_weights_shared_with_another_module_are_refused_by_storage(kind, build, targets, match):
+    import fisherlora
+    from fisherlora import FisherLoraConfig
+
+    model = build()
+    cfg = FisherLoraConfig(rank=4, alpha=8, backend="torch", target_modules=targets)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        fisherlora.initialize_fisher_lora(model, None, _never(), cfg, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("where, value", [
+    ("model.embed_tokens.weight", float("nan")),        # read by the pass, not a target
+    ("model.layers.1.mlp.up_proj.weight", float("inf")),  # a target
+    ("model.layers.0.input_layernorm.weight", float("-inf")),
+])
+def test_non_finite_weights_are_found_before_the_passes_naming_where(where, value):
+    import fisherlora
+    from tests.models import CFG
+
+    model = tiny_llama(torch.float32)
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[3] = value
+    with pytest.raises(FloatingPointError, match=where.replace(".", r"\.")):
+        fisherlora.initialize_fisher_lora(model, None, _never(), CFG, progress=False)
