@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from fisherlora.decompose import LayerInit, residual_weight
-from fisherlora.layers import fingerprints_match, weight_fingerprint, weight_view, write_weight
+from fisherlora.layers import (
+    check_model,
+    find_target_modules,
+    fingerprints_match,
+    weight_fingerprint,
+    weight_view,
+    write_weight,
+)
 from fisherlora.snapshot import restore_on_error
 
 __all__ = ["META_FILE", "lora_layers", "wrap_and_write", "save_residual_model", "load"]
@@ -107,10 +114,12 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
 
     Raises:
         FileNotFoundError: ``out_dir`` is not a fisherlora output. ValueError: the base model's
-            weights do not match the recorded fingerprints (a different base), or the trained
-            adapter's shapes differ. The base model is restored on error.
+            weights do not match the recorded fingerprints (a different base; checked before
+            anything is written into it), a target weight fisherlora cannot handle
+            (:func:`fisherlora.layers.check_model`), or the trained adapter's shapes differ. The
+            base model is left exactly as it was on every error.
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     out = Path(out_dir)
@@ -120,17 +129,19 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     meta = json.loads(meta_path.read_text())
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
+    # the base is checked before PEFT writes anything into it
+    modules = find_target_modules(base_model, PeftConfig.from_pretrained(str(out)))
+    check_model(base_model, modules)
+    for name, recorded in meta["base_weight_fingerprints"].items():
+        if name not in modules:
+            raise ValueError(f"layer {name!r} of the saved initialisation is not a target in this model")
+        if not fingerprints_match(recorded, weight_fingerprint(weight_view(modules[name]))):
+            raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
+                             f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
     with restore_on_error(base_model) as state:
         peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
         with torch.no_grad():
             layers = dict(lora_layers(peft_model))
-            for name, recorded in meta["base_weight_fingerprints"].items():
-                if name not in layers:
-                    raise ValueError(f"layer {name!r} of the saved initialisation is not in this model")
-                have = weight_fingerprint(weight_view(layers[name].get_base_layer()))
-                if not fingerprints_match(recorded, have):
-                    raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
-                                     f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
             trained = None
             if adapter is not None:  # read and check the trained weights before any weight is written
                 trained = load_peft_weights(str(adapter), device="cpu")

@@ -79,7 +79,9 @@ class FisherLoraResult:
             raise ValueError("the statistics were freed (keep_statistics=False): nothing to save")
         t0 = time.perf_counter()
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp)
+            # the adapter only: PEFT's default would also save a targeted output head's BASE weight
+            # (save_embedding_layers="auto"), which then overwrites the base when loaded
+            self.model.save_pretrained(tmp, save_embedding_layers=False)
             meta = {"fisherlora_version": __version__, "config": self.config.to_dict(),
                     "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
                     "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},

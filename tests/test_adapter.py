@@ -115,3 +115,47 @@ def test_failure_after_wrapping_restores_the_model(monkeypatch, tmp_path, where,
         fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
     assert_restored(model, snap)
     assert list(tmp_path.iterdir()) == [], "the stash of original weights was left behind"
+
+
+def _llama():
+    return tiny_llama(torch.float32)
+
+
+def _gpt2():
+    from tests.models import tiny_gpt2
+
+    return tiny_gpt2(torch.float32)
+
+
+@pytest.mark.parametrize("build, lora", [
+    (_llama, dict(target_modules="all-linear")),
+    (_llama, dict(target_modules=["q_proj", "v_proj"])),
+    (_llama, dict(target_modules=["lm_head", "down_proj"])),  # the (untied) output head
+    (_llama, dict(target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}, alpha_pattern={"o_proj": 3.0},
+                  use_rslora=True)),
+    (_gpt2, dict(target_modules="all-linear")),  # Conv1D
+], ids=["all-linear", "q,v", "lm_head", "patterns+rslora", "gpt2 Conv1D"])
+def test_every_accepted_target_set_round_trips_save_then_load(tmp_path, build, lora):
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from tests.models import probe
+
+    lc = LoraConfig(r=4, lora_alpha=8, **lora)
+    model = build()
+    ids = probe(vocab=model.config.vocab_size)
+    result = fisherlora.initialize_fisher_lora(model, lc, batches(vocab=model.config.vocab_size), CFG, progress=False)
+    after = logits(result.model, ids)
+    out = result.save(tmp_path / "out")
+    saved = set(load_file(out / "adapter_model.safetensors"))
+    assert all(".lora_" in k for k in saved), f"the adapter holds base weights: {sorted(saved)[:3]}"
+    loaded = fisherlora.load(build(), out)
+    assert torch.equal(logits(loaded, ids), after), "save -> load must give the same logits"
+    # a failed load leaves the base exactly as it was
+    other = build()
+    with torch.no_grad():
+        other.get_submodule(next(iter(result.selections))).weight.mul_(1.01)  # a target's weight
+    other_state = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="not the one the adapter was initialised from"):
+        fisherlora.load(other, out)
+    assert all(torch.equal(v, other_state[k]) for k, v in other.state_dict().items())
