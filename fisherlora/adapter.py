@@ -22,6 +22,7 @@ from fisherlora.layers import (
     check_model,
     find_target_modules,
     fingerprints_match,
+    unwrap_model,
     weight_fingerprint,
     weight_view,
     write_weight,
@@ -129,6 +130,7 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     meta = json.loads(meta_path.read_text())
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
+    base_model = unwrap_model(base_model)
     # the base is checked before PEFT writes anything into it
     modules = find_target_modules(base_model, PeftConfig.from_pretrained(str(out)))
     check_model(base_model, modules)

@@ -21,6 +21,7 @@ from fisherlora.layers import (
     layer_groups,
     layer_shape,
     ranks_and_scalings,
+    unwrap_model,
     weight_fingerprint,
     weight_view,
 )
@@ -40,7 +41,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; docs/DESIGN.md §1).
 
     Args:
-        model: a ``transformers`` causal LM (or any module whose output has ``.logits``). It is
+        model: a ``transformers`` causal LM (or any module whose output has ``.logits``), bare or
+            in a distributed/compiled container (:func:`fisherlora.layers.unwrap_model`). It is
             wrapped in place by PEFT, as ``peft.get_peft_model`` does; on error it is restored.
         lora_config: a ``peft.LoraConfig`` (r, lora_alpha, rsLoRA, target_modules, patterns);
             default ``fisher_config.to_lora_config()``.
@@ -69,6 +71,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     """
     config = fisher_config or FisherLoraConfig()
     lora_config = lora_config if lora_config is not None else config.to_lora_config()
+    model = unwrap_model(model)
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass

@@ -20,6 +20,7 @@ __all__ = [
     "layer_shape",
     "decoder_layer_index",
     "layer_kind",
+    "unwrap_model",
     "find_target_modules",
     "layer_groups",
     "ranks_and_scalings",
@@ -72,6 +73,32 @@ def layer_kind(name: str) -> str:
     stack is its own kind (``lm_head``)."""
     m = _LAYER_INDEX.search(name)
     return name[m.end():] if m and m.end() < len(name) else name
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model whose module names an adapter uses, out of the containers it may arrive in.
+
+    Distributed and compiled containers (``DataParallel``, ``DistributedDataParallel``, FSDP,
+    DeepSpeed engines, ``torch.compile``) are unwrapped with ``accelerate``'s own
+    ``extract_model_from_parallel``, so a wrapped model gets the same targets, names and output
+    head as the bare one (and its adapter loads on the bare base). Any other module that holds a
+    ``transformers`` model without being one is refused: its names would not be the model's.
+
+    Raises:
+        ValueError: an unknown wrapper, naming the attribute that holds the model.
+    """
+    from accelerate.utils import extract_model_from_parallel
+    from transformers import PreTrainedModel
+
+    inner = extract_model_from_parallel(model, keep_torch_compile=False)
+    if not isinstance(inner, PreTrainedModel):
+        held = next(((n, m) for n, m in inner.named_modules() if n and isinstance(m, PreTrainedModel)), None)
+        if held is not None:
+            raise ValueError(
+                f"{type(inner).__name__} wraps a transformers model ({type(held[1]).__name__}) at {held[0]!r}: "
+                f"fisherlora would see other module names and no output head; pass the model itself "
+                f"(<wrapper>.{held[0]})")
+    return inner
 
 
 def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:

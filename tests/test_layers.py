@@ -152,3 +152,38 @@ def test_non_finite_weights_are_found_before_the_passes_naming_where(where, valu
         model.get_parameter(where).view(-1)[3] = value
     with pytest.raises(FloatingPointError, match=where.replace(".", r"\.")):
         fisherlora.initialize_fisher_lora(model, None, _never(), CFG, progress=False)
+
+
+# ----------------------------------------------------------------------------- wrappers
+class _MyWrapper(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kw):
+        return self.lm(**kw)
+
+
+@pytest.mark.parametrize("wrap", [torch.nn.DataParallel, torch.compile], ids=["DataParallel", "torch.compile"])
+def test_a_wrapped_model_gives_the_same_adapter_which_loads_on_the_unwrapped_base(tmp_path, wrap):
+    import fisherlora
+    from tests.models import CFG, batches, logits, probe
+
+    plain = fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, batches(), CFG, progress=False)
+    wrapped = fisherlora.initialize_fisher_lora(wrap(tiny_llama(torch.float32)), None, batches(), CFG,
+                                                progress=False)
+    assert list(wrapped.selections) == list(plain.selections)
+    for name, sel in wrapped.selections.items():
+        assert torch.equal(sel.indices, plain.selections[name].indices)
+    out = wrapped.save(tmp_path / "out")
+    ids = probe()
+    loaded = fisherlora.load(tiny_llama(torch.float32), out)
+    torch.testing.assert_close(logits(loaded, ids), logits(plain.model, ids))
+
+
+def test_an_unknown_wrapper_around_a_transformers_model_is_refused_naming_the_inner_model():
+    import fisherlora
+    from tests.models import CFG
+
+    with pytest.raises(ValueError, match=r"_MyWrapper wraps a transformers model .*at 'lm'.*pass .*\.lm"):
+        fisherlora.initialize_fisher_lora(_MyWrapper(tiny_llama(torch.float32)), None, _never(), CFG, progress=False)
