@@ -27,7 +27,7 @@ from fisherlora.layers import (
     weight_view,
     write_weight,
 )
-from fisherlora.snapshot import restore_on_error
+from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
 __all__ = ["META_FILE", "lora_layers", "wrap_and_write", "save_residual_model", "load"]
 
@@ -97,6 +97,7 @@ def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(path)
 
 
+@keeps_global_rng
 def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = False):
     """Re-apply a saved initialisation to the ORIGINAL base model.
 

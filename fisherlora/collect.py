@@ -54,7 +54,7 @@ from fisherlora import ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
-from fisherlora.snapshot import ModelState
+from fisherlora.snapshot import ModelState, keeps_global_rng
 from fisherlora.statistics import FisherStatistics
 
 __all__ = ["StatisticsCollector", "collect_statistics"]
@@ -340,6 +340,7 @@ def _make_inputs_require_grad(module, args, kwargs):
 
 
 
+@keeps_global_rng
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
                        mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
                        num_batches: int | None = None, progress: bool = True,

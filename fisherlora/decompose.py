@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from fisherlora import ops
 from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
 from fisherlora.layers import check_ranks, check_target_weights, layer_shape, ranks_and_scalings, weight_view
+from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
 from fisherlora.svd import iter_thin_svd, thin_svd
 
@@ -228,6 +229,7 @@ class LayerInit:
 
 
 
+@keeps_global_rng
 def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, lora_config,
                            config: FisherLoraConfig, *, bases: dict | None = None, progress: bool = True,
                            svd_seconds: dict | None = None):

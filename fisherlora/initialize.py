@@ -28,12 +28,14 @@ from fisherlora.layers import (
 from fisherlora.memory import peak_memory_mb
 from fisherlora.plan import resolve_memory_mode
 from fisherlora.result import FisherLoraResult
+from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
 from fisherlora.svd import iter_thin_svd
 
 __all__ = ["initialize_fisher_lora", "get_peft_model"]
 
 
+@keeps_global_rng
 def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
                            statistics: FisherStatistics | None = None, num_batches: int | None = None,
@@ -60,7 +62,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
-        after initialisation its outputs equal the base model's (up to rounding).
+        after initialisation its outputs equal the base model's (up to rounding). torch's global
+        RNG is left as it was (:func:`fisherlora.snapshot.keeps_global_rng`).
 
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
@@ -138,6 +141,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     return result
 
 
+@keeps_global_rng
 def get_peft_model(model: nn.Module, lora_config=None, data=None, fisher_config: FisherLoraConfig | None = None,
                    **kwargs):
     """Like ``peft.get_peft_model``, with the LoRA factors initialised from Fisher information.

@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["ModelState", "restore_on_error"]
+__all__ = ["ModelState", "restore_on_error", "keeps_global_rng"]
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -112,6 +113,26 @@ def restore_on_error(model: nn.Module):
         raise
     finally:
         state.close()
+
+
+def keeps_global_rng(fn):
+    """Decorator of the public entry points: torch's global RNG states (CPU and, if initialised,
+    CUDA) are the same after the call as before it, whether it returns or raises. Libraries called
+    inside (PEFT initialising its LoRA layers) draw from the global RNG; a caller's seeded run must
+    not depend on whether fisherlora ran."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        cpu = torch.random.get_rng_state()
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.random.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+
+    return run
 
 
 def _stash_on_disk(param: torch.Tensor) -> bool:
