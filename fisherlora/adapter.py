@@ -67,8 +67,11 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
                 layer.lora_A["default"].weight.copy_(init.A)
                 layer.lora_B["default"].weight.copy_(init.B)
             for name, init in inits.items():  # residuals last; each original is stashed first
-                base = layers[name].get_base_layer()
-                W_res = residual_weight(weight_view(base), init.B, init.A, init.scaling)
+                layer = layers[name]
+                base = layer.get_base_layer()
+                # from the factors as the adapter stores them (its dtype), so W_res + s·BA = W exactly
+                W_res = residual_weight(weight_view(base), layer.lora_B["default"].weight,
+                                        layer.lora_A["default"].weight, init.scaling)
                 state.stash(base.weight)
                 write_weight(base, W_res)
     return peft_model

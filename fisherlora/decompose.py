@@ -213,9 +213,15 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
 
 
 def residual_weight(W: torch.Tensor, B: torch.Tensor, A_lora: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``W_res = W − s·B A`` computed in float32 ``(d_out, d_in)`` (cast once by the caller), so
-    that ``W_res + s·B A = W`` and the model's outputs are unchanged (docs/DESIGN.md §1 step 5)."""
-    return W.detach().float() - scaling * (B.float() @ A_lora.float())
+    """``W_res = W − s·B A``, ``(d_out, d_in)``, so that ``W_res + s·B A = W`` and the model's
+    outputs are unchanged (docs/DESIGN.md §1 step 5).
+
+    Computed in float32, or float64 for a float64 ``W`` (at least the weight's own precision; the
+    caller casts the result once into the weight's dtype). Pass ``B`` and ``A`` as the adapter
+    holds them, so the identity holds for the stored factors.
+    """
+    work = torch.promote_types(W.dtype, torch.float32)
+    return W.detach().to(work) - scaling * (B.to(work) @ A_lora.to(work))
 
 
 @dataclass

@@ -162,3 +162,21 @@ def test_every_cpu_backend_agrees_in_every_mode(full, mode):
         other = run_mode(mode, backend=backend)
         for name, sel in full.selections.items():
             assert other.selections[name].indices.tolist() == sel.indices.tolist(), f"{backend}/{mode}: {name}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_the_residual_is_exact_to_the_models_own_precision(dtype, tol):
+    """W_res + s·B A equals W to the weight dtype's precision, with B and A as the adapter holds them."""
+    from fisherlora.adapter import lora_layers
+
+    model = tiny_llama(dtype)
+    originals = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    result = fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
+    for name, layer in lora_layers(result.model):
+        base = layer.get_base_layer()
+        B, A = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        assert base.weight.dtype == dtype
+        rebuilt = base.weight.double() + layer.scaling["default"] * (B.double() @ A.double())
+        W = originals[name].double()
+        err = float((rebuilt - W).abs().max() / W.abs().max())
+        assert err <= tol, f"{name}: |W_res + s·BA - W| / |W| = {err:.1e} > {tol:.0e}"
