@@ -102,13 +102,15 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
     touched) and each draw is back-propagated; the forward pass, and so ``A``, is shared.
 
     Returns:
-        ``{"batches", "sequences", "tokens", "label_tokens", "loss_sum"}`` totals.
+        ``{"batches", "sequences", "max_batch_size", "max_sequence_length", "tokens",
+        "label_tokens", "loss_sum"}`` totals (lengths in non-padding tokens).
 
     Raises:
         ValueError: empty data, or a batch without ``input_ids``.
     """
     accepts_positions = "position_ids" in _forward_params(model)
-    totals = {"batches": 0, "sequences": 0, "tokens": 0, "label_tokens": 0, "loss_sum": 0.0}
+    totals = {"batches": 0, "sequences": 0, "max_batch_size": 0, "max_sequence_length": 0, "tokens": 0,
+              "label_tokens": 0, "loss_sum": 0.0}
     gen = None
     for batch in batches:
         if "input_ids" not in batch:
@@ -144,6 +146,8 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                 loss.backward(retain_graph=not last)
         totals["batches"] += 1
         totals["sequences"] += input_ids.shape[0]
+        totals["max_batch_size"] = max(totals["max_batch_size"], input_ids.shape[0])
+        totals["max_sequence_length"] = max(totals["max_sequence_length"], int(attention_mask.sum(-1).max()))
         totals["tokens"] += int(attention_mask.sum())
         totals["label_tokens"] += n_label
         totals["loss_sum"] += float(loss.detach())

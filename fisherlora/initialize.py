@@ -136,7 +136,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if not timings["svd"]:  # the SVD ran inside "decompose"
         del timings["svd"]
     result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
-                              peak_memory_mb(device))
+                              peak_memory_mb(device), lora_config=lora_config)
     result.extra.update(memory_mode=mode.value, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
     return result
 

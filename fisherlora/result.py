@@ -40,6 +40,29 @@ class FisherLoraResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     extra: dict = field(default_factory=dict)
+    lora_config: object = None  # the peft.LoraConfig applied
+
+    def applied_config(self) -> dict:
+        """What was done, JSON-ready: :attr:`config` with the LoRA shape of the ``LoraConfig``
+        actually applied (rank, alpha, rsLoRA, targets, patterns), the memory mode and layer
+        groups actually run (``auto`` resolved), and the calibration set actually seen (sequences,
+        the largest batch, the longest sequence in tokens) in place of the config's data fields."""
+        out = self.config.to_dict()
+        lc = self.lora_config
+        if lc is not None:
+            targets = lc.target_modules
+            out.update(rank=lc.r, alpha=lc.lora_alpha, use_rslora=lc.use_rslora,
+                       target_modules=targets if isinstance(targets, str) else sorted(targets))
+            if lc.rank_pattern or lc.alpha_pattern:
+                out.update(rank_pattern=dict(lc.rank_pattern), alpha_pattern=dict(lc.alpha_pattern))
+        for key in ("memory_mode", "layer_groups"):
+            if key in self.extra:
+                out[key] = self.extra[key]
+        cal = self.statistics.info.get("calibration", {})
+        if cal.get("sequences"):
+            out.update(num_samples=cal["sequences"], batch_size=cal.get("max_batch_size", out["batch_size"]),
+                       max_length=cal.get("max_sequence_length", out["max_length"]))
+        return out
 
     def report(self) -> dict:
         """JSON-ready report: config, totals, timings, memory and one entry per layer."""
@@ -51,7 +74,7 @@ class FisherLoraResult:
         n = max(len(layers), 1)
         return {
             "fisherlora_version": __version__,
-            "config": self.config.to_dict(),
+            "config": self.applied_config(),
             "num_layers": len(layers),
             "mean_energy_captured": sum(e["energy_captured"] for e in layers) / n,
             "mean_score_captured": sum(e["score_captured"] for e in layers) / n,
@@ -82,7 +105,7 @@ class FisherLoraResult:
             # the adapter only: PEFT's default would also save a targeted output head's BASE weight
             # (save_embedding_layers="auto"), which then overwrites the base when loaded
             self.model.save_pretrained(tmp, save_embedding_layers=False)
-            meta = {"fisherlora_version": __version__, "config": self.config.to_dict(),
+            meta = {"fisherlora_version": __version__, "config": self.applied_config(),
                     "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
                     "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},
                     "base_weight_fingerprints": self.fingerprints}
