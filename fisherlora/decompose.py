@@ -3,6 +3,7 @@ top ``r``, their magnitudes, the factors ``B`` and ``A``, and the one residual `
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -235,6 +236,20 @@ class LayerInit:
 
 
 
+def _warn_rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics) -> None:
+    """One warning listing the layers whose ``A`` counted fewer tokens than ``d_in`` (rank ``< d_in``)."""
+    short = [(n, stats.a_count[stats.a_key[n]], layer_shape(m)[1]) for n, m in modules.items()
+             if stats.a_count[stats.a_key[n]] < layer_shape(m)[1]]
+    if not short:
+        return
+    name, count, d_in = short[0]
+    warnings.warn(
+        f"the activation covariance A is rank-deficient in {len(short)} layer(s) (e.g. {name!r}: {count} counted "
+        f"tokens for d_in = {d_in}): directions outside A's range all get zero Fisher energy and are ranked by "
+        "sigma alone. Calibrate on more tokens (num_samples, max_length), or set damping > 0 so that they are "
+        "ranked by their gradient curvature u'Gu", UserWarning, stacklevel=3)
+
+
 @keeps_global_rng
 def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, lora_config,
                            config: FisherLoraConfig, *, bases: dict | None = None, progress: bool = True,
@@ -265,6 +280,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         if tuple(stats.shapes[name]) != tuple(weight_view(module).shape):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
                              f"the layer is {tuple(weight_view(module).shape)}")
+    _warn_rank_deficient(modules, stats)
     if stats.kind is MemoryMode.PROJECTED and bases is None:
         raise ValueError("projected statistics need the singular bases they were accumulated on")
     svds = bases.items() if bases is not None else iter_thin_svd(

@@ -97,3 +97,30 @@ def test_lora_factors_scale():
     torch.testing.assert_close(0.25 * B @ A, torch.diag(torch.tensor([4.0, 1.0, 0.0])))
 
 
+
+
+def test_fewer_counted_tokens_than_d_in_warns_with_damping_advice_and_ranks_deterministically():
+    """Six tokens for 32-wide inputs: A has rank <= 6, most directions have zero A-energy."""
+    import warnings
+
+    import fisherlora
+    from fisherlora import FisherLoraConfig
+    from fisherlora.ops import available_backends
+    from tests.models import pad_batch, random_sequences, tiny_llama
+
+    seqs, labels = random_sequences(1, vocab=101, seed=4, min_len=6, max_len=6)
+    data = [pad_batch(seqs, labels)]
+    chosen = []
+    for backend in available_backends("cpu")[:2]:
+        for stats_dtype in ("float32", "float64"):
+            cfg = FisherLoraConfig(rank=8, alpha=8, backend=backend, stats_dtype=stats_dtype)
+            with pytest.warns(UserWarning, match=r"rank-deficient.*6 counted tokens.*d_in = 32.*damping") as rec:
+                result = fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, data, cfg, progress=False)
+            assert sum("rank-deficient" in str(w.message) for w in rec) == 1, "one warning listing the layers"
+            chosen.append({n: s.indices.tolist() for n, s in result.selections.items()})
+    assert all(c == chosen[0] for c in chosen[1:]), "the ranking depends on the backend or the statistics dtype"
+    with warnings.catch_warnings():  # enough tokens: no warning
+        warnings.simplefilter("error", UserWarning)
+        seqs, labels = random_sequences(8, vocab=101, seed=4, min_len=9, max_len=9)
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, [pad_batch(seqs, labels)],
+                                          FisherLoraConfig(rank=4, alpha=8, backend="torch"), progress=False)
