@@ -179,7 +179,7 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
 
     Args:
         name: module name (for errors and the report).
-        W: ``(d_out, d_in)`` weight (for Conv1D pass ``weight.T``).
+        W: ``(d_out, d_in)`` weight (:func:`fisherlora.layers.weight_view` of the layer).
         A, G: the layer's K-FAC factors, ``(d_in, d_in)`` and ``(d_out, d_out)`` (dense or
             packed); with ``projected=True`` their projections ``diag(VᵀAV)`` and
             ``diag(UᵀGU)``, ``(k,)`` each, on the singular bases ``svd``.
