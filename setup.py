@@ -1,5 +1,12 @@
-"""Build script: the Python package, the Triton kernels (``kernels/`` installed as
-``fisherlora.kernels``) and the optional compiled extension ``fisherlora._C`` (``csrc/``).
+"""Build script: the Python package, the Triton kernels and the optional compiled extension
+``fisherlora._C`` (``csrc/``).
+
+The Triton kernels are the package ``fisherlora.kernels``: its ``__init__.py`` lives in
+``fisherlora/kernels/`` and its op modules in the repository's top-level ``kernels/``, which has
+no ``__init__.py`` so that, from the repository root, it is never the top-level package
+``kernels`` (that name is Hugging Face's, which bitsandbytes and transformers import). A wheel
+gets the op modules copied beside the ``__init__.py`` (:class:`BuildPy`); a source tree or an
+editable install finds them through the package's ``__path__`` (docs/DESIGN.md §5).
 
 Environment variables:
   FISHERLORA_SKIP_EXT=1   build no extension at all (pure Python install)
@@ -15,8 +22,11 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: the folder of the Triton op modules, installed into the package fisherlora.kernels
+KERNEL_SOURCES = "kernels"
 #: the extension's sources: always the C++ ones, the CUDA ones when built with CUDA
 CPP_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu"]
@@ -59,6 +69,23 @@ def _shared_libstdcxx_link_args():
     shared library would have been linked anyway this changes nothing.
     """
     return ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+
+
+class BuildPy(build_py):
+    """``build_py`` that installs the op modules of ``kernels/`` into ``fisherlora/kernels/``.
+
+    ``kernels/`` is no package (no ``__init__.py``) and ``fisherlora.kernels`` already has its
+    folder, so ``package_dir`` cannot map it; the modules are added to the package's own list.
+    In an editable install ``build_py`` copies nothing and the package's ``__path__`` reaches
+    ``kernels/`` instead.
+    """
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "fisherlora.kernels":
+            names = sorted(glob.glob("*.py", root_dir=os.path.join(HERE, KERNEL_SOURCES)))
+            modules += [(package, name[: -len(".py")], f"{KERNEL_SOURCES}/{name}") for name in names]
+        return modules
 
 
 def extensions():
@@ -107,8 +134,7 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=find_packages(include=["fisherlora", "fisherlora.*"]) + ["fisherlora.kernels"],
-    package_dir={"fisherlora.kernels": "kernels"},
+    packages=find_packages(include=["fisherlora", "fisherlora.*"]),
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={**cmdclass, "build_py": BuildPy},
 )

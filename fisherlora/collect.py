@@ -197,15 +197,26 @@ class StatisticsCollector:
         return None
 
     def _rows_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's attention mask in the shape of the layer's token dims ``x.shape[:-1]``,
+        which the ops require exactly: the one place where the mask is reshaped.
+
+        Only where the order of the tokens is unambiguous: the same dims up to size-1 dims, or
+        every token in a single dim (row-major, as ``reshape(-1, d)`` lays out ``(B, T)``). Any
+        other shape with the same element count (sequence-first ``(T, B)``, tokens split into
+        chunks, ...) is refused, because which row is which token would be a guess.
+        """
         mask = self._mask
         if mask is None:
             return None
-        if mask.numel() != x[..., 0].numel():
+        tokens = x.shape[:-1]
+        real = [n for n in tokens if n != 1]
+        if mask.numel() != x[..., 0].numel() or (len(real) > 1 and real != [n for n in mask.shape if n != 1]):
             raise ValueError(
                 f"layer {name!r}: attention_mask of shape {tuple(mask.shape)} does not match its input "
-                f"tokens {tuple(x.shape[:-1])}"
+                f"tokens {tuple(tokens)}; the mask can only be laid onto the same dims (size-1 dims "
+                "aside) or onto all tokens in one dim, since otherwise which row is which token is unknown"
             )
-        return mask.reshape(x.shape[:-1])
+        return mask.reshape(tokens)
 
     def _forward_hook(self, name: str, module: nn.Module, args, output) -> None:
         x = args[0]

@@ -13,6 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+if __name__ != "fisherlora.kernels._common":  # every op module imports this one, before defining a kernel
+    raise ImportError(
+        f"the Triton kernels are the package fisherlora.kernels and load under no other name "
+        f"(not as {__name__.rpartition('.')[0] or __name__!r}): the repository's kernels/ folder is "
+        "not a package of its own (docs/DESIGN.md §5); import fisherlora.kernels"
+    )
+
 #: Read once, at import: ``@triton.jit`` decides at definition time whether a kernel is
 #: interpreted, so changing the variable later has no effect on already-imported kernels.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

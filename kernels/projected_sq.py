@@ -1,7 +1,7 @@
 """Squared projections accumulated over tokens: ``acc += Σ_t m_t (Qᵀ x_t)²`` (the projected mode).
 
 Shapes and dtypes:
-    x     ``(..., d)``, bf16 / fp16 / fp32, any strides (see :class:`kernels._common.RowView`).
+    x     ``(..., d)``, bf16 / fp16 / fp32, any strides (see :class:`fisherlora.kernels._common.RowView`).
     Q     ``(d, k)``, fp32 or bf16/fp16, any strides.
     mask  ``None`` or ``x.shape[:-1]``, bool or integer 0/1; read inside the kernel, masked-out
           rows never loaded.

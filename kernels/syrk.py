@@ -1,7 +1,7 @@
 """Masked, scaled SYRK into a float32 accumulator: ``acc += scale · x_mᵀ x_m`` (the K-FAC factor update).
 
 Shapes and dtypes:
-    x     ``(..., d)``, bf16 / fp16 / fp32, any strides (see :class:`kernels._common.RowView`);
+    x     ``(..., d)``, bf16 / fp16 / fp32, any strides (see :class:`fisherlora.kernels._common.RowView`);
           its ``T = prod(x.shape[:-1])`` rows are the tokens.
     mask  ``None`` or ``x.shape[:-1]``, bool or integer 0/1; read inside the kernel. Masked-out
           rows are never loaded (no gathered copy of ``x``; NaN padding cannot leak).

@@ -1,13 +1,17 @@
-"""One parametrisation of the curvature ops' correctness cases, shared by every backend's tests.
+"""One parametrisation of the curvature ops' cases, shared by every backend's tests.
 
 Each backend test module imports :data:`SYRK_CASES`, :data:`ENERGY_CASES` and
 :data:`PROJECTED_CASES` and checks its backend against the float64 reference with
-:func:`assert_close_to_reference`; none of them re-declares the matrix.
+:func:`assert_close_to_reference`; and it runs :data:`BAD_CALLS` (arguments every backend must
+refuse with the same error, before any work) through :func:`assert_refused` and
+:data:`GRAD_CALLS` (inputs that require grad) through :func:`assert_no_graph`. None of them
+re-declares a matrix.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -132,3 +136,141 @@ def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_out:
             f"worst {err.max().item():.3e} at {tuple(int(i) for i in idx)}: got {out64.flatten()[worst].item():.6e}, "
             f"reference {ref64.flatten()[worst].item():.6e}"
         )
+
+
+# --- arguments every backend must refuse, and inputs that require grad ------------------------
+
+@dataclass(frozen=True)
+class OpCall:
+    """One call of a public op of :mod:`fisherlora.ops`: ``args(device)`` builds its positional
+    arguments; ``error``/``match`` is what every backend must raise (``None``: it must succeed)."""
+
+    name: str
+    op: str
+    args: Callable[[str], tuple]
+    error: type[Exception] | None = None
+    match: str = ""
+
+
+def _x(*shape, device="cpu", requires_grad=False):
+    g = torch.Generator().manual_seed(sum(shape) + 3)
+    return torch.randn(shape, generator=g).to(device).requires_grad_(requires_grad)
+
+
+def _mask(*shape, device="cpu"):
+    g = torch.Generator().manual_seed(11)
+    return (torch.rand(shape, generator=g) > 0.4).to(device)
+
+
+def _sym(d, device="cpu"):
+    a = _x(d, d + 2)
+    return (a @ a.mT).to(device)
+
+
+def _in_graph(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a non-leaf tensor that requires grad (it has a ``grad_fn``)."""
+    return torch.zeros_like(t, requires_grad=True) + t
+
+
+_SHAPE_MSG = "does not match the token dims"
+_BAD = [
+    # a mask with the right number of elements but not the shape x.shape[:-1]: never reshaped
+    OpCall("syrk-mask-transposed", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev), _x(2, 3, 4, device=dev), _mask(3, 2, device=dev)),
+           ValueError, r"mask of shape \(3, 2\) " + _SHAPE_MSG + r" \(2, 3\)"),
+    OpCall("syrk-mask-flat", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev), _x(2, 3, 4, device=dev), _mask(6, device=dev)),
+           ValueError, r"mask of shape \(6,\) " + _SHAPE_MSG),
+    OpCall("syrk-mask-unflattened", "syrk_accumulate_",
+           lambda dev: (torch.zeros(10, device=dev), _x(6, 4, device=dev), _mask(2, 3, device=dev)),
+           ValueError, r"mask of shape \(2, 3\) " + _SHAPE_MSG + r" \(6,\)"),
+    OpCall("syrk-mask-extra-dim", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev), _x(2, 3, 4, device=dev), _mask(2, 3, 1, device=dev)),
+           ValueError, _SHAPE_MSG),
+    OpCall("projected-mask-transposed", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(2, device=dev), _x(2, 3, 4, device=dev), _x(4, 2, device=dev),
+                        _mask(3, 2, device=dev)),
+           ValueError, r"mask of shape \(3, 2\) " + _SHAPE_MSG),
+    # d = 0 or k = 0: one error, whatever the op and the backend
+    OpCall("syrk-d0-dense", "syrk_accumulate_", lambda dev: (torch.zeros(0, 0, device=dev), _x(3, 0, device=dev)),
+           ValueError, r"d must be >= 1, got d = 0 \(x of shape \(3, 0\)\)"),
+    OpCall("syrk-d0-packed", "syrk_accumulate_", lambda dev: (torch.zeros(0, device=dev), _x(3, 0, device=dev)),
+           ValueError, "d must be >= 1"),
+    OpCall("syrk-d0-no-tokens", "syrk_accumulate_", lambda dev: (torch.zeros(0, 0, device=dev), _x(0, 0, device=dev)),
+           ValueError, "d must be >= 1"),
+    OpCall("energy-d0-dense", "fisher_energy", lambda dev: (torch.zeros(0, 0, device=dev), _x(0, 2, device=dev)),
+           ValueError, r"d must be >= 1, got d = 0 \(Q of shape \(0, 2\)\)"),
+    OpCall("energy-d0-packed", "fisher_energy", lambda dev: (torch.zeros(0, device=dev), _x(0, 2, device=dev)),
+           ValueError, "d must be >= 1"),
+    OpCall("energy-k0", "fisher_energy", lambda dev: (_sym(4, dev), _x(4, 0, device=dev)),
+           ValueError, r"k must be >= 1, got k = 0 \(Q of shape \(4, 0\)\)"),
+    OpCall("projected-d0", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(2, device=dev), _x(3, 0, device=dev), _x(0, 2, device=dev)),
+           ValueError, "d must be >= 1"),
+    OpCall("projected-k0", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(0, device=dev), _x(3, 4, device=dev), _x(4, 0, device=dev)),
+           ValueError, r"k must be >= 1, got k = 0 \(Q of shape \(4, 0\)\)"),
+    # an accumulator that requires grad: written in place outside autograd, so refused
+    OpCall("syrk-acc-requires-grad", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev, requires_grad=True), _x(3, 4, device=dev)),
+           ValueError, "acc requires grad"),
+    OpCall("syrk-packed-acc-requires-grad", "syrk_accumulate_",
+           lambda dev: (torch.zeros(10, device=dev, requires_grad=True), _x(3, 4, device=dev)),
+           ValueError, "acc requires grad"),
+    OpCall("syrk-acc-in-a-graph", "syrk_accumulate_",
+           lambda dev: (_in_graph(torch.zeros(4, 4, device=dev)), _x(3, 4, device=dev)),
+           ValueError, "acc requires grad"),
+    OpCall("projected-acc-requires-grad", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(2, device=dev, requires_grad=True), _x(3, 4, device=dev), _x(4, 2, device=dev)),
+           ValueError, "acc requires grad"),
+]
+BAD_CALLS = [pytest.param(c, id=c.name) for c in _BAD]
+
+_GRAD = [
+    # inputs that require grad (a hook's hidden states, trainable directions) are read as plain values
+    OpCall("syrk-x-requires-grad", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev), _x(2, 3, 4, device=dev, requires_grad=True),
+                        _mask(2, 3, device=dev))),
+    OpCall("syrk-packed-x-in-a-graph", "syrk_accumulate_",
+           lambda dev: (torch.zeros(10, device=dev), _in_graph(_x(5, 4, device=dev)))),
+    OpCall("energy-Q-requires-grad", "fisher_energy",
+           lambda dev: (_sym(4, dev), _x(4, 3, device=dev, requires_grad=True))),
+    OpCall("energy-M-requires-grad", "fisher_energy",
+           lambda dev: (_sym(4, dev).requires_grad_(), _x(4, 3, device=dev))),
+    OpCall("projected-x-and-Q-require-grad", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(3, device=dev), _x(2, 3, 4, device=dev, requires_grad=True),
+                        _x(4, 3, device=dev, requires_grad=True), _mask(2, 3, device=dev))),
+]
+GRAD_CALLS = [pytest.param(c, id=c.name) for c in _GRAD]
+
+
+def _state(t):
+    return t.detach().clone(), t.requires_grad, t.grad_fn is not None
+
+
+def assert_refused(call: OpCall, backend: str, device: str = "cpu") -> None:
+    """``call`` raises its error on ``backend``, and no tensor argument was touched (values,
+    ``requires_grad`` and graph membership are as before the call)."""
+    from fisherlora import ops
+
+    args = call.args(device)
+    before = [_state(a) for a in args if isinstance(a, torch.Tensor)]
+    with pytest.raises(call.error, match=call.match):
+        getattr(ops, call.op)(*args, backend=backend)
+    after = [_state(a) for a in args if isinstance(a, torch.Tensor)]
+    for (v0, rg0, g0), (v1, rg1, g1) in zip(before, after, strict=True):
+        assert torch.equal(v0, v1) and (rg0, g0) == (rg1, g1), f"{call.name}: an argument was changed"
+
+
+def assert_no_graph(call: OpCall, backend: str, device: str = "cpu") -> None:
+    """``call`` gives on ``backend`` exactly what it gives with every input detached, and its
+    result (the accumulator, or the returned tensor) carries no autograd graph."""
+    from fisherlora import ops
+
+    fn = getattr(ops, call.op)
+    args = call.args(device)
+    plain = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*args, backend=backend)
+    ref = fn(*plain, backend=backend)
+    assert not out.requires_grad and out.grad_fn is None, f"{call.name}: the result is part of a graph"
+    assert torch.equal(out.detach(), ref), f"{call.name}: differs from the same call on detached inputs"

@@ -259,3 +259,52 @@ def test_non_finite_statistics_name_the_layer(llama, data):
         col.statistics()
 
 
+
+
+class _TokenLayout(nn.Module):
+    """One linear layer that sees the batch's ``(B, T, d)`` hidden states laid out by ``layout``."""
+
+    LAYOUTS = {
+        "batch_first": lambda x: x,
+        "flattened": lambda x: x.reshape(-1, x.shape[-1]),  # (B·T, d), row-major: as reshape(-1, d)
+        "extra_unit_dim": lambda x: x.unsqueeze(2),  # (B, T, 1, d)
+        "seq_first": lambda x: x.transpose(0, 1),  # (T, B, d): same element count, other order
+        "split_tokens": lambda x: x.reshape(x.shape[0] * 2, -1, x.shape[-1]),  # (2B, T/2, d)
+    }
+
+    def __init__(self, layout: str):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.layout = self.LAYOUTS[layout]
+
+    def forward(self, x, attention_mask=None):
+        return self.lin(self.layout(x))
+
+
+def test_the_attention_mask_reaches_each_layer_in_its_token_order_or_is_refused():
+    """The collector maps the attention mask onto a layer's token dims only where the order of
+    the tokens is unambiguous (the same dims up to size-1 dims, or all tokens in one dim);
+    any other shape with the same element count is refused naming the layer, never reshaped."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, :1] = False
+    x[~mask] = float("nan")  # padding may hold anything: it must never be counted
+    ref_rows = x[mask]
+    A_ref = ref_rows.T @ ref_rows / len(ref_rows)
+
+    def run(layout):
+        model = _TokenLayout(layout).double()
+        with StatisticsCollector(model, {"lin": model.lin}, stats_dtype=torch.float64, backend="torch") as col:
+            out = model(x, attention_mask=mask)
+            torch.where(torch.isfinite(out), out, 0).square().sum().backward()
+        return col.statistics()
+
+    for layout in ("batch_first", "flattened", "extra_unit_dim"):
+        st = run(layout)
+        assert st.a_count["lin"] == int(mask.sum()), layout
+        torch.testing.assert_close(st.factors("lin")[0], A_ref, **TOL, msg=layout)
+    for layout in ("seq_first", "split_tokens"):
+        with pytest.raises(ValueError, match=r"layer 'lin': attention_mask of shape \(2, 6\) does not match"):
+            run(layout)

@@ -96,3 +96,77 @@ def test_every_design_reference_resolves_inside_the_repository():
             assert m.group(1).endswith("docs/") or path.parent.name == "docs", (
                 f"{path.relative_to(ROOT)} cites {m.group(0)!r}: the design is docs/DESIGN.md")
             assert m.group(2) is None or m.group(2) in sections, f"{path.relative_to(ROOT)}: no §{m.group(2)}"
+
+
+# Run from the repository root, as tests, CI and examples do: there `sys.path[0]` is the root.
+_KERNELS_FROM_THE_ROOT = r'''
+import importlib, os, sys
+root = os.getcwd()
+
+def ours(module):
+    """Whether a module is code of this repository (a namespace package holds no code)."""
+    return (getattr(module, "__file__", None) or "").startswith(root + os.sep)
+
+# 1. a plain `import kernels` is never our Triton code: not found, or Hugging Face's package
+try:
+    import kernels
+except ModuleNotFoundError:
+    kernels = None
+assert kernels is None or not ours(kernels), f"`import kernels` gave {kernels.__file__}"
+# ... nor can our modules be imported under that name (the custom ops would be registered twice)
+for sub in ("_common", "syrk", "fisher_energy", "projected_sq"):
+    try:
+        mod = importlib.import_module("kernels." + sub)
+    except ImportError:
+        continue
+    assert not ours(mod), f"kernels.{sub} imported our Triton code as {mod.__name__}"
+# transformers probes for Hugging Face's `kernels` (and imports what it finds)
+from transformers.utils import import_utils
+import_utils.is_kernels_available()
+assert not ours(sys.modules.get("kernels")), "transformers found our kernels/ as `kernels`"
+
+# 2. `fisherlora.kernels` is the Triton backend, from the same tree as the fisherlora imported
+import torch
+import fisherlora
+import fisherlora.kernels as fk
+from fisherlora import ops
+package = os.path.dirname(fisherlora.__file__)
+where = os.path.dirname(fk.syrk.__file__)
+assert where in (os.path.join(package, "kernels"), os.path.join(os.path.dirname(package), "kernels")), where
+assert fk.supports("cpu"), "TRITON_INTERPRET=1 is set: the Triton backend runs on the CPU"
+g = torch.Generator().manual_seed(0)
+x, Q = torch.randn(2, 5, 8, generator=g), torch.randn(8, 3, generator=g)
+mask = torch.rand(2, 5, generator=g) > 0.3
+acc = ops.syrk_accumulate_(torch.zeros(8, 8), x, mask, backend="triton")
+ref = ops.syrk_accumulate_(torch.zeros(8, 8, dtype=torch.float64), x.double(), mask, backend="torch")
+torch.testing.assert_close(acc.triu().double(), ref.triu(), rtol=1e-5, atol=1e-5)
+proj = fk.projected_sq_accumulate_(torch.zeros(3), x, Q, mask)
+torch.testing.assert_close(proj.double(), ops.fisher_energy(ref.triu() + ref.triu(1).mT, Q.double()),
+                           rtol=1e-4, atol=1e-4)
+print("ok")
+'''
+
+
+def test_the_kernels_folder_is_fisherlora_kernels_only_and_shadows_no_package():
+    """The top-level kernels/ holds the Triton sources of fisherlora.kernels, and nothing else
+    finds them (docs/DESIGN.md §5): from the repository root, `import kernels` must not give our
+    code, which shadowed Hugging Face's `kernels` package that bitsandbytes and transformers look
+    for (and importing it a second time registered the custom ops twice: a segfault later)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1"), "HF_HUB_OFFLINE": "1"}
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    proc = subprocess.run([sys.executable, "-c", _KERNELS_FROM_THE_ROOT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        # bitsandbytes imports `kernels` for a CPU kernel: whatever it reports, not our folder
+        proc = subprocess.run([sys.executable, "-c", "import bitsandbytes"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        assert str(ROOT / "kernels") not in out and "kernels/__init__.py" not in out, out[-3000:]

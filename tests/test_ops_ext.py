@@ -13,7 +13,16 @@ import torch
 
 from fisherlora import ops
 from fisherlora.ops import dispatch
-from tests.op_cases import ENERGY_CASES, PROJECTED_CASES, SYRK_CASES, assert_close_to_reference
+from tests.op_cases import (
+    BAD_CALLS,
+    ENERGY_CASES,
+    GRAD_CALLS,
+    PROJECTED_CASES,
+    SYRK_CASES,
+    assert_close_to_reference,
+    assert_no_graph,
+    assert_refused,
+)
 
 if importlib.util.find_spec("fisherlora._C") is None:  # genuinely not built: skip; broken: fail below
     pytest.skip(f"fisherlora._C is not built ({dispatch.load_error('ext')})", allow_module_level=True)
@@ -186,6 +195,18 @@ def test_kernels_check_their_inputs(call, match):
     # straight through torch.ops, bypassing fisherlora.ops' validation: TORCH_CHECK must catch it
     with pytest.raises(RuntimeError, match=match):
         call(torch.ops.fisherlora_ext)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("call", BAD_CALLS)
+def test_bad_arguments_are_refused_before_any_work(call, device):
+    assert_refused(call, "ext", _device(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("call", GRAD_CALLS)
+def test_inputs_that_require_grad_are_read_as_values(call, device):
+    assert_no_graph(call, "ext", _device(device))
 
 
 def test_public_api_rejects_bad_arguments_for_ext():

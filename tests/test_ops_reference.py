@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from fisherlora import ops
-from tests.op_cases import ENERGY_CASES, PROJECTED_CASES, SYRK_CASES, assert_close_to_reference
+from tests.op_cases import (
+    BAD_CALLS,
+    ENERGY_CASES,
+    GRAD_CALLS,
+    PROJECTED_CASES,
+    SYRK_CASES,
+    assert_close_to_reference,
+    assert_no_graph,
+    assert_refused,
+)
 
 
 def _syrk64(x, mask):
@@ -82,6 +91,16 @@ def test_two_calls_equal_one_call_on_concatenation():
 def test_syrk_rejects_bad_accumulators(acc, x, err, match):
     with pytest.raises(err, match=match):
         ops.syrk_accumulate_(acc, x)
+
+
+@pytest.mark.parametrize("call", BAD_CALLS)
+def test_bad_arguments_are_refused_before_any_work(call):
+    assert_refused(call, "torch")
+
+
+@pytest.mark.parametrize("call", GRAD_CALLS)
+def test_inputs_that_require_grad_are_read_as_values(call):
+    assert_no_graph(call, "torch")
 
 
 def test_mask_errors():

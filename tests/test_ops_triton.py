@@ -12,7 +12,17 @@ import torch
 
 from fisherlora import ops
 from fisherlora.ops import dispatch, reference
-from tests.op_cases import ENERGY_CASES, PROJECTED_CASES, SYRK_CASES, OpCase, assert_close_to_reference
+from tests.op_cases import (
+    BAD_CALLS,
+    ENERGY_CASES,
+    GRAD_CALLS,
+    PROJECTED_CASES,
+    SYRK_CASES,
+    OpCase,
+    assert_close_to_reference,
+    assert_no_graph,
+    assert_refused,
+)
 
 kernels = dispatch._load("triton")
 if kernels is None:
@@ -219,6 +229,16 @@ def test_clear_errors_for_bad_accumulators(acc, err, match):
         acc = acc.to(DEVICE)
     with pytest.raises(err, match=match):
         ops.syrk_accumulate_(acc, x, backend="triton")
+
+
+@pytest.mark.parametrize("call", BAD_CALLS)
+def test_bad_arguments_are_refused_before_any_work(call):
+    assert_refused(call, "triton", DEVICE)
+
+
+@pytest.mark.parametrize("call", GRAD_CALLS)
+def test_inputs_that_require_grad_are_read_as_values(call):
+    assert_no_graph(call, "triton", DEVICE)
 
 
 def test_clear_errors_for_projected_and_energy():

@@ -1,7 +1,10 @@
 """The curvature ops (docs/DESIGN.md §3), with backend dispatch.
 
 Every op validates its arguments here, once, whatever the backend, so that all backends raise
-the same clear errors; then :mod:`fisherlora.ops.dispatch` picks the implementation.
+the same clear errors before any of them runs (a mask of exactly ``x.shape[:-1]``, ``d, k >= 1``,
+an accumulator that does not require grad, ...); then :mod:`fisherlora.ops.dispatch` picks the
+implementation, which runs outside autograd: the ops are not differentiable, arguments that
+require grad are read as plain values and no result carries a graph, on every backend.
 """
 
 from __future__ import annotations
@@ -29,21 +32,28 @@ _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_mask(mask: torch.Tensor | None, x: torch.Tensor, op: str) -> torch.Tensor | None:
+def _check_mask(mask: torch.Tensor | None, x: torch.Tensor, op: str) -> None:
+    """A mask must have exactly the token dims ``x.shape[:-1]``: one with the same number of
+    elements but another shape (transposed, flattened, an extra dim) is refused, never reshaped,
+    because which row each element stands for would be a guess (the caller reshapes, knowingly)."""
     if mask is None:
-        return None
+        return
     if mask.device != x.device:
         raise ValueError(f"{op}: mask is on {mask.device} but x is on {x.device}")
     if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
         raise TypeError(f"{op}: mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
     if mask.shape != x.shape[:-1]:
-        if mask.numel() != x[..., 0].numel():
-            raise ValueError(
-                f"{op}: mask of shape {tuple(mask.shape)} does not match the token dims "
-                f"{tuple(x.shape[:-1])} of x"
-            )
-        mask = mask.reshape(x.shape[:-1])
-    return mask
+        raise ValueError(
+            f"{op}: mask of shape {tuple(mask.shape)} does not match the token dims "
+            f"{tuple(x.shape[:-1])} of x (x.shape[:-1]); pass a mask of exactly that shape"
+        )
+
+
+def _check_at_least_one(op: str, name: str, size: int, tensor_name: str, tensor: torch.Tensor) -> None:
+    if size < 1:
+        raise ValueError(
+            f"{op}: {name} must be >= 1, got {name} = {size} ({tensor_name} of shape {tuple(tensor.shape)})"
+        )
 
 
 def _check_x(x: torch.Tensor, op: str) -> None:
@@ -51,6 +61,17 @@ def _check_x(x: torch.Tensor, op: str) -> None:
         raise TypeError(f"{op}: x must be bf16/fp16/fp32/fp64, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have shape (..., d), got a scalar")
+    _check_at_least_one(op, "d", x.shape[-1], "x", x)
+
+
+def _check_q(Q: torch.Tensor, d: int | None, op: str) -> None:
+    """``Q`` is a ``(d, k)`` float tensor with ``d, k >= 1`` (``d`` given: it must match)."""
+    if Q.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"{op}: Q must be bf16/fp16/fp32/fp64, got {Q.dtype}")
+    if Q.dim() != 2 or (d is not None and Q.shape[0] != d):
+        raise ValueError(f"{op}: Q must be (d={'d' if d is None else d}, k), got {tuple(Q.shape)}")
+    _check_at_least_one(op, "d", Q.shape[0], "Q", Q)
+    _check_at_least_one(op, "k", Q.shape[1], "Q", Q)
 
 
 def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str) -> None:
@@ -60,6 +81,20 @@ def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str) -> None:
         raise ValueError(f"{op}: acc is on {acc.device} but x is on {x.device}")
     if not acc.is_contiguous():
         raise ValueError(f"{op}: acc must be contiguous")
+    if acc.requires_grad:
+        raise ValueError(
+            f"{op}: acc requires grad; the ops write their accumulator in place outside autograd, "
+            "so pass one that does not (e.g. torch.zeros(...), or acc.detach() to write into its storage)"
+        )
+
+
+def _run(op: str, backend: str, device: torch.device, *args):
+    """Run the validated ``op`` on its backend, outside autograd: the ops are statistics, so
+    arguments that require grad are read as plain values and no result carries a graph (the
+    compiled backends have no backward; the reference would otherwise build one)."""
+    _, fn = dispatch.resolve(op, backend, device)
+    with torch.no_grad():
+        return fn(*args)
 
 
 def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -70,15 +105,17 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     gradients; Martens & Grosse 2015, eq. 1; docs/DESIGN.md §1 step 1).
 
     Args:
-        acc: float32 (float64 for references) accumulator on ``x``'s device, either dense
-            ``(d, d)`` or the packed upper triangle ``(d(d+1)/2,)`` (layout in
-            :mod:`fisherlora.ops.reference`). For a dense ``acc`` only the upper triangle
-            (diagonal included) is guaranteed after the call; call :func:`symmetrize_` once when
-            accumulation is finished.
-        x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references), any strides.
-        mask: optional ``x.shape[:-1]`` bool or 0/1 integer tensor; rows where it is false are
-            skipped (no gathered copy of ``x`` is made by the fast backends) and never read:
-            NaN/inf in masked-out rows (e.g. padding) do not reach ``acc``.
+        acc: float32 (float64 for references) accumulator on ``x``'s device, contiguous, not
+            requiring grad, either dense ``(d, d)`` or the packed upper triangle
+            ``(d(d+1)/2,)`` (layout in :mod:`fisherlora.ops.reference`). For a dense ``acc``
+            only the upper triangle (diagonal included) is guaranteed after the call; call
+            :func:`symmetrize_` once when accumulation is finished.
+        x: ``(..., d)`` tokens as rows, ``d >= 1``, bf16/fp16/fp32 (fp64 for references), any
+            strides; any number of tokens, zero included.
+        mask: optional bool or 0/1 integer tensor of exactly the shape ``x.shape[:-1]`` (never
+            reshaped); rows where it is false are skipped (no gathered copy of ``x`` is made by
+            the fast backends) and never read: NaN/inf in masked-out rows (e.g. padding) do not
+            reach ``acc``.
         scale: multiplies the update (a Python float).
         backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"triton"`` or ``"ext"``.
 
@@ -87,7 +124,8 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
 
     Raises:
         TypeError: wrong dtype of ``acc``, ``x`` or ``mask``.
-        ValueError: shapes or devices that do not match.
+        ValueError: shapes or devices that do not match (a mask not of exactly
+            ``x.shape[:-1]`` included), ``d = 0``, or an ``acc`` that requires grad.
         RuntimeError: an explicitly requested backend is unavailable.
     """
     op = "syrk_accumulate_"
@@ -99,9 +137,8 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
             f"{op}: acc must be ({d}, {d}) or packed ({packed_size(d)},) for x with d={d}, "
             f"got {tuple(acc.shape)}"
         )
-    mask = _check_mask(mask, x, op)
-    _, fn = dispatch.resolve(op, backend, x.device)
-    fn(acc, x, mask, float(scale))
+    _check_mask(mask, x, op)
+    _run(op, backend, x.device, acc, x, mask, float(scale))
     return acc
 
 
@@ -115,27 +152,28 @@ def fisher_energy(M: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") ->
     Args:
         M: symmetric float32/float64 matrix, dense ``(d, d)`` (both triangles read) or packed
             upper triangle ``(d(d+1)/2,)``.
-        Q: ``(d, k)`` directions, fp32/fp64 or bf16/fp16.
+        Q: ``(d, k)`` directions, ``d, k >= 1``, fp32/fp64 or bf16/fp16.
         backend: as in :func:`syrk_accumulate_`.
 
     Returns:
-        ``(k,)`` tensor, float32 (float64 if ``M`` is float64), on ``M``'s device.
+        ``(k,)`` tensor, float32 (float64 if ``M`` is float64), on ``M``'s device, without an
+        autograd graph.
 
     Raises:
-        TypeError, ValueError: wrong dtypes, shapes or devices.
+        TypeError, ValueError: wrong dtypes, shapes or devices, ``d = 0`` or ``k = 0``.
     """
     op = "fisher_energy"
     if M.dtype not in _ACC_DTYPES:
         raise TypeError(f"{op}: M must be float32 or float64, got {M.dtype}")
     if Q.dtype not in _INPUT_DTYPES or Q.dim() != 2:
         raise TypeError(f"{op}: Q must be a (d, k) floating tensor, got {Q.dtype} {tuple(Q.shape)}")
+    _check_q(Q, None, op)
     if M.device != Q.device:
         raise ValueError(f"{op}: M is on {M.device} but Q is on {Q.device}")
     d = Q.shape[0]
     if M.shape not in ((d, d), (packed_size(d),)):
         raise ValueError(f"{op}: M must be ({d}, {d}) or packed ({packed_size(d)},), got {tuple(M.shape)}")
-    _, fn = dispatch.resolve(op, backend, M.device)
-    return fn(M, Q)
+    return _run(op, backend, M.device, M, Q)
 
 
 def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor,
@@ -146,31 +184,28 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
     ``(d, d)`` factor: the projected memory mode (docs/DESIGN.md §4).
 
     Args:
-        acc: ``(k,)`` float32 (float64 for references) accumulator on ``x``'s device.
-        x: ``(..., d)`` tokens as rows, bf16/fp16/fp32 (fp64 for references).
-        Q: ``(d, k)`` directions (fp32/fp64, or bf16/fp16).
-        mask: optional ``x.shape[:-1]`` bool or 0/1 tensor of the rows to count; masked-out rows
-            are never read (NaN/inf there do not propagate).
+        acc: ``(k,)`` float32 (float64 for references) accumulator on ``x``'s device,
+            contiguous, not requiring grad.
+        x: ``(..., d)`` tokens as rows, ``d >= 1``, bf16/fp16/fp32 (fp64 for references).
+        Q: ``(d, k)`` directions, ``k >= 1`` (fp32/fp64, or bf16/fp16).
+        mask: optional bool or 0/1 tensor of exactly ``x.shape[:-1]``, the rows to count;
+            masked-out rows are never read (NaN/inf there do not propagate).
         backend: as in :func:`syrk_accumulate_`.
 
     Returns:
         ``acc``.
 
     Raises:
-        TypeError, ValueError, RuntimeError: as :func:`syrk_accumulate_`.
+        TypeError, ValueError, RuntimeError: as :func:`syrk_accumulate_` (``k = 0`` too).
     """
     op = "projected_sq_accumulate_"
     _check_x(x, op)
     _check_acc(acc, x, op)
-    if Q.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"{op}: Q must be bf16/fp16/fp32/fp64, got {Q.dtype}")
-    if Q.dim() != 2 or Q.shape[0] != x.shape[-1]:
-        raise ValueError(f"{op}: Q must be (d={x.shape[-1]}, k), got {tuple(Q.shape)}")
+    _check_q(Q, x.shape[-1], op)
     if Q.device != x.device:
         raise ValueError(f"{op}: Q is on {Q.device} but x is on {x.device}")
     if acc.shape != (Q.shape[1],):
         raise ValueError(f"{op}: acc must be ({Q.shape[1]},), got {tuple(acc.shape)}")
-    mask = _check_mask(mask, x, op)
-    _, fn = dispatch.resolve(op, backend, x.device)
-    fn(acc, x, Q, mask)
+    _check_mask(mask, x, op)
+    _run(op, backend, x.device, acc, x, Q, mask)
     return acc

@@ -18,18 +18,30 @@ for tests. Importing it imports Triton but never queries CUDA.
 float64 tensors (allowed by :mod:`fisherlora.ops` for references) are handed to the float64
 reference: the kernels accumulate in float32 by contract, and a silent downcast would lose the
 precision a float64 caller asked for.
+
+Where the op modules live (docs/DESIGN.md §5): an installed wheel has them here, beside this
+file (``setup.py`` copies them in). In a source tree (an editable install, or the repository on
+``sys.path``) they are the repository's top-level ``kernels/``, which this package adds to its
+``__path__``. That folder has no ``__init__.py`` on purpose: it is then no package of its own, so a
+plain ``import kernels`` from the repository root never finds our code (it finds Hugging Face's
+``kernels`` when that is installed), and ``_common`` refuses to load under any other name.
 """
 
 from __future__ import annotations
+
+import os as _os
 
 import torch
 
 from fisherlora.ops import reference as _reference
 
-from . import _common
-from . import fisher_energy as _energy_mod
-from . import projected_sq as _projected_mod
-from . import syrk as _syrk_mod
+if not _os.path.isfile(_os.path.join(__path__[0], "_common.py")):  # a source tree: the repository's kernels/
+    __path__.append(_os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__path__[0]))), "kernels"))
+
+from . import _common  # noqa: E402
+from . import fisher_energy as _energy_mod  # noqa: E402
+from . import projected_sq as _projected_mod  # noqa: E402
+from . import syrk as _syrk_mod  # noqa: E402
 
 __all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "INTERPRET"]
 
