@@ -34,9 +34,10 @@ elif torch.cuda.is_available():
 else:
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
+from fisherlora.kernels._common import RowView  # noqa: E402
+
 from fisherlora.kernels import projected_sq as triton_projected  # noqa: E402 (after the skips)
 from fisherlora.kernels import syrk as triton_syrk  # noqa: E402
-from fisherlora.kernels._common import RowView  # noqa: E402
 
 # The floor of the tolerance: relative to the reference's scale, as in test_ops_reference.py.
 REL_FLOOR = 1e-5
