@@ -146,7 +146,9 @@ def cmd_init(args) -> int:
     if args.statistics:
         stats = FisherStatistics.load(args.statistics, device=device)
     else:
-        records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed)
+        records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed,
+                                     prompt_field=args.prompt_field, response_field=args.response_field,
+                                     text_field=args.text_field)
     timings["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
