@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,9 @@ Loading the result:
   base = AutoModelForCausalLM.from_pretrained(...)          # the ORIGINAL base model
   model = fisherlora.load(base, "out/qv-r8")                # rebuilds the residual weights
   # or, with --save-residual, plain PEFT: PeftModel.from_pretrained(<out>/residual model, "<out>")
+
+Offline: fisherlora reads local files only and sends no network request; it sets HF_HUB_OFFLINE,
+HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE to 1 for its own run.
 """
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,15 +225,36 @@ def cmd_report(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
+#: the Hugging Face libraries' own offline switches: the command reads local files only, so it sets
+#: them for its run (before those libraries are imported), whatever the caller's environment says
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def _offline():
+    saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    os.environ.update(OFFLINE_ENV)
     try:
-        return handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
-        print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv=None) -> int:
+    """The command's entry point: sets :data:`OFFLINE_ENV` for the run (restored on return)."""
+    with _offline():
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
+        try:
+            return handler(args)
+        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
+            print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

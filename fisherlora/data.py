@@ -1,6 +1,7 @@
-"""Calibration data: the embedded GSM8K and local files through ``datasets``, tokenisation, label
-masks and batching. (The model loaders live in :mod:`fisherlora.models`; ``load_model_and_tokenizer``
-is re-exported here, where the README has always imported it from.)
+"""Calibration data: the embedded GSM8K and local files read by ``datasets`` (offline) and checked
+record by record, tokenisation, label masks and batching. (The model loaders live in
+:mod:`fisherlora.models`; ``load_model_and_tokenizer`` is re-exported here, where the README has
+always imported it from.)
 
 Two kinds of records:
 
@@ -54,7 +55,7 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
                  shuffle: bool = True, split_range: tuple[int, int] | None = None,
                  prompt_field: str | None = None, response_field: str | None = None,
                  text_field: str | None = None):
-    """Load calibration records with ``datasets``, checked before any work.
+    """Load calibration records with ``datasets``' file readers (no network), checked before any work.
 
     Args:
         source: ``"gsm8k"`` (embedded) or a local ``.jsonl/.json/.csv/.parquet/.txt`` file.
@@ -73,10 +74,6 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
             field, or a null/non-text field value; the message names the file and the line
             (text files) or row.
     """
-    from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
     path = gsm8k_path() if str(source) == "gsm8k" else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"calibration data {str(path)!r} does not exist (or use 'gsm8k')")
@@ -86,11 +83,7 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
     if path.stat().st_size == 0:
         raise ValueError(f"the calibration data {str(path)!r} is empty")
     lines = _scan_text_file(path) if fmt != "parquet" else None
-    try:
-        ds = load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
-        cause = _root_cause(exc)
-        raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(cause).__name__}: {cause}") from exc
+    ds = _read_file(path, fmt)
     start = 0
     if split_range is not None:
         ds = ds.select(range(*split_range))
@@ -110,6 +103,31 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
     if num_samples is not None:
         ds = ds.select(range(min(num_samples, len(ds))))
     return ds
+
+
+def _read_file(path: Path, fmt: str):
+    """The file as a ``datasets.Dataset``, read by ``datasets``' own reader for its format. Not
+    through ``load_dataset``, whose hub machinery sends a request (a download count) even for a
+    local file unless the process is offline; datasets' progress bars stay off while reading.
+
+    Raises:
+        ValueError: the reader failed (naming the file and the reader's own error).
+    """
+    from datasets import Dataset
+    from datasets.utils import logging as ds_logging
+
+    read = {"json": Dataset.from_json, "csv": Dataset.from_csv, "parquet": Dataset.from_parquet,
+            "text": Dataset.from_text}[fmt]
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return read(str(path))
+    except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
+        cause = _root_cause(exc)
+        raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(cause).__name__}: {cause}") from exc
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 def _scan_text_file(path: Path) -> list[int]:

@@ -1,8 +1,10 @@
 """The `fisherlora` command: the real embedded model end to end, and errors that leave nothing behind."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +13,46 @@ from fisherlora import cli
 
 pytestmark = pytest.mark.slow
 
+NO_NETWORK = Path(__file__).parent / "no_network"
 
-def run(*args, check_rc=0):
+
+def run(*args, check_rc=0, env=None):
     proc = subprocess.run([sys.executable, "-m", "fisherlora.cli", *args], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == check_rc, proc.stderr[-3000:]
     return proc
 
 
+def no_network_env(log: Path) -> dict:
+    """The environment of a process whose every connection and name lookup fails and is logged
+    to ``log`` (tests/no_network/sitecustomize.py), with none of the Hugging Face offline switches
+    set: the command must keep itself offline."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(NO_NETWORK), *filter(None, [env.get("PYTHONPATH")])])
+    env["NO_NETWORK_LOG"] = str(log)
+    return env
+
+
 @pytest.fixture(scope="module")
 def embedded_out(tmp_path_factory):
+    """The main job on the embedded model and data, small, in a process without network."""
     out = tmp_path_factory.mktemp("cli") / "out"
     proc = run("init", "--num-samples", "4", "--max-length", "96", "--batch-size", "2", "--rank", "4",
-               "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet")
+               "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet",
+               env=no_network_env(out.parent / "network.log"))
     (out.parent / "stderr.txt").write_text(proc.stderr)
     return out
+
+
+def test_the_job_makes_no_network_request(embedded_out):
+    log = embedded_out.parent / "network.log"
+    assert not log.exists(), log.read_text()[:3000]
+    # the same environment does catch a request
+    probe = embedded_out.parent / "probe.log"
+    subprocess.run([sys.executable, "-c", "import socket\ntry: socket.getaddrinfo('example.org', 443)\n"
+                    "except OSError: pass"], env=no_network_env(probe), timeout=60, check=True)
+    assert "getaddrinfo" in probe.read_text()
 
 
 def test_quiet_draws_no_progress_bar(embedded_out):
