@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="model dtype (default: float32 on CPU, bfloat16 on GPU); statistics stay float32")
     add_config_flags(init)
     out = init.add_argument_group("output")
-    out.add_argument("--output", "-o", default="fisherlora-out", help="output directory (default: %(default)s)")
-    out.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    out.add_argument("--output", "-o", default="fisherlora-out",
+                     help="output directory, written atomically at the end; checked before any work, symbolic "
+                          "links followed (default: %(default)s)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an output directory that fisherlora wrote (it holds fisherlora.json); any "
+                          "other non-empty directory, or one holding the working directory, is refused")
     out.add_argument("--save-residual", action="store_true",
                      help="also write the residual base model to <output>/residual (for plain PEFT users)")
     out.add_argument("--save-statistics", action="store_true",

@@ -112,13 +112,24 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "x").write_text("keep")
-    assert cli.main(["init", "--output", str(out), "--model", "/not/loaded"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (out / "x").read_text() == "keep"
+@pytest.mark.parametrize(
+    "output, extra, message",
+    [
+        ("out", [], "--overwrite"),  # exists and is not empty
+        ("out", ["--overwrite"], "not written by fisherlora"),
+        ("dangling", [], "symbolic link"),
+        (".", [], "working directory"),
+    ],
+)
+def test_output_problems_are_refused_before_any_work(tmp_path, monkeypatch, capsys, output, extra, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path / "out" if output == "." else tmp_path)
+    before = sorted(map(str, tmp_path.rglob("*")))
+    assert cli.main(["init", "--output", output, "--model", "/not/loaded", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(map(str, tmp_path.rglob("*"))) == before and (tmp_path / "out" / "x").read_text() == "keep"
 
 
 def test_help_teaches():
