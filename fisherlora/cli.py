@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,17 @@ Loading the result:
 Offline: fisherlora reads local files only and sends no network request; it sets HF_HUB_OFFLINE,
 HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE to 1 for its own run.
 """
+
+def _positive_gb(text: str) -> float:
+    """``--free-gb``: a finite number of GB above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"a positive number of GB is needed, not {text!r}")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -91,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
     add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
-    plan.add_argument("--free-gb", type=float, default=None, help="also say which mode `auto` picks for this budget")
+    plan.add_argument("--free-gb", type=_positive_gb, default=None, metavar="GB",
+                      help="free device memory in GB (1e9 bytes), a positive number: also say which mode "
+                           "`auto` picks for this budget")
     plan.add_argument("--json", default=None, help="write the plan as JSON to this file ('-' for stdout)")
 
     rep = sub.add_parser("report", help="print the summary of an output directory")
@@ -212,7 +226,7 @@ def cmd_plan(args) -> int:
         for row in format_plan(plans):
             table.add_row(*row)
         Console(width=120).print(table)
-        if args.free_gb:
+        if args.free_gb is not None:
             pick = choose_mode(plans, int(args.free_gb * GB))
             fits = pick.total <= args.free_gb * GB
             print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "

@@ -132,6 +132,18 @@ def test_output_problems_are_refused_before_any_work(tmp_path, monkeypatch, caps
     assert sorted(map(str, tmp_path.rglob("*"))) == before and (tmp_path / "out" / "x").read_text() == "keep"
 
 
+@pytest.mark.parametrize("free_gb", ["0", "-4", "nan", "inf", "lots"])
+def test_plan_refuses_a_free_memory_that_is_not_a_positive_number(free_gb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--model", "llama-3.2-1b", "--free-gb", free_gb])
+    assert exc.value.code == 2 and "--free-gb: a positive number of GB" in capsys.readouterr().err
+
+
+def test_plan_uses_the_free_memory_it_is_given(capsys):
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--free-gb", "0.5"]) == 0
+    assert "memory_mode=auto with 0.5 GB free" in capsys.readouterr().out
+
+
 def test_help_teaches():
     text = cli.build_parser().format_help()
     assert "Fisher energy" in text and "fisherlora init" in text
