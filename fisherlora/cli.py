@@ -33,6 +33,10 @@ Loading the result:
 
 Offline: fisherlora reads local files only and sends no network request; it sets HF_HUB_OFFLINE,
 HF_DATASETS_OFFLINE and TRANSFORMERS_OFFLINE to 1 for its own run.
+
+Errors: one line on stderr, naming the phase that failed (and, out of memory, the memory mode and
+what to try), and a non-zero exit status: 2 for refused input, 1 for a failed job, 130 when
+interrupted (nothing is written then). Add --debug to any command for the full traceback.
 """
 
 def _positive_gb(text: str) -> float:
@@ -58,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true",
+                        help="on an error, show the exception with its full traceback instead of one line")
 
-    init = sub.add_parser("init", help="compute statistics, choose directions, write a PEFT adapter",
+    init = sub.add_parser("init", help="compute statistics, choose directions, write a PEFT adapter", parents=[common],
                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EXAMPLES,
                           description="Run the calibration passes, the decomposition and write the adapter.")
     io = init.add_argument_group("model and data")
@@ -92,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
     plan = sub.add_parser(
-        "plan", help="print each memory mode's planned peak memory for a model, without loading weights",
+        "plan", parents=[common],
+        help="print each memory mode's planned peak memory for a model, without loading weights",
         description="Build the model on the meta device (nothing loaded or allocated) and print, per memory "
                     "mode and layer-group count, the planned peak memory: weights, activations of one batch, "
                     "statistics and SVD workspace (GB = 1e9 bytes). The 'naive' row is the baseline of one "
@@ -108,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "`auto` picks for this budget")
     plan.add_argument("--json", default=None, help="write the plan as JSON to this file ('-' for stdout)")
 
-    rep = sub.add_parser("report", help="print the summary of an output directory")
+    rep = sub.add_parser("report", help="print the summary of an output directory", parents=[common])
     rep.add_argument("output", help="a directory written by `fisherlora init`")
     return parser
 
@@ -144,6 +152,7 @@ def cmd_init(args) -> int:
     from fisherlora.initialize import initialize_fisher_lora
     from fisherlora.memory import peak_memory_mb
     from fisherlora.outdir import check_output_dir
+    from fisherlora.phases import phase
     from fisherlora.statistics import FisherStatistics
 
     # everything that can be checked without the model is checked before loading it
@@ -165,35 +174,41 @@ def cmd_init(args) -> int:
     timings = {}
     t0 = time.perf_counter()
     stats, records, batches, n_seq = None, None, None, None
-    if args.statistics:
-        stats = FisherStatistics.load(args.statistics, device=device)
-    else:
-        records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed,
-                                     prompt_field=args.prompt_field, response_field=args.response_field,
-                                     text_field=args.text_field)
+    with phase("reading the calibration data" if not args.statistics else "reading the statistics"):
+        if args.statistics:
+            stats = FisherStatistics.load(args.statistics, device=device)
+        else:
+            records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed,
+                                         prompt_field=args.prompt_field, response_field=args.response_field,
+                                         text_field=args.text_field)
     timings["data"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
     # errors still raise
-    with contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
+    with phase(f"loading the model ({str(dtype).removeprefix('torch.')} on {device})"), \
+            contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
         model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
     timings["load model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if records is not None:
-        cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
-                                     response_field=args.response_field, text_field=args.text_field)
-        # a list: each layer group makes its own pass over the same batches
-        batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
+        with phase("tokenising the calibration data"):
+            cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
+                                         response_field=args.response_field, text_field=args.text_field)
+            # a list: each layer group makes its own pass over the same batches
+            batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
     timings["data"] += time.perf_counter() - t0
-    result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
-                                    progress=not args.quiet)
+    with phase(f"the initialisation (memory_mode={config.memory_mode.value})"):
+        result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
+                                        progress=not args.quiet)
     result.timings = {**timings, **result.timings}
     result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
                     "dtype": str(dtype).removeprefix("torch.")})
     result.peak_memory_mb = peak_memory_mb(device)
-    result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
-                residual=args.save_residual, tokenizer=tok)
-    _print_summary(result.report(), out_dir)
+    with phase(f"writing the output directory {str(out_dir)!r}"):
+        result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
+                    residual=args.save_residual, tokenizer=tok)
+    with phase(_SUMMARY):
+        _print_summary(result.report(), out_dir)
     return 0
 
 
@@ -262,17 +277,72 @@ def _offline():
                 os.environ[k] = v
 
 
+#: errors in what the user gave (exit status 2, as for a bad flag); any other failure exits with 1
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+               FloatingPointError)
+_SUMMARY = "printing the summary"
+_OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError``, ``MemoryError``, and the ``RuntimeError``/``OSError``
+    that allocators raise when memory runs out (the CPU allocator's "can't allocate memory",
+    ``ENOMEM``)."""
+    import torch
+
+    if isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        return True
+    return isinstance(exc, (RuntimeError, OSError)) and any(w in str(exc).lower() for w in _OOM_WORDS)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def error_line(command: str, exc: BaseException, args) -> str:
+    """The one line that stands for ``exc`` on stderr: what failed, in which phase
+    (:func:`fisherlora.phases.failed_phase`) and, for out of memory, what to try."""
+    from fisherlora.phases import failed_phase
+
+    where = failed_phase(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        done = command != "init" or where == _SUMMARY
+        return (f"fisherlora {command}: interrupted" + (f" during {where}" if where else "")
+                + ("" if done else "; nothing was written"))
+    if isinstance(exc, USER_ERRORS) and not is_out_of_memory(exc):
+        return f"fisherlora {command}: error: " + " ".join(str(exc).split())
+    during = f" during {where}" if where else ""
+    if is_out_of_memory(exc):
+        mode = "" if where and "memory_mode=" in where else f" (--memory-mode {getattr(args, 'memory_mode', '?')})"
+        detail = _first_line(exc).rstrip(".")
+        return (f"fisherlora {command}: error: out of memory{during}{mode}" + (f": {detail}" if detail else "")
+                + f"; try --memory-mode projected, or more --layer-groups (now {getattr(args, 'layer_groups', 1)}),"
+                  " or a smaller --batch-size or --max-length (--debug shows the traceback)")
+    name = type(exc).__name__.lstrip("_")
+    return f"fisherlora {command}: error{during}: {name}: {_first_line(exc)} (--debug shows the traceback)"
+
+
 def main(argv=None) -> int:
-    """The command's entry point: sets :data:`OFFLINE_ENV` for the run (restored on return)."""
+    """The command's entry point: sets :data:`OFFLINE_ENV` for the run (restored on return).
+
+    Every failure is one line on stderr (:func:`error_line`) and a non-zero exit status: 2 for
+    input that was refused (:data:`USER_ERRORS`), 1 for a job that failed, 130 for an interrupt;
+    ``--debug`` lets the exception and its traceback through instead.
+    """
     with _offline():
         parser = build_parser()
         args = parser.parse_args(argv)
         handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
         try:
             return handler(args)
-        except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
-            print(f"fisherlora {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+        except (Exception, KeyboardInterrupt) as exc:
+            if args.debug:
+                raise
+            print(error_line(args.command, exc, args), file=sys.stderr)
+            if isinstance(exc, KeyboardInterrupt):
+                return 130
+            return 2 if isinstance(exc, USER_ERRORS) and not is_out_of_memory(exc) else 1
 
 
 if __name__ == "__main__":

@@ -144,6 +144,63 @@ def test_plan_uses_the_free_memory_it_is_given(capsys):
     assert "memory_mode=auto with 0.5 GB free" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_init(tmp_path, model, *extra):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"what is {i} + {i}?", "answer": f"{2 * i}"})
+                              for i in range(4)))
+    return ["init", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--num-samples", "2", "--max-length", "32", "--rank", "2", "--backend", "torch", "--quiet", *extra]
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+@pytest.mark.parametrize(
+    "target, exc, rc, words",
+    [
+        ("fisherlora.initialize.collect_statistics", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+         "2.00 GiB.\nSee documentation for Memory Management"), 1,
+         ["out of memory", "the calibration passes (memory_mode=full, layer group 1/1)", "--memory-mode projected",
+          "--layer-groups"]),
+        ("fisherlora.initialize.compute_initialization", RuntimeError("[enforce fail at alloc_cpu.cpp:117] "
+         "data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."), 1,
+         ["out of memory", "the decomposition (memory_mode=full", "--memory-mode projected"]),
+        ("fisherlora.initialize.wrap_and_write", MemoryError(), 1, ["out of memory", "writing the adapter"]),
+        ("fisherlora.initialize.compute_initialization", torch.linalg.LinAlgError(
+         "linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned\n"
+         "Intel oneMKL ERROR: Parameter 8 was incorrect on entry to SSYEVD."), 1,
+         ["LinAlgError: linalg.eigh: The algorithm failed to converge", "the decomposition", "--debug"]),
+        ("fisherlora.initialize.collect_statistics", RuntimeError("no forward pass reached the target layers"), 1,
+         ["RuntimeError: no forward pass reached", "the calibration passes", "--debug"]),
+        ("fisherlora.report.write_report", KeyboardInterrupt(), 130, ["interrupted", "nothing was written"]),
+    ],
+    ids=["cuda-oom", "cpu-oom", "memoryerror", "linalg", "runtime", "interrupt"],
+)
+def test_every_failure_is_one_line_and_a_nonzero_exit(tmp_path, tiny_model, monkeypatch, capsys, target, exc, rc,
+                                                     words):
+    monkeypatch.setattr(target, _raise(exc))
+    assert cli.main(tiny_init(tmp_path, tiny_model)) == rc
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("fisherlora init: "), err
+    assert all(w in err[0] for w in words), err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]  # no output, no temporary directory
+    # --debug shows the traceback instead: the exception itself, with its phase noted
+    with pytest.raises(type(exc)) as info:
+        cli.main(tiny_init(tmp_path, tiny_model, "--debug"))
+    assert any(n.startswith("fisherlora phase: ") for n in info.value.__notes__)
+
+
 def test_help_teaches():
     text = cli.build_parser().format_help()
-    assert "Fisher energy" in text and "fisherlora init" in text
+    assert "Fisher energy" in text and "fisherlora init" in text and "--debug" in text
