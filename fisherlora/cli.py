@@ -182,6 +182,8 @@ def cmd_init(args) -> int:
                                          prompt_field=args.prompt_field, response_field=args.response_field,
                                          text_field=args.text_field)
     timings["data"] = time.perf_counter() - t0
+    with phase("checking the targets on the model's config"):
+        _check_targets_on_config(args.model, config)
     t0 = time.perf_counter()
     # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
     # errors still raise
@@ -210,6 +212,28 @@ def cmd_init(args) -> int:
     with phase(_SUMMARY):
         _print_summary(result.report(), out_dir)
     return 0
+
+
+def _check_targets_on_config(model: str, config) -> None:
+    """Refuse bad targets and ranks before the weights are loaded: the target discovery and the
+    rank check that the initialisation runs, on the model built from its config on the meta device
+    (:func:`fisherlora.models.meta_model_from_config`: no weights, about a second). A model whose
+    config cannot be built that way is left to the load, which reports its own error.
+
+    Raises:
+        ValueError: the targets match nothing (or a non-linear layer), or a rank exceeds a layer's.
+    """
+    from fisherlora.layers import check_ranks, find_target_modules, layer_shape, ranks_and_scalings
+    from fisherlora.models import meta_model_from_config
+
+    try:
+        meta = meta_model_from_config(model)
+    except Exception:  # a missing path, a config transformers cannot build without its code: the load says
+        return
+    lora_config = config.to_lora_config()
+    modules = find_target_modules(meta, lora_config)
+    check_ranks({n: layer_shape(m) for n, m in modules.items()},
+                {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
 
 
 def cmd_plan(args) -> int:

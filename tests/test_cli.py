@@ -98,7 +98,7 @@ def test_report_command(embedded_out):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # fails after loading the model
+        (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # checked on the GGUF's config
         (["--data", "/does/not/exist.jsonl"], "does not exist"),
         (["--rank", "0"], "rank must be a positive integer"),
         (["--score", "loud"], "invalid choice"),
@@ -157,6 +157,21 @@ def tiny_init(tmp_path, model, *extra):
                               for i in range(4)))
     return ["init", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
             "--num-samples", "2", "--max-length", "32", "--rank", "2", "--backend", "torch", "--quiet", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rank", "20", "--target-modules", "k_proj"], "rank 20 exceeds min(d_out, d_in) = 16"),
+        (["--target-modules", "no_such_proj"], "no_such_proj"),
+    ],
+)
+def test_targets_and_ranks_are_checked_on_the_config_before_the_model_loads(tmp_path, tiny_model, monkeypatch,
+                                                                            capsys, extra, message):
+    monkeypatch.setattr("fisherlora.data.load_model_and_tokenizer", _raise(AssertionError("the model was loaded")))
+    assert cli.main(tiny_init(tmp_path, tiny_model, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
 def _raise(exc):
