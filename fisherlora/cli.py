@@ -242,9 +242,12 @@ def cmd_plan(args) -> int:
     from rich.table import Table
 
     from fisherlora.models import meta_model_from_config
+    from fisherlora.outdir import check_output_file
     from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
 
     cfg = config_from_args(args)
+    if args.json and args.json != "-":
+        check_output_file(args.json)
     model = meta_model_from_config(args.model)
     dtype = getattr(torch, args.dtype)
     plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,

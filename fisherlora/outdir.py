@@ -1,4 +1,4 @@
-"""Output directories: every output path checked before any work, then written atomically (a
+"""Output paths: every output path checked before any work; output directories written atomically (a
 fresh sibling directory renamed into place at the end), with the permissions the umask gives, so
 a failure leaves nothing behind. An existing directory is replaced only when fisherlora wrote it
 (it holds the marker file ``fisherlora.json``), and never one that holds the working directory."""
@@ -13,7 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-__all__ = ["MARKER_FILE", "check_output_dir", "atomic_output_dir", "written_by_fisherlora"]
+__all__ = ["MARKER_FILE", "check_output_dir", "check_output_file", "atomic_output_dir", "written_by_fisherlora"]
 
 #: the file every fisherlora output directory holds (``adapter.META_FILE``, written by
 #: ``FisherLoraResult.save``); spelled here so that this module imports nothing of the package
@@ -71,6 +71,24 @@ def check_output_dir(out_dir, *, overwrite: bool = False) -> Path:
         ancestor = ancestor.parent
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise FileExistsError(f"cannot create output {str(out)!r}: {str(ancestor)!r} is not a writable directory")
+    return out
+
+
+def check_output_file(path) -> Path:
+    """``path`` as an absolute Path, if a single output file (``fisherlora plan --json``) may be
+    written there; creates nothing. An existing file is replaced.
+
+    Raises:
+        FileNotFoundError: its directory does not exist.
+        FileExistsError: it is a directory, or its directory is not writable.
+    """
+    out = Path(os.path.abspath(path))
+    if out.is_dir():
+        raise FileExistsError(f"output file {str(out)!r} is a directory; name a file")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise FileExistsError(f"cannot write {str(out)!r}: not writable")
     return out
 
 

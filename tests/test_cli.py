@@ -132,6 +132,14 @@ def test_output_problems_are_refused_before_any_work(tmp_path, monkeypatch, caps
     assert sorted(map(str, tmp_path.rglob("*"))) == before and (tmp_path / "out" / "x").read_text() == "keep"
 
 
+@pytest.mark.parametrize("json_path, message", [("missing/plan.json", "does not exist"), (".", "is a directory")])
+def test_plan_checks_its_json_path_before_building_the_model(tmp_path, monkeypatch, capsys, json_path, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fisherlora.models.meta_model_from_config", _raise(AssertionError("the model was built")))
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--json", json_path]) == 2
+    assert message in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("free_gb", ["0", "-4", "nan", "inf", "lots"])
 def test_plan_refuses_a_free_memory_that_is_not_a_positive_number(free_gb, capsys):
     with pytest.raises(SystemExit) as exc:
