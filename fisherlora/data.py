@@ -142,7 +142,7 @@ def _scan_text_file(path: Path) -> list[int]:
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
             except UnicodeDecodeError as exc:
                 raise ValueError(f"{str(path)!r} line {number} is not UTF-8 text (byte {raw[exc.start]:#04x} at "
                                  f"column {exc.start + 1}); save the file as UTF-8") from None

@@ -31,8 +31,8 @@ def test_gsm8k_is_embedded():
 def test_local_formats_load_through_datasets(tmp_path, fmt):
     rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(5)]
     path = tmp_path / f"d.{fmt}"
-    if fmt == "jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows))
+    if fmt == "jsonl":  # with the byte-order mark some editors write
+        path.write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     elif fmt == "csv":
         path.write_text("question,answer\n" + "\n".join(f"{r['question']},{r['answer']}" for r in rows))
     elif fmt == "parquet":
@@ -41,7 +41,7 @@ def test_local_formats_load_through_datasets(tmp_path, fmt):
         datasets.Dataset.from_list(rows).to_parquet(str(path))
     else:
         path.write_text("\n".join(r["question"] for r in rows))
-    recs = load_records(path, num_samples=3, seed=1)
+    recs = load_records(path, num_samples=3, seed=1, prompt_field="question", response_field="answer")
     assert len(recs) == 3
     cal = tokenize_records(recs, CharTokenizer(), max_length=16)
     assert len(cal) == 3
