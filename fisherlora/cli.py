@@ -39,6 +39,7 @@ what to try), and a non-zero exit status: 2 for refused input, 1 for a failed jo
 interrupted (nothing is written then). Add --debug to any command for the full traceback.
 """
 
+
 def _positive_gb(text: str) -> float:
     """``--free-gb``: a finite number of GB above zero."""
     try:
@@ -341,13 +342,15 @@ def error_line(command: str, exc: BaseException, args) -> str:
         return f"fisherlora {command}: error: " + " ".join(str(exc).split())
     during = f" during {where}" if where else ""
     if is_out_of_memory(exc):
-        mode = "" if where and "memory_mode=" in where else f" (--memory-mode {getattr(args, 'memory_mode', '?')})"
+        known = not hasattr(args, "memory_mode") or (where and "memory_mode=" in where)
+        mode = "" if known else f" (--memory-mode {args.memory_mode})"
         detail = _first_line(exc).rstrip(".")
         return (f"fisherlora {command}: error: out of memory{during}{mode}" + (f": {detail}" if detail else "")
                 + f"; try --memory-mode projected, or more --layer-groups (now {getattr(args, 'layer_groups', 1)}),"
                   " or a smaller --batch-size or --max-length (--debug shows the traceback)")
-    name = type(exc).__name__.lstrip("_")
-    return f"fisherlora {command}: error{during}: {name}: {_first_line(exc)} (--debug shows the traceback)"
+    name, detail = type(exc).__name__.lstrip("_"), _first_line(exc)
+    return (f"fisherlora {command}: error{during}: {name}" + (f": {detail}" if detail else "")
+            + " (--debug shows the traceback)")
 
 
 def main(argv=None) -> int:
