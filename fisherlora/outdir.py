@@ -107,15 +107,17 @@ def atomic_output_dir(out_dir, *, overwrite: bool = False):
     """
     out = check_output_dir(out_dir, overwrite=overwrite)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling(out, "tmp")
+    tmp, created = _new_sibling(out, "tmp"), False
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(tmp, 0o777)  # the umask applies, unlike tempfile.mkdtemp's 0700
+        created = True
         yield tmp
         _give_umask_modes(tmp)
         _replace(tmp, check_output_dir(out, overwrite=overwrite))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            shutil.rmtree(tmp, ignore_errors=True)
         for p in made:  # deepest first; only if still empty
             with contextlib.suppress(OSError):
                 p.rmdir()
@@ -127,15 +129,15 @@ def _new_sibling(out: Path, kind: str) -> Path:
 
 
 def _give_umask_modes(root: Path) -> None:
-    """Give ``root``'s tree the modes a plain create gives under the umask (some writers, such as
-    safetensors, create their files 0600)."""
-    dir_mode = root.stat().st_mode & 0o777  # made with 0o777 & ~umask
+    """Give the files under ``root`` the mode a plain create gives under the umask (some writers,
+    such as safetensors, create theirs 0600). Directories already have it: they were made with
+    ``os.mkdir``/``os.makedirs``, and are left alone (a chmod could clear an inherited setgid bit)."""
+    file_mode = root.stat().st_mode & 0o666  # root was made with 0o777 & ~umask
     for dirpath, _, files in os.walk(root):
-        os.chmod(dirpath, dir_mode)
         for name in files:
             path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, dir_mode & 0o666)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o7777 != file_mode:
+                os.chmod(path, file_mode)
 
 
 def _replace(tmp: Path, out: Path) -> None:
