@@ -1,6 +1,7 @@
-"""Calibration data: the embedded GSM8K and local files through ``datasets``, tokenisation, label
-masks and batching. (The model loaders live in :mod:`fisherlora.models`; ``load_model_and_tokenizer``
-is re-exported here, where the README has always imported it from.)
+"""Calibration data: the embedded GSM8K and local files read by ``datasets`` (offline) and checked
+record by record, tokenisation, label masks and batching. (The model loaders live in
+:mod:`fisherlora.models`; ``load_model_and_tokenizer`` is re-exported here, where the README has
+always imported it from.)
 
 Two kinds of records:
 
@@ -16,6 +17,8 @@ Sequences are truncated to ``max_length`` tokens and right-padded per batch (lab
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,24 +52,28 @@ def gsm8k_path() -> Path:
 
 
 def load_records(source: str | os.PathLike, *, num_samples: int | None = None, seed: int = 0,
-                 shuffle: bool = True, split_range: tuple[int, int] | None = None):
-    """Load calibration records with ``datasets``.
+                 shuffle: bool = True, split_range: tuple[int, int] | None = None,
+                 prompt_field: str | None = None, response_field: str | None = None,
+                 text_field: str | None = None):
+    """Load calibration records with ``datasets``' file readers (no network), checked before any work.
 
     Args:
         source: ``"gsm8k"`` (embedded) or a local ``.jsonl/.json/.csv/.parquet/.txt`` file.
         num_samples: keep this many (after shuffling with ``seed``); ``None`` keeps all.
         split_range: ``(start, stop)`` rows taken before shuffling (a fixed train/held-out split).
+        prompt_field, response_field, text_field: the fields :func:`tokenize_records` will read
+            (picked by the same rule); when given, every record of ``split_range`` must hold
+            them, as text or numbers. Without them only the file itself is checked.
 
     Returns:
         a ``datasets.Dataset``.
 
     Raises:
-        FileNotFoundError, ValueError: missing file, unknown format, or no records.
+        FileNotFoundError: a missing file. ValueError: an unknown format, a file that is not
+            UTF-8 text, a JSON Lines line that is not a JSON object, no records, a missing
+            field, or a null/non-text field value; the message names the file and the line
+            (text files) or row.
     """
-    from datasets import load_dataset
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
     path = gsm8k_path() if str(source) == "gsm8k" else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"calibration data {str(path)!r} does not exist (or use 'gsm8k')")
@@ -75,19 +82,131 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
         raise ValueError(f"unsupported data file {path.name!r}; use one of {sorted(_DATA_FORMATS)}")
     if path.stat().st_size == 0:
         raise ValueError(f"the calibration data {str(path)!r} is empty")
-    try:
-        ds = load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
-        raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(exc).__name__}: {exc}") from exc
+    lines = _scan_text_file(path) if fmt != "parquet" else None
+    ds = _read_file(path, fmt)
+    start = 0
     if split_range is not None:
         ds = ds.select(range(*split_range))
+        start = range(*split_range).start
     if len(ds) == 0:
         raise ValueError(f"the calibration data {str(path)!r} holds no records")
+    if prompt_field or response_field or text_field:
+        def where(i):
+            row = start + i
+            if path.suffix.lower() == ".jsonl":
+                return f"{str(path)!r} line {lines[row]}"
+            return f"{str(path)!r} line {row + 1}" if fmt == "text" else f"{str(path)!r} row {row + 1}"
+
+        _check_fields(ds, _fields(ds.column_names, prompt_field, response_field, text_field)[1], where)
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_samples is not None:
         ds = ds.select(range(min(num_samples, len(ds))))
     return ds
+
+
+def _read_file(path: Path, fmt: str):
+    """The file as a ``datasets.Dataset``, read by ``datasets``' own reader for its format. Not
+    through ``load_dataset``, whose hub machinery sends a request (a download count) even for a
+    local file unless the process is offline; datasets' progress bars stay off while reading.
+
+    Raises:
+        ValueError: the reader failed (naming the file and the reader's own error).
+    """
+    from datasets import Dataset
+    from datasets.utils import logging as ds_logging
+
+    read = {"json": Dataset.from_json, "csv": Dataset.from_csv, "parquet": Dataset.from_parquet,
+            "text": Dataset.from_text}[fmt]
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        return read(str(path))
+    except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
+        cause = _root_cause(exc)
+        raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(cause).__name__}: {cause}") from exc
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+def _scan_text_file(path: Path) -> list[int]:
+    """One pass over a text data file: every line must be UTF-8, some line must be non-blank,
+    and in a JSON Lines file every non-blank line must be one JSON object.
+
+    Returns:
+        the (1-based) numbers of the non-blank lines: a JSON Lines file's records.
+    """
+    jsonl = path.suffix.lower() == ".jsonl"
+    records = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{str(path)!r} line {number} is not UTF-8 text (byte {raw[exc.start]:#04x} at "
+                                 f"column {exc.start + 1}); save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            records.append(number)
+            if jsonl:
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{str(path)!r} line {number} is not valid JSON: {exc}") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"{str(path)!r} line {number} is not a JSON object (a record) but a "
+                                     f"{type(obj).__name__}") from None
+    if not records:
+        raise ValueError(f"the calibration data {str(path)!r} holds no records (only blank lines)")
+    return records
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _fields(columns, prompt_field: str | None, response_field: str | None,
+            text_field: str | None) -> tuple[str | None, list[str]]:
+    """The fields a calibration set is read from: ``text_field``, else the prompt/response pair,
+    or ``"text"`` when the prompt field is missing and a ``text`` column is there (a ``.txt`` file).
+
+    Returns:
+        ``(text_field or None, the fields read)``.
+
+    Raises:
+        ValueError: a field is not in ``columns`` (the message lists them).
+    """
+    columns = list(columns)
+    if text_field is None and "text" in columns and prompt_field not in columns:
+        text_field = "text"  # .txt files load as a single 'text' column
+    needed = [text_field] if text_field else [prompt_field, response_field]
+    for f in needed:
+        if f not in columns:
+            raise ValueError(f"field {f!r} not in the calibration data; its columns are {columns}")
+    return text_field, needed
+
+
+def _check_fields(records, fields: list[str], where) -> None:
+    """One pass over ``records``: each of ``fields`` holds text or a finite number (which is
+    rendered as text) in every record.
+
+    Raises:
+        ValueError: naming ``where(i)`` for the ``i``-th record, the field and what it holds.
+    """
+    for f in fields:
+        values = records[f] if hasattr(records, "column_names") else (rec[f] for rec in records)
+        for i, value in enumerate(values):
+            if value is None or (isinstance(value, float) and not math.isfinite(value)):
+                what = "null (empty)"
+            elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                continue
+            else:
+                what = f"not text but a {type(value).__name__}"
+            raise ValueError(f"{where(i)}: field {f!r} is {what}; every calibration record needs text there "
+                             "(fix or drop that record)")
 
 
 @dataclass
@@ -148,15 +267,12 @@ def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field:
 
     Raises:
         ValueError: a named field is missing from the records (the message lists the columns),
-            or no sequence is left.
+            a record's field is null or not text (naming the record, 1-based), or no sequence is
+            left.
     """
     columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0])
-    if text_field is None and "text" in columns and prompt_field not in columns:
-        text_field = "text"  # .txt files load as a single 'text' column
-    needed = [text_field] if text_field else [prompt_field, response_field]
-    for f in needed:
-        if f not in columns:
-            raise ValueError(f"field {f!r} not in the calibration data; its columns are {columns}")
+    text_field, needed = _fields(columns, prompt_field, response_field, text_field)
+    _check_fields(records, needed, lambda i: f"record {i + 1}")
     input_ids, labels = [], []
     for rec in records:
         if text_field:

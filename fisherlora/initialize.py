@@ -26,6 +26,7 @@ from fisherlora.layers import (
     weight_view,
 )
 from fisherlora.memory import peak_memory_mb
+from fisherlora.phases import phase
 from fisherlora.plan import resolve_memory_mode
 from fisherlora.result import FisherLoraResult
 from fisherlora.snapshot import keeps_global_rng
@@ -85,8 +86,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
         raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
                          "of one run; save full or packed statistics to re-select")
-    mode, n_groups = (resolve_memory_mode(model, lora_config, config) if statistics is None
-                      else (statistics.kind, 1))
+    with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
+        mode, n_groups = (resolve_memory_mode(model, lora_config, config) if statistics is None
+                          else (statistics.kind, 1))
     groups = layer_groups(modules, n_groups)
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
@@ -102,24 +104,28 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     bases_dtype = torch.float32 if config.bases_dtype == "float32" else next(model.parameters()).dtype
     inits, selections, parts = {}, {}, []
     for gi, group in enumerate(groups):
+        where = f"(memory_mode={mode.value}, layer group {gi + 1}/{len(groups)})"
         bases = None
         stats = statistics
         if stats is None:
             if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
-                bases = dict(iter_thin_svd({n: weight_view(m) for n, m in group.items()}, out_dtype=bases_dtype,
-                                           seconds=svd_seconds))
+                with phase(f"the singular value decompositions {where}"):
+                    bases = dict(iter_thin_svd({n: weight_view(m) for n, m in group.items()}, out_dtype=bases_dtype,
+                                               seconds=svd_seconds))
                 timings["svd"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
-            stats = collect_statistics(model, group, data, config, mode=mode,
-                                       bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
-                                       num_batches=num_batches, progress=progress, desc=desc)
+            with phase(f"the calibration passes {where}"):
+                stats = collect_statistics(model, group, data, config, mode=mode,
+                                           bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
+                                           num_batches=num_batches, progress=progress, desc=desc)
             stats.fingerprints = {n: fingerprints[n] for n in group}
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases, progress=progress,
-                                                 svd_seconds=svd_seconds)
+        with phase(f"the decomposition {where}"):
+            inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases,
+                                                     progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
         selections.update(sels_g)
@@ -131,7 +137,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if statistics is None:
         statistics = FisherStatistics.merge(parts)
     t0 = time.perf_counter()
-    peft_model = wrap_and_write(model, lora_config, inits)
+    with phase(f"writing the adapter into the model (memory_mode={mode.value})"):
+        peft_model = wrap_and_write(model, lora_config, inits)
     timings["initialize"] = time.perf_counter() - t0
     if not timings["svd"]:  # the SVD ran inside "decompose"
         del timings["svd"]

@@ -1,5 +1,6 @@
 """The model side of the inputs: the embedded SmolLM2-135M, local ``transformers`` folders and
-GGUF files loaded offline, and models built on the meta device from a config (for planning)."""
+GGUF files loaded offline (local files only; the environment is never changed), and models built
+on the meta device from a config (for planning)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
 
     Args:
         model: ``"smollm2-135m"`` (the embedded GGUF), a ``.gguf`` file, or a local
-            ``transformers`` model folder. Nothing is downloaded (``HF_HUB_OFFLINE`` is set).
+            ``transformers`` model folder. Only local files are read (``local_files_only``):
+            nothing is downloaded or looked up, and the process's environment is left alone.
         dtype: weights dtype. device: where to put the model.
 
     Returns:
@@ -50,7 +52,6 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     Raises:
         FileNotFoundError: the path does not exist.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -58,18 +59,18 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     if not path.exists():
         raise FileNotFoundError(f"model path {str(path)!r} does not exist (use a local folder, a .gguf file, "
                                 f"or {EMBEDDED_MODEL!r} for the embedded model)")
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         if path.is_file():  # GGUF
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
             lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
             lm.name_or_path = str(path)
         else:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -116,7 +117,7 @@ def load_config(model: str | os.PathLike):
     if not path.exists() and name in bundled_configs():
         path = CONFIGS_DIR / f"{name}.json"
     if path.suffix == ".gguf" and path.is_file():
-        return plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+        return plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True))
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():

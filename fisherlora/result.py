@@ -88,13 +88,20 @@ class FisherLoraResult:
 
     def save(self, out_dir, *, overwrite: bool = False, save_statistics: bool = False,
              residual: bool = False, tokenizer=None) -> Path:
-        """Write the adapter directory (module docstring), atomically.
+        """Write the adapter directory (module docstring), atomically
+        (:func:`fisherlora.outdir.atomic_output_dir`).
 
-        Everything is written to a temporary sibling directory renamed at the end, so a failure
-        leaves nothing behind.
+        Everything is written to a new sibling directory renamed into place at the end, so a
+        failure leaves nothing behind; the files get the umask's permissions. ``out_dir`` may be
+        a symbolic link to a directory (the output goes there).
+
+        Returns:
+            ``Path(out_dir)``.
 
         Raises:
-            FileExistsError: ``out_dir`` exists and is not empty, without ``overwrite``.
+            FileExistsError: ``out_dir`` exists and is not empty, without ``overwrite``; with
+                ``overwrite``, it was not written by fisherlora; it is a file, holds the working
+                directory, or is a symbolic link to nothing (checked before anything is written).
         """
         from fisherlora.report import write_report
 

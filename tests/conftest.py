@@ -5,6 +5,12 @@ import os
 import pytest
 import torch
 
+# The suite is offline (docs/DESIGN.md §5): the Hugging Face libraries read these when they are
+# imported, before any test module imports them. The package itself never relies on them
+# (tests/test_models.py, tests/test_cli.py check it with the variables unset).
+for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_var] = "1"
+
 # Triton kernels run interpreted on CPU-only machines (docs/DESIGN.md §5). The variable must be set
 # before the @triton.jit functions are defined, i.e. before fisherlora.kernels is imported.
 # device_count() asks NVML first, so this does not initialise CUDA.

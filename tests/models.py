@@ -21,6 +21,22 @@ def tiny_llama(dtype=torch.float64, seed=0, layers=2, vocab=101, hidden=32, inte
                         dtype=dtype)
 
 
+def save_tiny_model(folder, vocab=101):
+    """:func:`tiny_llama` (float32) and a character-level tokenizer of the same vocabulary, saved
+    as a local ``transformers`` model folder (for the loaders and the command); returns ``folder``."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 32 + vocab - len(specials))]
+    ids = {t: i for i, t in enumerate(specials + chars)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(ids, [], unk_token="<unk>")),
+                                  pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tiny_llama(torch.float32, vocab=vocab).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def tiny_gpt2(dtype=torch.float64, seed=0):
     """A random 2-layer GPT-2 (its projections are transformers' Conv1D)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -1,8 +1,10 @@
 """The `fisherlora` command: the real embedded model end to end, and errors that leave nothing behind."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,21 +13,46 @@ from fisherlora import cli
 
 pytestmark = pytest.mark.slow
 
+NO_NETWORK = Path(__file__).parent / "no_network"
 
-def run(*args, check_rc=0):
+
+def run(*args, check_rc=0, env=None):
     proc = subprocess.run([sys.executable, "-m", "fisherlora.cli", *args], capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == check_rc, proc.stderr[-3000:]
     return proc
 
 
+def no_network_env(log: Path) -> dict:
+    """The environment of a process whose every connection and name lookup fails and is logged
+    to ``log`` (tests/no_network/sitecustomize.py), with none of the Hugging Face offline switches
+    set: the command must keep itself offline."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(NO_NETWORK), *filter(None, [env.get("PYTHONPATH")])])
+    env["NO_NETWORK_LOG"] = str(log)
+    return env
+
+
 @pytest.fixture(scope="module")
 def embedded_out(tmp_path_factory):
+    """The main job on the embedded model and data, small, in a process without network."""
     out = tmp_path_factory.mktemp("cli") / "out"
     proc = run("init", "--num-samples", "4", "--max-length", "96", "--batch-size", "2", "--rank", "4",
-               "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet")
+               "--target-modules", "q_proj,v_proj,down_proj", "--output", str(out), "--save-residual", "--quiet",
+               env=no_network_env(out.parent / "network.log"))
     (out.parent / "stderr.txt").write_text(proc.stderr)
     return out
+
+
+def test_the_job_makes_no_network_request(embedded_out):
+    log = embedded_out.parent / "network.log"
+    assert not log.exists(), log.read_text()[:3000]
+    # the same environment does catch a request
+    probe = embedded_out.parent / "probe.log"
+    subprocess.run([sys.executable, "-c", "import socket\ntry: socket.getaddrinfo('example.org', 443)\n"
+                    "except OSError: pass"], env=no_network_env(probe), timeout=60, check=True)
+    assert "getaddrinfo" in probe.read_text()
 
 
 def test_quiet_draws_no_progress_bar(embedded_out):
@@ -71,7 +98,7 @@ def test_report_command(embedded_out):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # fails after loading the model
+        (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # checked on the GGUF's config
         (["--data", "/does/not/exist.jsonl"], "does not exist"),
         (["--rank", "0"], "rank must be a positive integer"),
         (["--score", "loud"], "invalid choice"),
@@ -85,15 +112,122 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_output_is_refused_before_any_work(tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "x").write_text("keep")
-    assert cli.main(["init", "--output", str(out), "--model", "/not/loaded"]) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert (out / "x").read_text() == "keep"
+@pytest.mark.parametrize(
+    "output, extra, message",
+    [
+        ("out", [], "--overwrite"),  # exists and is not empty
+        ("out", ["--overwrite"], "not written by fisherlora"),
+        ("dangling", [], "symbolic link"),
+        (".", [], "working directory"),
+    ],
+)
+def test_output_problems_are_refused_before_any_work(tmp_path, monkeypatch, capsys, output, extra, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path / "out" if output == "." else tmp_path)
+    before = sorted(map(str, tmp_path.rglob("*")))
+    assert cli.main(["init", "--output", output, "--model", "/not/loaded", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(map(str, tmp_path.rglob("*"))) == before and (tmp_path / "out" / "x").read_text() == "keep"
+
+
+@pytest.mark.parametrize("json_path, message", [("missing/plan.json", "does not exist"), (".", "is a directory")])
+def test_plan_checks_its_json_path_before_building_the_model(tmp_path, monkeypatch, capsys, json_path, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("fisherlora.models.meta_model_from_config", _raise(AssertionError("the model was built")))
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--json", json_path]) == 2
+    assert message in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("free_gb", ["0", "-4", "nan", "inf", "lots"])
+def test_plan_refuses_a_free_memory_that_is_not_a_positive_number(free_gb, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--model", "llama-3.2-1b", "--free-gb", free_gb])
+    assert exc.value.code == 2 and "--free-gb: a positive number of GB" in capsys.readouterr().err
+
+
+def test_plan_uses_the_free_memory_it_is_given(capsys):
+    assert cli.main(["plan", "--model", "llama-3.2-1b", "--free-gb", "0.5"]) == 0
+    assert "memory_mode=auto with 0.5 GB free" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tests.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def tiny_init(tmp_path, model, *extra):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"what is {i} + {i}?", "answer": f"{2 * i}"})
+                              for i in range(4)))
+    return ["init", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "out"),
+            "--num-samples", "2", "--max-length", "32", "--rank", "2", "--backend", "torch", "--quiet", *extra]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rank", "20", "--target-modules", "k_proj"], "rank 20 exceeds min(d_out, d_in) = 16"),
+        (["--target-modules", "no_such_proj"], "no_such_proj"),
+    ],
+)
+def test_targets_and_ranks_are_checked_on_the_config_before_the_model_loads(tmp_path, tiny_model, monkeypatch,
+                                                                            capsys, extra, message):
+    monkeypatch.setattr("fisherlora.data.load_model_and_tokenizer", _raise(AssertionError("the model was loaded")))
+    assert cli.main(tiny_init(tmp_path, tiny_model, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+def _raise(exc):
+    def raiser(*args, **kwargs):
+        raise exc
+
+    return raiser
+
+
+@pytest.mark.parametrize(
+    "target, exc, rc, words",
+    [
+        ("fisherlora.initialize.collect_statistics", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate "
+         "2.00 GiB.\nSee documentation for Memory Management"), 1,
+         ["out of memory", "the calibration passes (memory_mode=full, layer group 1/1)", "--memory-mode projected",
+          "--layer-groups"]),
+        ("fisherlora.initialize.compute_initialization", RuntimeError("[enforce fail at alloc_cpu.cpp:117] "
+         "data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."), 1,
+         ["out of memory", "the decomposition (memory_mode=full", "--memory-mode projected"]),
+        ("fisherlora.initialize.wrap_and_write", MemoryError(), 1, ["out of memory", "writing the adapter"]),
+        ("fisherlora.initialize.compute_initialization", torch.linalg.LinAlgError(
+         "linalg.eigh: The algorithm failed to converge because the input matrix is ill-conditioned\n"
+         "Intel oneMKL ERROR: Parameter 8 was incorrect on entry to SSYEVD."), 1,
+         ["LinAlgError: linalg.eigh: The algorithm failed to converge", "the decomposition", "--debug"]),
+        ("fisherlora.initialize.collect_statistics", RuntimeError("no forward pass reached the target layers"), 1,
+         ["RuntimeError: no forward pass reached", "the calibration passes", "--debug"]),
+        ("fisherlora.report.write_report", KeyboardInterrupt(), 130, ["interrupted", "nothing was written"]),
+    ],
+    ids=["cuda-oom", "cpu-oom", "memoryerror", "linalg", "runtime", "interrupt"],
+)
+def test_every_failure_is_one_line_and_a_nonzero_exit(tmp_path, tiny_model, monkeypatch, capsys, target, exc, rc,
+                                                     words):
+    monkeypatch.setattr(target, _raise(exc))
+    assert cli.main(tiny_init(tmp_path, tiny_model)) == rc
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("fisherlora init: "), err
+    assert all(w in err[0] for w in words), err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]  # no output, no temporary directory
+
+
+def test_debug_lets_the_exception_through_with_its_phase(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr("fisherlora.initialize.compute_initialization", _raise(torch.linalg.LinAlgError("eigh")))
+    with pytest.raises(torch.linalg.LinAlgError) as info:
+        cli.main(tiny_init(tmp_path, tiny_model, "--debug"))
+    assert "fisherlora phase: the decomposition (memory_mode=full, layer group 1/1)" in info.value.__notes__
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
 def test_help_teaches():
     text = cli.build_parser().format_help()
-    assert "Fisher energy" in text and "fisherlora init" in text
+    assert "Fisher energy" in text and "fisherlora init" in text and "--debug" in text

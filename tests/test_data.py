@@ -31,8 +31,8 @@ def test_gsm8k_is_embedded():
 def test_local_formats_load_through_datasets(tmp_path, fmt):
     rows = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(5)]
     path = tmp_path / f"d.{fmt}"
-    if fmt == "jsonl":
-        path.write_text("\n".join(json.dumps(r) for r in rows))
+    if fmt == "jsonl":  # with the byte-order mark some editors write
+        path.write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows), encoding="utf-8")
     elif fmt == "csv":
         path.write_text("question,answer\n" + "\n".join(f"{r['question']},{r['answer']}" for r in rows))
     elif fmt == "parquet":
@@ -41,7 +41,7 @@ def test_local_formats_load_through_datasets(tmp_path, fmt):
         datasets.Dataset.from_list(rows).to_parquet(str(path))
     else:
         path.write_text("\n".join(r["question"] for r in rows))
-    recs = load_records(path, num_samples=3, seed=1)
+    recs = load_records(path, num_samples=3, seed=1, prompt_field="question", response_field="answer")
     assert len(recs) == 3
     cal = tokenize_records(recs, CharTokenizer(), max_length=16)
     assert len(cal) == 3
@@ -90,7 +90,43 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="is empty"):
         load_records(tmp_path / "empty.jsonl")
     (tmp_path / "broken.jsonl").write_text("{not json")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="broken.jsonl' line 1 is not valid JSON"):
         load_records(tmp_path / "broken.jsonl")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match="could not read .*broken.parquet"):
+        load_records(tmp_path / "broken.parquet")
     with pytest.raises(ValueError, match="field 'prompt' not in the calibration data"):
         tokenize_records([{"question": "a", "answer": "b"}], CharTokenizer(), prompt_field="prompt")
+
+
+@pytest.mark.parametrize(
+    "name, content, where, what",
+    [
+        # a null field (after a blank line: the line number is the file's, not the record's)
+        ("null.jsonl", b'{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": null}\n', "line 3", "null"),
+        ("cell.csv", b"question,answer\na,b\nc,\n", "row 2", "null"),
+        ("nested.jsonl", b'{"question": "a", "answer": {"x": 1}}\n', "line 1", "not text"),
+        # bytes that are not UTF-8
+        ("latin1.jsonl", b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "d"}\n', "line 2",
+         "not UTF-8"),
+        ("latin1.csv", b"question,answer\na,b\nc,caf\xe9\n", "line 3", "not UTF-8"),
+        ("latin1.txt", b"one\ntwo\nthr\xffee\n", "line 3", "not UTF-8"),
+        # no record at all, only line breaks or blanks
+        ("newlines.jsonl", b"\n\n\n", "no records", "no records"),
+        ("blank.txt", b"  \n\t\n", "no records", "no records"),
+        # a line that is not one JSON object
+        ("list.jsonl", b'{"question": "a", "answer": "b"}\n[1, 2]\n', "line 2", "JSON object"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "." in v else "",
+)
+def test_bad_records_are_refused_naming_the_file_and_row(tmp_path, name, content, where, what):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        recs = load_records(path, shuffle=False, prompt_field="question", response_field="answer")
+        tokenize_records(recs, CharTokenizer(), max_length=16)
+    message = str(info.value)
+    assert str(path) in message and where in message and what in message, message
+    # records built in Python name the record
+    with pytest.raises(ValueError, match="record 2: field 'answer' is null"):
+        tokenize_records([{"question": "a", "answer": "b"}, {"question": "c", "answer": None}], CharTokenizer())

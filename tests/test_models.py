@@ -1,0 +1,48 @@
+"""The model loaders: local folders loaded offline, without touching the caller's environment."""
+
+import os
+import socket
+
+import pytest
+import torch
+
+from tests.models import save_tiny_model
+
+
+def test_loaders_make_no_network_request_and_leave_the_environment_alone(tmp_path, monkeypatch):
+    """In a process where the Hugging Face libraries are online (their offline switches off, as
+    for a user who set nothing), loading the embedded data and a local model folder sends
+    nothing over the network and changes no environment variable."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from fisherlora.data import load_model_and_tokenizer, load_records
+
+    folder = save_tiny_model(tmp_path / "tiny")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("no network in this test")
+
+    for owner, name in ((socket.socket, "connect"), (socket, "create_connection"), (socket, "getaddrinfo")):
+        monkeypatch.setattr(owner, name, refuse)
+    before = dict(os.environ)
+    records = load_records("gsm8k", num_samples=3, prompt_field="question", response_field="answer")
+    model, tok = load_model_and_tokenizer(folder)
+    assert attempts == []
+    assert dict(os.environ) == before
+    assert len(records) == 3 and model.config.vocab_size == 101 and tok.pad_token == "<pad>"
+    with torch.no_grad():
+        assert model(**tok(["ab"], return_tensors="pt")).logits.shape == (1, 2, 101)
+
+
+def test_a_missing_model_path_is_a_clear_error(tmp_path):
+    from fisherlora.models import load_model_and_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_and_tokenizer(tmp_path / "nothing")
