@@ -27,11 +27,10 @@ from fisherlora.layers import (
     weight_view,
     write_weight,
 )
+from fisherlora.outdir import MARKER_FILE
 from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
-__all__ = ["META_FILE", "lora_layers", "wrap_and_write", "save_residual_model", "load"]
-
-META_FILE = "fisherlora.json"
+__all__ = ["lora_layers", "wrap_and_write", "save_residual_model", "load"]
 
 
 def lora_layers(peft_model, adapter_name: str = "default"):
@@ -128,9 +127,9 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     out = Path(out_dir)
-    meta_path = out / META_FILE
+    meta_path = out / MARKER_FILE
     if not meta_path.exists():
-        raise FileNotFoundError(f"{str(out)!r} holds no {META_FILE}: not a fisherlora output directory")
+        raise FileNotFoundError(f"{str(out)!r} holds no {MARKER_FILE}: not a fisherlora output directory")
     meta = json.loads(meta_path.read_text())
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")

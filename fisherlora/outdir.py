@@ -15,8 +15,8 @@ from pathlib import Path
 
 __all__ = ["MARKER_FILE", "check_output_dir", "check_output_file", "atomic_output_dir", "written_by_fisherlora"]
 
-#: the file every fisherlora output directory holds (``adapter.META_FILE``, written by
-#: ``FisherLoraResult.save``); spelled here so that this module imports nothing of the package
+#: the file every fisherlora output directory holds (what the residual needs, written by
+#: ``FisherLoraResult.save``, read by ``adapter.load``): it marks a directory fisherlora wrote
 MARKER_FILE = "fisherlora.json"
 
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fisherlora import __version__
-from fisherlora.adapter import META_FILE, save_residual_model
+from fisherlora.adapter import save_residual_model
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection
-from fisherlora.outdir import atomic_output_dir
+from fisherlora.outdir import MARKER_FILE, atomic_output_dir
 from fisherlora.statistics import FisherStatistics
 
 __all__ = ["FisherLoraResult"]
@@ -116,7 +116,7 @@ class FisherLoraResult:
                     "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
                     "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},
                     "base_weight_fingerprints": self.fingerprints}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=1))
             if save_statistics:
                 self.statistics.save(tmp / "statistics.safetensors")
             if residual:
