@@ -54,6 +54,7 @@ from fisherlora import ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
+from fisherlora.memory import all_finite
 from fisherlora.snapshot import ModelState
 from fisherlora.statistics import FisherStatistics
 
@@ -298,11 +299,11 @@ class StatisticsCollector:
             for name, acc in self._G.items():
                 _normalise_(acc, self.g_count[name])
         for key, acc in self._A.items():
-            if not _all_finite(acc):
+            if not all_finite(acc):
                 users = [n for n, k in self.a_key.items() if k == key]
                 raise FloatingPointError(f"non-finite values in the activation covariance A of layer(s) {users}")
         for name, acc in self._G.items():
-            if not _all_finite(acc):
+            if not all_finite(acc):
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
         return FisherStatistics(dict(self._A), dict(self._G), dict(self.a_key), dict(self.a_count),
                                 dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode)
@@ -314,14 +315,6 @@ def _normalise_(acc: torch.Tensor, count: int) -> None:
     if acc.dim() == 2:
         ops.symmetrize_(acc)
     acc.div_(max(count, 1))
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in ``t``, without a mask of its size: min and max propagate NaN."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def _make_output_require_grad(module, args, output):
