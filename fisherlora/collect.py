@@ -54,6 +54,7 @@ from fisherlora import ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
+from fisherlora.memory import all_finite
 from fisherlora.snapshot import ModelState, keeps_global_rng
 from fisherlora.statistics import FisherStatistics
 
@@ -132,6 +133,7 @@ class StatisticsCollector:
         self._seen: dict[int, tuple] = {}
         self._handles: list = []
         self._state: ModelState | None = None
+        self._normalised = False
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> StatisticsCollector:
@@ -219,6 +221,9 @@ class StatisticsCollector:
         return mask.reshape(tokens)
 
     def _forward_hook(self, name: str, module: nn.Module, args, output) -> None:
+        if self._normalised:
+            raise RuntimeError(f"layer {name!r} ran after statistics() normalised this collector's factors in "
+                               "place; use a new StatisticsCollector for more passes")
         x = args[0]
         mask = self._rows_mask(name, x)
         count = self._mask_count if mask is not None else x[..., 0].numel()
@@ -280,6 +285,11 @@ class StatisticsCollector:
     def statistics(self, info: dict | None = None) -> FisherStatistics:
         """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G``.
 
+        The accumulators themselves become the factors: the first call mirrors (dense) and divides
+        each one in place, one at a time, so finalising needs no memory beyond the accumulators
+        (docs/DESIGN.md §4). Later calls return the same tensors; a pass after the first call is
+        refused, since the accumulators no longer hold sums.
+
         Raises:
             RuntimeError: a layer saw no forward or no gradient (naming it), or a factor holds
                 NaN/inf (naming the layers that use it).
@@ -293,17 +303,29 @@ class StatisticsCollector:
                 f"no output gradient reached {no_grad[:5]} (of {len(no_grad)}): run backward() on a loss "
                 "inside the collector, on data with at least one counted token"
             )
-        A = {key: ops.symmetrize_(acc) / max(self.a_count[key], 1) for key, acc in self._A.items()}
-        G = {name: ops.symmetrize_(acc) / max(self.g_count[name], 1) for name, acc in self._G.items()}
-        for key, mat in A.items():
-            if not torch.isfinite(mat).all():
+        if not self._normalised:  # the accumulators become the statistics: no second copy
+            self._normalised = True
+            for key, acc in self._A.items():
+                _normalise_(acc, self.a_count[key])
+            for name, acc in self._G.items():
+                _normalise_(acc, self.g_count[name])
+        for key, acc in self._A.items():
+            if not all_finite(acc):
                 users = [n for n, k in self.a_key.items() if k == key]
                 raise FloatingPointError(f"non-finite values in the activation covariance A of layer(s) {users}")
-        for name, mat in G.items():
-            if not torch.isfinite(mat).all():
+        for name, acc in self._G.items():
+            if not all_finite(acc):
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
-        return FisherStatistics(A, G, dict(self.a_key), dict(self.a_count), dict(self.g_count),
-                                dict(self.shapes), dict(info or {}), self.mode)
+        return FisherStatistics(dict(self._A), dict(self._G), dict(self.a_key), dict(self.a_count),
+                                dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode)
+
+
+def _normalise_(acc: torch.Tensor, count: int) -> None:
+    """``acc`` (a dense accumulator mirrored first) divided by ``count`` in place: no temporary
+    of its size (docs/DESIGN.md §4)."""
+    if acc.dim() == 2:
+        ops.symmetrize_(acc)
+    acc.div_(max(count, 1))
 
 
 def _make_output_require_grad(module, args, output):

@@ -1,5 +1,5 @@
-"""Process memory: the peak so far, and host (CPU) heap housekeeping shared by the SVD and the
-calibration passes."""
+"""Process memory: the peak so far, host (CPU) heap housekeeping shared by the SVD and the
+calibration passes, and the finiteness check that allocates nothing of a tensor's size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import resource
 
 import torch
 
-__all__ = ["peak_memory_mb", "release_host_memory"]
+__all__ = ["peak_memory_mb", "release_host_memory", "all_finite"]
 
 
 def peak_memory_mb(device: torch.device | str = "cpu") -> float:
@@ -39,3 +39,14 @@ def release_host_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` (any float tensor, any strides) holds no NaN or inf, without a temporary of
+    its size: ``torch.isfinite(t).all()`` makes about 6 bytes per element (and ``aminmax`` a copy
+    of a transposed ``t``), where ``amax`` and ``amin``, which propagate NaN, make two scalars.
+    Used wherever a large result is checked (factors, bases)."""
+    if t.numel() == 0:
+        return True
+    t = t.detach()
+    return bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fisherlora.memory import release_host_memory
+from fisherlora.memory import all_finite, release_host_memory
 
 __all__ = ["thin_svd", "svd_gram_eigh", "svd_workspace_bytes", "iter_thin_svd"]
 
@@ -86,15 +86,15 @@ def svd_workspace_bytes(d_out: int, d_in: int, out_bytes: int = 4) -> int:
     """Peak bytes :func:`iter_thin_svd` allocates for one ``(d_out, d_in)`` matrix on the Gram path.
 
     With ``m ≥ k`` the long and short sides and ``b = min(m,`` :data:`GRAM_BLOCK_ROWS` ``)``: the
-    larger of ``eigh``'s moment (Gram matrix, eigenvectors and the solver's work arrays, about
-    ``4·k²`` doubles) and the moment ``U`` is formed (the flipped eigenvectors, one block with its
-    product, ``k² + 2·b·k`` doubles, and ``U`` itself, ``m·k·out_bytes``). Matches the allocator
-    within 2% on the CPU (tests/test_decompose.py); cuSOLVER sizes its work array differently, so
-    on a GPU it is an estimate.
+    larger of ``eigh``'s moment (the Gram matrix, its eigenvectors and LAPACK ``syevd``'s work
+    arrays: ``4k² + 7k`` doubles and ``5k`` integers) and the moment ``U`` is formed (the flipped
+    eigenvectors, one block with its product, ``k² + 2·b·k`` doubles, three ``k``-vectors of
+    doubles, and ``U`` itself, ``m·k·out_bytes``). Bounds the CPU allocator within 2 %
+    (tests/test_svd.py); cuSOLVER sizes its work array differently, so on a GPU it is an estimate.
     """
     m, k = max(d_out, d_in), min(d_out, d_in)
     b = min(m, GRAM_BLOCK_ROWS)
-    return max(32 * k * k, 8 * (k * k + 2 * b * k) + m * k * out_bytes)
+    return max(32 * k * k + 76 * k + 64, 8 * (k * k + 2 * b * k + 3 * k) + m * k * out_bytes)
 
 
 #: default SVD path per device type, chosen by ``bench/svd_paths.py`` (time and accuracy, bench/RESULTS.md):
@@ -138,7 +138,7 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = 
             # up for a rank-deficient W): such matrices go to thin_svd below
             S = result[1]
             if (how == "gram_eigh" and not S[-1] > GRAM_MIN_SIGMA_RATIO * S[0]) or not all(
-                    bool(torch.isfinite(t).all()) for t in result):
+                    all_finite(t) for t in result):
                 result = None
             del S
         except (RuntimeError, torch.linalg.LinAlgError):

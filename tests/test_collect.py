@@ -259,8 +259,6 @@ def test_non_finite_statistics_name_the_layer(llama, data):
         col.statistics()
 
 
-
-
 class _TokenLayout(nn.Module):
     """One linear layer that sees the batch's ``(B, T, d)`` hidden states laid out by ``layout``."""
 
@@ -308,3 +306,49 @@ def test_the_attention_mask_reaches_each_layer_in_its_token_order_or_is_refused(
     for layout in ("seq_first", "split_tokens"):
         with pytest.raises(ValueError, match=r"layer 'lin': attention_mask of shape \(2, 6\) does not match"):
             run(layout)
+
+
+@pytest.mark.parametrize("mode, dtype, backend", [("full", torch.float32, "auto"), ("full", torch.float64, "torch"),
+                                                  ("packed", torch.float32, "auto")])
+def test_statistics_are_the_accumulators_normalised_in_place(mode, dtype, backend):
+    """Finalising allocates no factor-sized temporary (docs/DESIGN.md §4): each accumulator is
+    mirrored (dense, over several diagonal blocks: d = 600 and 700) and divided in place and
+    becomes the statistic; taking them twice divides once; a later pass is refused."""
+    from fisherlora import ops
+    from fisherlora.testing import peak_memory
+
+    torch.manual_seed(0)
+    mlp = TinyMLP(600, 700, 300).to(dtype)
+    x = torch.randn(3, 40, 600, dtype=dtype)
+    with StatisticsCollector(mlp, {"fc1": mlp.fc1, "fc2": mlp.fc2}, stats_dtype=dtype, backend=backend,
+                             mode=mode) as col:
+        mlp(x).square().sum().backward()
+    accumulators = {**{f"A.{k}": v for k, v in col._A.items()}, **{f"G.{k}": v for k, v in col._G.items()}}
+    smallest = min(v.numel() * v.element_size() for v in accumulators.values())  # 180 kB and more
+    st = None
+
+    def take():
+        nonlocal st
+        st = col.statistics()
+
+    peak, _ = peak_memory(take, torch.device("cpu"))
+    assert peak <= 4096 < smallest, f"statistics() allocated {peak} bytes (the smallest factor has {smallest})"
+    taken = {**{f"A.{k}": v for k, v in st.A.items()}, **{f"G.{k}": v for k, v in st.G.items()}}
+    assert {k: v.data_ptr() for k, v in taken.items()} == {k: v.data_ptr() for k, v in accumulators.items()}
+    with torch.no_grad():
+        h = torch.tanh(mlp.fc1(x)).double().reshape(-1, 700)
+        g2 = 2 * mlp(x).double().reshape(-1, 300)
+        g1 = (g2 @ mlp.fc2.weight.double()) * (1 - h.square())
+    a1 = x.double().reshape(-1, 600)
+    tol = TOL if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for factor, rows in (("A.fc1", a1), ("A.fc2", h), ("G.fc2", g2), ("G.fc1", g1)):
+        ref = rows.T @ rows / 120
+        got = taken[factor] if mode == "full" else ops.unpack_triu(taken[factor])
+        torch.testing.assert_close(got.double(), ref, **tol, msg=f"{factor} ({mode}, {dtype})")
+    again = col.statistics()
+    for factor, value in taken.items():
+        kind, name = factor.split(".")
+        assert torch.equal(getattr(again, kind)[name], value), f"a second statistics() changed {factor}"
+    with pytest.raises(RuntimeError, match="statistics"):
+        with col:
+            mlp(x)

@@ -57,15 +57,27 @@ def unpack_triu(P: torch.Tensor, d: int | None = None) -> torch.Tensor:
     return M
 
 
+#: columns of the panel :func:`symmetrize_` mirrors at a time
+SYMMETRIZE_BLOCK = 256
+
+
 def symmetrize_(acc: torch.Tensor) -> torch.Tensor:
     """Mirror the upper triangle of a dense ``(d, d)`` accumulator into its lower triangle, in place.
 
     ``syrk_accumulate_`` only guarantees the upper triangle (diagonal included) of a dense
     accumulator; call this once at finalisation. Packed accumulators are returned unchanged.
+    Whatever the lower triangle held is overwritten, and nothing of ``acc``'s size is allocated:
+    the lower part of each panel of :data:`SYMMETRIZE_BLOCK` rows is copied from its transpose
+    above the diagonal, the diagonal block row by row.
     """
     if acc.dim() == 2:
-        acc.triu_()
-        acc.add_(acc.triu(1).mT)
+        d = acc.shape[-1]
+        for i0 in range(0, d, SYMMETRIZE_BLOCK):
+            i1 = min(i0 + SYMMETRIZE_BLOCK, d)
+            if i0:  # rows i0..i1, columns < i0: the transpose of the panel above the diagonal
+                acc[i0:i1, :i0].copy_(acc[:i0, i0:i1].mT)
+            for i in range(i0 + 1, i1):
+                acc[i, i0:i].copy_(acc[i0:i, i])
     return acc
 
 
