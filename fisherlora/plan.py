@@ -34,7 +34,7 @@ from torch import nn
 
 from fisherlora.collect import StatisticsCollector
 from fisherlora.config import FisherLoraConfig, MemoryMode
-from fisherlora.layers import find_target_modules, layer_groups, layer_shape
+from fisherlora.layers import check_ranks, find_target_modules, layer_groups, layer_shape, ranks_and_scalings
 from fisherlora.svd import svd_workspace_bytes
 
 __all__ = ["ModePlan", "plan_memory", "choose_mode", "free_memory_bytes",
@@ -104,7 +104,7 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
 
     Args:
         model: on any device, the meta device included (nothing is allocated).
-        lora_config: a PEFT ``LoraConfig`` (its targets are resolved as PEFT would).
+        lora_config: a PEFT ``LoraConfig`` (its targets and ranks are resolved as PEFT would).
         batch_size, max_length: one calibration batch ``(B, T)``.
         dtype: the weights' dtype (default: the parameters' own).
         stats_bytes: bytes per statistics element (4 for float32).
@@ -113,9 +113,14 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
 
     Returns:
         :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
+
+    Raises:
+        ValueError: targets that match nothing, or a rank above ``min(d_out, d_in)`` of a layer
+            (:func:`fisherlora.layers.check_ranks`, the check ``init`` makes).
     """
     modules = find_target_modules(model, lora_config)
     shapes = {n: layer_shape(m) for n, m in modules.items()}
+    check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
     a_key = shared_activation_factors(model, modules)
     elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
     weights = sum(p.numel() * (elem or p.element_size()) for p in model.parameters())

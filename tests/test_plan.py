@@ -2,6 +2,7 @@
 memory_mode='auto'."""
 
 
+import pytest
 import torch
 
 from fisherlora import FisherLoraConfig
@@ -72,6 +73,20 @@ def test_plan_command_prints_every_mode(capsys):
     assert cli.main(["plan", "--model", "llama-3-8b", "--json", "-"]) == 0
     out = capsys.readouterr().out
     assert '"mode": "projected"' in out and '"statistics"' in out
+
+
+def test_plan_refuses_a_rank_init_refuses(capsys):
+    """The planner makes init's rank check (layers.check_ranks), and the command prints it as one
+    line with exit status 2."""
+    from fisherlora import cli
+
+    model = meta_model_from_config("llama-3-8b")
+    with pytest.raises(ValueError, match=r"rank 100000 exceeds min\(d_out, d_in\) = 4096 of layer "
+                                         r"'model.layers.0.self_attn.q_proj'"):
+        plan_memory(model, FisherLoraConfig(rank=100000).to_lora_config())
+    assert cli.main(["plan", "--model", "llama-3-8b", "--rank", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fisherlora plan: error: rank 100000 exceeds") and "\n" not in err, err
 
 
 def _closed_form(shapes, shared_groups):
