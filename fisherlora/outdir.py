@@ -83,10 +83,14 @@ def check_output_file(path) -> Path:
         FileExistsError: it is a directory, or its directory is not writable.
     """
     out = Path(os.path.abspath(path))
+    if out.is_symlink() and not out.exists():
+        raise FileExistsError(f"output file {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does "
+                              "not exist; name a file")
     if out.is_dir():
         raise FileExistsError(f"output file {str(out)!r} is a directory; name a file")
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(out)!r}: the directory {str(out.parent)!r} does not exist")
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {str(out)!r}: {str(out.parent)!r} {what}")
     if not os.access(out.parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise FileExistsError(f"cannot write {str(out)!r}: not writable")
     return out

@@ -174,6 +174,15 @@ def _in_graph(t: torch.Tensor) -> torch.Tensor:
 
 _SHAPE_MSG = "does not match the token dims"
 _BAD = [
+    # a sparse (or any non-strided) tensor: one clear error, whatever the backend
+    OpCall("syrk-sparse-x", "syrk_accumulate_",
+           lambda dev: (torch.zeros(4, 4, device=dev), _x(6, 4, device=dev).to_sparse()),
+           TypeError, r"x must be a dense tensor, got layout torch.sparse_coo"),
+    OpCall("energy-sparse-M", "fisher_energy", lambda dev: (_sym(4, dev).to_sparse(), _x(4, 3, device=dev)),
+           TypeError, r"M must be a dense tensor"),
+    OpCall("projected-sparse-Q", "projected_sq_accumulate_",
+           lambda dev: (torch.zeros(3, device=dev), _x(5, 4, device=dev), _x(4, 3, device=dev).to_sparse()),
+           TypeError, r"Q must be a dense tensor"),
     # a mask with the right number of elements but not the shape x.shape[:-1]: never reshaped
     OpCall("syrk-mask-transposed", "syrk_accumulate_",
            lambda dev: (torch.zeros(4, 4, device=dev), _x(2, 3, 4, device=dev), _mask(3, 2, device=dev)),
@@ -245,7 +254,8 @@ GRAD_CALLS = [pytest.param(c, id=c.name) for c in _GRAD]
 
 
 def _state(t):
-    return t.detach().clone(), t.requires_grad, t.grad_fn is not None
+    dense = t.detach().to_dense() if t.layout != torch.strided else t.detach()
+    return dense.clone(), t.requires_grad, t.grad_fn is not None
 
 
 def assert_refused(call: OpCall, backend: str, device: str = "cpu") -> None:

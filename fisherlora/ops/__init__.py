@@ -56,7 +56,15 @@ def _check_at_least_one(op: str, name: str, size: int, tensor_name: str, tensor:
         )
 
 
+def _check_strided(op: str, **tensors: torch.Tensor | None) -> None:
+    """Every backend reads dense (strided) tensors: a sparse or other layout is refused once, here."""
+    for name, t in tensors.items():
+        if t is not None and t.layout != torch.strided:
+            raise TypeError(f"{op}: {name} must be a dense tensor, got layout {t.layout}")
+
+
 def _check_x(x: torch.Tensor, op: str) -> None:
+    _check_strided(op, x=x)
     if x.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op}: x must be bf16/fp16/fp32/fp64, got {x.dtype}")
     if x.dim() < 1:
@@ -66,6 +74,7 @@ def _check_x(x: torch.Tensor, op: str) -> None:
 
 def _check_q(Q: torch.Tensor, d: int | None, op: str) -> None:
     """``Q`` is a ``(d, k)`` float tensor with ``d, k >= 1`` (``d`` given: it must match)."""
+    _check_strided(op, Q=Q)
     if Q.dtype not in _INPUT_DTYPES:
         raise TypeError(f"{op}: Q must be bf16/fp16/fp32/fp64, got {Q.dtype}")
     if Q.dim() != 2 or (d is not None and Q.shape[0] != d):
@@ -75,6 +84,7 @@ def _check_q(Q: torch.Tensor, d: int | None, op: str) -> None:
 
 
 def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str) -> None:
+    _check_strided(op, acc=acc)
     if acc.dtype not in _ACC_DTYPES:
         raise TypeError(f"{op}: acc must be float32 (or float64 for references), got {acc.dtype}")
     if acc.device != x.device:
@@ -163,6 +173,7 @@ def fisher_energy(M: torch.Tensor, Q: torch.Tensor, *, backend: str = "auto") ->
         TypeError, ValueError: wrong dtypes, shapes or devices, ``d = 0`` or ``k = 0``.
     """
     op = "fisher_energy"
+    _check_strided(op, M=M)
     if M.dtype not in _ACC_DTYPES:
         raise TypeError(f"{op}: M must be float32 or float64, got {M.dtype}")
     if Q.dtype not in _INPUT_DTYPES or Q.dim() != 2:
