@@ -130,17 +130,31 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     meta_path = out / MARKER_FILE
     if not meta_path.exists():
         raise FileNotFoundError(f"{str(out)!r} holds no {MARKER_FILE}: not a fisherlora output directory")
-    meta = json.loads(meta_path.read_text())
+    missing = [f for f in ("adapter_config.json", "adapter_model.safetensors") if not (out / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(out)!r} is an incomplete fisherlora output: {missing} missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded = meta["base_weight_fingerprints"]
+        if not isinstance(recorded, dict):
+            raise TypeError("base_weight_fingerprints is not a mapping")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{str(meta_path)!r} is damaged ({type(exc).__name__}: {exc}): "
+                         "rerun fisherlora init") from None
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
     base_model = unwrap_model(base_model)
     # the base is checked before PEFT writes anything into it
     modules = find_target_modules(base_model, PeftConfig.from_pretrained(str(out)))
     check_model(base_model, modules)
-    for name, recorded in meta["base_weight_fingerprints"].items():
+    unrecorded = sorted(set(modules) - set(recorded))
+    if unrecorded:
+        raise ValueError(f"{str(meta_path)!r} records no base-weight fingerprint for {unrecorded[:3]} "
+                         f"(of {len(unrecorded)}): the base cannot be recognised; rerun fisherlora init")
+    for name, fingerprint in recorded.items():
         if name not in modules:
             raise ValueError(f"layer {name!r} of the saved initialisation is not a target in this model")
-        if not fingerprints_match(recorded, weight_fingerprint(weight_view(modules[name]))):
+        if not fingerprints_match(fingerprint, weight_fingerprint(weight_view(modules[name]))):
             raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
                              f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
     with restore_on_error(base_model) as state:

@@ -282,7 +282,13 @@ def cmd_report(args) -> int:
     path = Path(args.output) / "report.json"
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist: not a fisherlora output directory")
-    _print_summary(json.loads(path.read_text()), args.output)
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+            raise ValueError("it is not a fisherlora report (no list of layers)")
+        _print_summary(report, args.output)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{str(path)!r} cannot be read as a fisherlora report: {exc}") from None
     return 0
 
 

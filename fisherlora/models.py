@@ -109,6 +109,7 @@ def load_config(model: str | os.PathLike):
 
     Raises:
         FileNotFoundError: no config there (the message lists the bundled names).
+        ValueError: the file is not a config (not JSON, not an object, an unknown model type).
     """
     from transformers import AutoConfig
 
@@ -123,7 +124,13 @@ def load_config(model: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"no model config at {str(path)!r}: give a config.json, a model folder, a .gguf "
                                 f"file, {EMBEDDED_MODEL!r} or one of the bundled configs {bundled_configs()}")
-    return AutoConfig.for_model(**json.loads(path.read_text()))
+    try:
+        fields = json.loads(path.read_text())
+        if not isinstance(fields, dict):
+            raise ValueError(f"it holds a JSON {type(fields).__name__}, not an object of config fields")
+        return AutoConfig.for_model(**fields)
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{str(path)!r} is not a transformers model config: {exc}") from None
 
 
 def meta_model_from_config(model_or_config) -> nn.Module:
@@ -133,11 +140,16 @@ def meta_model_from_config(model_or_config) -> nn.Module:
         model_or_config: a ``transformers`` config object, or anything :func:`load_config` reads.
 
     Raises:
-        FileNotFoundError: no config found.
+        FileNotFoundError: no config found. ValueError: a config transformers cannot build a
+            causal LM from.
     """
     from transformers import AutoModelForCausalLM, PretrainedConfig
 
     config = model_or_config if isinstance(model_or_config, PretrainedConfig) else load_config(model_or_config)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers raises many kinds for inconsistent configs (sizes of 0, ...)
+        raise ValueError(f"cannot build a causal LM from the config of {str(model_or_config)[:200]!r}: "
+                         f"{type(exc).__name__}: {exc}") from None
 

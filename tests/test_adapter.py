@@ -159,3 +159,21 @@ def test_every_accepted_target_set_round_trips_save_then_load(tmp_path, build, l
     with pytest.raises(ValueError, match="not the one the adapter was initialised from"):
         fisherlora.load(other, out)
     assert all(torch.equal(v, other_state[k]) for k, v in other.state_dict().items())
+
+
+@pytest.mark.parametrize("damage, error, match", [
+    (lambda out: (out / "adapter_model.safetensors").unlink(), FileNotFoundError, "incomplete.*adapter_model"),
+    (lambda out: (out / "fisherlora.json").write_text("{bad"), ValueError, "fisherlora.json.*damaged"),
+    (lambda out: (out / "fisherlora.json").write_text('{"config": {}}'), ValueError, "damaged.*base_weight"),
+    (lambda out: (out / "fisherlora.json").write_text('{"base_weight_fingerprints": {}}'), ValueError,
+     "records no base-weight fingerprint"),
+], ids=["no adapter weights", "not JSON", "no fingerprints", "empty fingerprints"])
+def test_a_damaged_output_directory_is_a_clear_error_and_the_base_is_untouched(tmp_path, damage, error, match):
+    _, result, _, _ = init_llama()
+    out = result.save(tmp_path / "out")
+    damage(out)
+    base = tiny_llama(torch.float32)
+    snap = model_snapshot(base)
+    with pytest.raises(error, match=match):
+        fisherlora.load(base, out)
+    assert_restored(base, snap)
