@@ -231,3 +231,23 @@ def test_debug_lets_the_exception_through_with_its_phase(tmp_path, tiny_model, m
 def test_help_teaches():
     text = cli.build_parser().format_help()
     assert "Fisher energy" in text and "fisherlora init" in text and "--debug" in text
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"model_type": "llama", "hidden_size": 0}', "cannot build a causal LM"),
+    ("[1]", "not a transformers model config: it holds a JSON list"),
+    (b"\xff\xfe", "not a transformers model config"),
+])
+def test_plan_names_a_config_it_cannot_read(tmp_path, capsys, content, match):
+    cfg = tmp_path / "config.json"
+    cfg.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert cli.main(["plan", "--model", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", "{bad"])
+def test_report_names_a_report_it_cannot_read(tmp_path, capsys, content):
+    (tmp_path / "report.json").write_text(content)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "cannot be read as a fisherlora report" in capsys.readouterr().err
