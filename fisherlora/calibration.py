@@ -15,7 +15,11 @@ from torch import nn
 
 from fisherlora.memory import release_host_memory
 
-__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration"]
+__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "EmptyCalibrationError"]
+
+
+class EmptyCalibrationError(ValueError):
+    """The calibration data produced no batch."""
 
 
 class _SumCrossEntropy(torch.autograd.Function):
@@ -157,7 +161,7 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
     if totals["batches"] == 0:
-        raise ValueError("the calibration data is empty: no batch was produced")
+        raise EmptyCalibrationError("the calibration data is empty: no batch was produced")
     if totals["label_tokens"] == 0:
         raise ValueError(
             f"the calibration data has no label tokens ({totals['tokens']} tokens, all labelled -100 or "

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fisherlora.adapter import wrap_and_write
+from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization
@@ -117,9 +118,16 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             t0 = time.perf_counter()
             desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
             with phase(f"the calibration passes {where}"):
-                stats = collect_statistics(model, group, data, config, mode=mode,
-                                           bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None,
-                                           num_batches=num_batches, progress=progress, desc=desc)
+                try:
+                    stats = collect_statistics(
+                        model, group, data, config, mode=mode, num_batches=num_batches, progress=progress, desc=desc,
+                        bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None)
+                except EmptyCalibrationError:
+                    if gi == 0:
+                        raise
+                    raise ValueError(f"layer group {gi + 1} of {len(groups)} got no calibration batch: the data gave "
+                                     "its batches once only (its __iter__ returns the same exhausted iterator); each "
+                                     "layer group makes its own pass, so pass a list or a DataLoader") from None
             stats.fingerprints = {n: fingerprints[n] for n in group}
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()

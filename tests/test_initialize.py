@@ -150,6 +150,19 @@ def test_layer_groups_need_reiterable_data():
         fisherlora.initialize_fisher_lora(model, None, iter(mode_batches()), cfg, progress=False)
 
 
+    class Stale:  # an iterable whose __iter__ hands out one stored iterator: exhausted after a pass
+        def __init__(self):
+            self.it = iter(mode_batches())
+
+        def __iter__(self):
+            return self.it
+
+    snap = model_snapshot(model)
+    with pytest.raises(ValueError, match="layer group 2 of 2 got no calibration batch.*a list or a DataLoader"):
+        fisherlora.initialize_fisher_lora(model, None, Stale(), cfg, progress=False)
+    assert_restored(model, snap)
+
+
 @pytest.mark.parametrize("mode", ["packed", "projected"])
 def test_every_cpu_backend_agrees_in_every_mode(full, mode):
     from fisherlora.ops import available_backends
