@@ -64,7 +64,8 @@ def check_output_dir(out_dir, *, overwrite: bool = False) -> Path:
                 raise FileExistsError(f"output {str(out)!r} exists and is not empty; choose another path or pass "
                                       "--overwrite")
             if not written_by_fisherlora(out):
-                raise FileExistsError(f"output {str(out)!r} was not written by fisherlora (it has no {MARKER_FILE}): "
+                raise FileExistsError(f"output {str(out)!r} was not written by fisherlora (it holds no {MARKER_FILE} "
+                                      "that fisherlora wrote): "
                                       "--overwrite replaces only a fisherlora output; choose another path")
     ancestor = out.parent
     while not ancestor.exists():
