@@ -108,7 +108,7 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
 def _read_file(path: Path, fmt: str):
     """The file as a ``datasets.Dataset``, read by ``datasets``' own reader for its format. Not
     through ``load_dataset``, whose hub machinery sends a request (a download count) even for a
-    local file unless the process is offline; datasets' progress bars stay off while reading.
+    local file unless the process is offline; datasets' progress bars and log lines stay off while reading.
 
     Raises:
         ValueError: the reader failed (naming the file and the reader's own error).
@@ -120,12 +120,16 @@ def _read_file(path: Path, fmt: str):
             "text": Dataset.from_text}[fmt]
     bars = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
+    logger = ds_logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(ds_logging.CRITICAL)  # a failed read is reported once, by the ValueError below
     try:
         return read(str(path))
     except Exception as exc:  # datasets raises many kinds (StopIteration, ArrowInvalid, ...)
         cause = _root_cause(exc)
         raise ValueError(f"could not read {str(path)!r} as {fmt}: {type(cause).__name__}: {cause}") from exc
     finally:
+        logger.setLevel(level)
         if bars:
             ds_logging.enable_progress_bar()
 
