@@ -130,3 +130,11 @@ def test_bad_records_are_refused_naming_the_file_and_row(tmp_path, name, content
     # records built in Python name the record
     with pytest.raises(ValueError, match="record 2: field 'answer' is null"):
         tokenize_records([{"question": "a", "answer": "b"}, {"question": "c", "answer": None}], CharTokenizer())
+
+
+def test_a_file_datasets_cannot_read_is_reported_once(tmp_path, capfd):
+    bad = tmp_path / "x.parquet"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"could not read .*x\.parquet.* as parquet"):
+        load_records(bad)
+    assert "x.parquet" not in capfd.readouterr().err, "datasets logged the failure a second time"
