@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each memory mode's planned peak memory for a model, without loading weights",
         description="Build the model on the meta device (nothing loaded or allocated) and print, per memory "
                     "mode and layer-group count, the planned peak memory: weights, activations of one batch, "
-                    "statistics and SVD workspace (GB = 1e9 bytes). The 'naive' row is the baseline of one "
-                    "dense A and G per layer, for comparison; it is not a mode.")
+                    "statistics and SVD workspace (GB = 1e9 bytes). These need not coexist: the total is the "
+                    "weights plus the largest phase of the run, named under 'peak phase'. The 'naive' row is "
+                    "the baseline of one dense A and G per layer, for comparison; it is not a mode.")
     plan.add_argument("--model", default="smollm2-135m",
                       help="a config.json, a model folder, a .gguf file, 'smollm2-135m' (default) or a bundled "
                            "architecture: llama-3-8b, llama-2-7b, llama-3.2-1b")
@@ -264,8 +265,9 @@ def cmd_plan(args) -> int:
     if args.json != "-":
         table = Table(title=f"planned peak memory (GB) of {args.model}: batch {args.batch_size}×{args.max_length}, "
                             f"{args.dtype} weights, {args.num_samples} calibration sequences")
-        for col in ("mode", "layer groups", "weights", "activations", "statistics", "SVD workspace", "total"):
-            table.add_column(col, justify="left" if col == "mode" else "right")
+        for col in ("mode", "layer groups", "weights", "activations", "statistics", "SVD workspace", "total",
+                    "peak phase"):
+            table.add_column(col, justify="left" if col in ("mode", "peak phase") else "right")
         for row in format_plan(plans):
             table.add_row(*row)
         Console(width=120).print(table)

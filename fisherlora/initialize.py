@@ -60,7 +60,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             with another rank without new passes (full or packed kinds).
         num_batches: for the progress bar (sequences); optional.
         keep_statistics: keep the factors in the result (to save them); ``False`` frees each
-            layer group's factors as soon as it is decomposed.
+            layer group's factors as soon as it is decomposed (and ``memory_mode="auto"`` plans
+            for that).
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -88,8 +89,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
                          "of one run; save full or packed statistics to re-select")
     with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
-        mode, n_groups = (resolve_memory_mode(model, lora_config, config) if statistics is None
-                          else (statistics.kind, 1))
+        mode, n_groups = (resolve_memory_mode(model, lora_config, config, keep_statistics=keep_statistics)
+                          if statistics is None else (statistics.kind, 1))
     groups = layer_groups(modules, n_groups)
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "

@@ -1,44 +1,32 @@
-"""Memory planning: what each memory mode needs, without loading weights (docs/DESIGN.md §4).
+"""Memory planning: the peak memory of each mode, without loading weights (docs/DESIGN.md §4).
 
-Every figure is in bytes. The statistics figures are exact closed forms:
-
-- ``naive``: one dense float32 ``A`` and ``G`` per layer: ``Σ (d_in² + d_out²)·4``;
-- ``full``: dense float32, one ``A`` per distinct input (q/k/v and gate/up share):
-  ``(Σ_distinct-inputs d_in² + Σ_layers d_out²)·4``;
-- ``packed``: the same with ``d(d+1)/2`` per factor;
-- ``projected``: ``2k`` floats per layer for the accumulators, plus the singular bases
-  ``U (d_out, k)`` and ``V (d_in, k)`` of the layers in flight (one layer group) in the bases
-  dtype, counted as "SVD workspace".
-
-Every mode also holds one matrix's SVD workspace at a time, that of the largest target
-(:func:`fisherlora.svd.svd_workspace_bytes`, the float64 Gram path).
-
-With ``layer_groups = g`` only the largest group's statistics are held at once. Activations are
-an estimate for one batch (weights frozen), with ``a = (10·hidden + 4·intermediate)·bytes`` the
-saved tensors of one Llama-style block per token and ``vocab·bytes`` the logits (the loss,
-:func:`fisherlora.calibration.token_loss_sum`, writes their gradient into them):
-``B·T·(L·a + vocab·bytes)`` for ``full`` and ``packed``; ``B·T·(L·hidden·bytes + 2a +
-vocab·bytes)`` for ``projected``, whose decoder layers are recomputed in the backward pass (only
-their inputs are kept, plus one block and its gradients at a time). The sharing of
-``A`` is found by running :class:`fisherlora.StatisticsCollector` on a meta-device copy of the
-model, the same mechanism that shares ``A`` at collection time.
+Every figure is in bytes. A plan is the weights plus the largest of the run's phases, whose
+closed forms live in :mod:`fisherlora.footprint` (fingerprints, the projected mode's SVDs,
+calibration, decomposition, write). The statistics closed forms: ``naive`` (a comparison, not a
+mode) one dense float32 ``A`` and ``G`` per layer, ``Σ (d_in² + d_out²)·4``; ``full`` one ``A``
+per distinct input (q/k/v and gate/up share), ``(Σ_distinct-inputs d_in² + Σ_layers d_out²)·4``;
+``packed`` ``d(d+1)/2`` per factor; ``projected`` ``2k`` floats per layer. They are finalised in
+place, so nothing of their size is added when a pass ends. With ``layer_groups = g`` a group's
+factors are dropped after its decomposition only with ``keep_statistics=False``; otherwise they
+stay to the end. The sharing of ``A`` is found by running :class:`fisherlora.StatisticsCollector`
+on a meta-device copy of the model, the same mechanism that shares ``A`` at collection time.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from fisherlora.collect import StatisticsCollector
 from fisherlora.config import FisherLoraConfig, MemoryMode
+from fisherlora.footprint import Architecture, Footprint
 from fisherlora.layers import check_ranks, find_target_modules, layer_groups, layer_shape, ranks_and_scalings
-from fisherlora.svd import svd_workspace_bytes
 
-__all__ = ["ModePlan", "plan_memory", "choose_mode", "free_memory_bytes",
-           "shared_activation_factors", "resolve_memory_mode"]
+__all__ = ["ModePlan", "plan_memory", "choose_mode", "free_memory_bytes", "shared_activation_factors",
+           "resolve_memory_mode"]
 
 log = logging.getLogger("fisherlora")
 GB = 1e9
@@ -47,7 +35,15 @@ GB = 1e9
 @dataclass
 class ModePlan:
     """Planned peak memory of one mode, in bytes. ``mode`` is None for the naive baseline (one
-    dense ``A`` and ``G`` per layer), which is a comparison, not a mode."""
+    dense ``A`` and ``G`` per layer), which is a comparison, not a mode.
+
+    ``weights`` are the model's parameters; ``activations`` one calibration batch's (the largest
+    group's pass); ``statistics`` the most factors held at once; ``svd_workspace`` one SVD's
+    workspace (for ``projected`` plus a group's singular bases). These need not coexist:
+    ``phases`` gives the bytes beyond the weights at the peak of each phase
+    (:mod:`fisherlora.footprint`),
+    and ``total`` is the weights plus the largest of them.
+    """
 
     mode: MemoryMode | None
     layer_groups: int
@@ -55,10 +51,16 @@ class ModePlan:
     activations: int
     statistics: int
     svd_workspace: int
+    phases: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.weights + self.activations + self.statistics + self.svd_workspace
+        return self.weights + max(self.phases.values(), default=0)
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase that sets ``total``."""
+        return max(self.phases, key=self.phases.get) if self.phases else ""
 
     @property
     def label(self) -> str:
@@ -66,8 +68,7 @@ class ModePlan:
         return "naive" if self.mode is None else self.mode.value
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "mode": self.label, "total": self.total}
-
+        return {**asdict(self), "mode": self.label, "total": self.total, "peak_phase": self.peak_phase}
 
 
 def shared_activation_factors(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -93,13 +94,24 @@ def shared_activation_factors(model: nn.Module, modules: dict[str, nn.Module]) -
         return {n: n for n in modules}
 
 
-def _groups_sizes(names: list[str], n_groups: int) -> list[list[str]]:
-    return [list(g) for g in layer_groups({n: None for n in names}, n_groups)]
+def _uses_reference_ops(backend: str, device: torch.device | None) -> bool:
+    """Whether the op calls go to the ``torch`` reference (``auto`` without a fast backend)."""
+    if backend == "torch":
+        return True
+    if backend != "auto" or device is None or device.type == "meta":
+        return False
+    from fisherlora.ops import dispatch
+
+    try:
+        return dispatch.resolve("syrk_accumulate_", "auto", device)[0] == "torch"
+    except RuntimeError:
+        return True
 
 
 def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_length: int = 512,
                 dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
-                group_options: tuple[int, ...] = (1, 2, 4, 8)) -> list[ModePlan]:
+                group_options: tuple[int, ...] = (1, 2, 4, 8), keep_statistics: bool = True,
+                backend: str = "auto") -> list[ModePlan]:
     """Planned peak memory of every mode (and layer-group count) for ``model``.
 
     Args:
@@ -110,6 +122,10 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
         stats_bytes: bytes per statistics element (4 for float32).
         bases_bytes: bytes per element of the projected mode's singular bases.
         group_options: layer-group counts to plan for.
+        keep_statistics: as :func:`fisherlora.initialize_fisher_lora`'s (its default, and the
+            CLI's): every group's factors stay until the end.
+        backend: the op backend; ``"torch"`` (or ``"auto"`` on a CPU without the compiled
+            extension) is planned with the reference's copies.
 
     Returns:
         :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
@@ -119,42 +135,26 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
             (:func:`fisherlora.layers.check_ranks`, the check ``init`` makes).
     """
     modules = find_target_modules(model, lora_config)
-    shapes = {n: layer_shape(m) for n, m in modules.items()}
-    check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
-    a_key = shared_activation_factors(model, modules)
-    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
-    weights = sum(p.numel() * (elem or p.element_size()) for p in model.parameters())
-    cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", max(d for s in shapes.values() for d in s))
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    n_layers = getattr(cfg, "num_hidden_layers", 1)
-    vocab = getattr(cfg, "vocab_size", 0)
-    act_bytes = elem or next(model.parameters()).element_size()
-    block = (10 * hidden + 4 * inter) * act_bytes  # one block's saved tensors, per token
-    activations = batch_size * max_length * (n_layers * block + vocab * act_bytes)
-    checkpointed = batch_size * max_length * (n_layers * hidden * act_bytes + 2 * block + vocab * act_bytes)
-
-    def dense(names, packed=False, share=True):
-        size = (lambda d: d * (d + 1) // 2) if packed else (lambda d: d * d)
-        keys = {a_key[n] if share else n: shapes[n][1] for n in names}
-        return (sum(size(d) for d in keys.values()) + sum(size(shapes[n][0]) for n in names)) * stats_bytes
-
-    def bases(names):
-        return sum((d_out + d_in) * min(d_out, d_in) for d_out, d_in in (shapes[n] for n in names)) * bases_bytes
-
-    svd_ws = max(svd_workspace_bytes(*shape) for shape in shapes.values())
     names = list(modules)
-    plans = [ModePlan(None, 1, weights, activations, dense(names, share=False), svd_ws)]
-    for g in group_options:
-        groups = _groups_sizes(names, g)
+    shapes = {n: layer_shape(m) for n, m in modules.items()}
+    ranks = {n: r for n, (r, _) in ranks_and_scalings(lora_config, names).items()}
+    check_ranks(shapes, ranks)
+    a_key = shared_activation_factors(model, modules)
+    param = next(model.parameters())
+    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else param.element_size()
+    weights = sum(p.numel() * (elem if dtype is not None else p.element_size()) for p in model.parameters())
+    arch = Architecture.of(model, max(max(s) for s in shapes.values()))
+    reference = _uses_reference_ops(backend, param.device)
+    plans = []
+    for mode, g in [(None, 1)] + [(m, g) for g in group_options for m in MemoryMode.held()]:
+        groups = [list(x) for x in layer_groups({n: None for n in names}, g)]
         if len(groups) != g:
             continue
-        plans.append(ModePlan(MemoryMode.FULL, g, weights, activations, max(dense(x) for x in groups), svd_ws))
-        plans.append(ModePlan(MemoryMode.PACKED, g, weights, activations,
-                              max(dense(x, packed=True) for x in groups), svd_ws))
-        k_total = sum(min(shapes[n]) for n in names)
-        plans.append(ModePlan(MemoryMode.PROJECTED, g, weights, checkpointed, 2 * k_total * stats_bytes,
-                              max(bases(x) for x in groups) + svd_ws))
+        footprint = Footprint(shapes, ranks, a_key, arch, mode, batch_size=batch_size, max_length=max_length,
+                              elem=elem, stats_bytes=stats_bytes, bases_bytes=bases_bytes, reference=reference,
+                              threads=torch.get_num_threads())
+        phases, parts = footprint.phases(groups, keep_statistics)
+        plans.append(ModePlan(mode, g, weights, phases=phases, **parts))
     return plans
 
 
@@ -181,15 +181,16 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def format_plan(plans: list[ModePlan]) -> list[list[str]]:
-    """Table rows (GB) for printing."""
+    """Table rows (GB) for printing: the components, the total and the phase that sets it."""
     rows = []
     for p in plans:
         rows.append([p.label, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
-                    (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)])
+                    (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)] + [p.peak_phase])
     return rows
 
 
-def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig) -> tuple[MemoryMode, int]:
+def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig, *,
+                        keep_statistics: bool = True) -> tuple[MemoryMode, int]:
     """``(mode, layer_groups)`` to run: the configured ones, or for ``memory_mode="auto"`` the
     fastest plan (:func:`fisherlora.plan.choose_mode`) whose peak fits the device's free memory
     (the weights, already loaded, are counted as available). The choice is logged."""
@@ -198,7 +199,8 @@ def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig)
     param = next(model.parameters())
     plans = plan_memory(model, lora_config, batch_size=config.batch_size, max_length=config.max_length,
                         stats_bytes=4 if config.stats_dtype == "float32" else 8,
-                        bases_bytes=param.element_size() if config.bases_dtype == "model" else 4)
+                        bases_bytes=param.element_size() if config.bases_dtype == "model" else 4,
+                        keep_statistics=keep_statistics, backend=config.backend)
     free = free_memory_bytes(param.device) + plans[0].weights
     pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
     log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "
