@@ -12,6 +12,8 @@ The phases, each counted beyond the weights (which are allocated before a run st
 - ``write``: those results, PEFT's LoRA weights, and one residual ``W − s·BA`` being formed
   while the previous one is still bound.
 
+Each phase also holds its CPU RNG snapshots (:data:`SNAPSHOTS`, 5,056 bytes each).
+
 The figures were read off the CPU allocator (``fisherlora.testing.peak_memory``) for
 ``transformers``' Llama with the compiled (``ext``) backend; the Triton kernels work in tiles
 as well. The ``torch`` reference backend, which ``auto`` falls back to without the compiled
@@ -35,8 +37,15 @@ PHASES = ("fingerprints", "svd", "calibration", "decomposition", "write")
 LOSS_CHUNK_ELEMENTS = 1 << 22
 #: bytes of one CPU RNG state (``torch.get_rng_state()``), saved by every snapshot and checkpoint
 RNG_STATE = 5056
-#: bookkeeping of a collector or a rollback: its RNG snapshot and a few scalars
-BOOKKEEPING = 8192
+#: CPU RNG snapshots held in each phase: the entry points' (``snapshot.keeps_global_rng``:
+#: initialize_fisher_lora, collect_statistics, compute_initialization) and the model states'
+#: (the collector's, the write's rollback, the planner's meta collector before the fingerprints)
+SNAPSHOTS = {"fingerprints": 2, "svd": 1, "calibration": 3, "decomposition": 2, "write": 2}
+
+
+def _bookkeeping(phase: str) -> int:
+    """A phase's RNG snapshots and 1 KiB of scalars."""
+    return SNAPSHOTS[phase] * RNG_STATE + 1024
 
 
 @dataclass
@@ -78,32 +87,38 @@ def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem:
     the two RMSNorms' float32 inputs and scales, the attention's query, its key and value
     repeated to the query width (a padded batch goes through a mask), its output and float32
     log-sum-exp, one mask row, and the MLP's three ``i``-wide tensors (``h`` hidden, ``i``
-    intermediate, ``q`` heads × head_dim, ``e`` the weights' bytes). Once per token: the rotary
-    tables ``2·head_dim·e`` and 33 bytes of token indices. On top of what is saved, the largest
-    of these moments: the top layer's MLP backward (``3i·e + 4h``); the final norm's backward
-    (``6h·e``, plus ``14h`` below float32); the loss (the logits ``V·e`` and ``4h``, ``6h`` below
-    float32, and the backward's float32 chunks of logits); a hook's op call with two hidden
-    gradients in flight (``8h``), or with the logits' gradient when ``head_target`` (an output
-    head is hooked). ``checkpointed`` (the projected mode): every layer keeps its input ``h·e``
+    intermediate, ``q`` heads × head_dim, ``e`` the weights' bytes; the log-sum-exp is float64 for
+    a float64 model). Once per token: the rotary tables ``2·head_dim·e`` and 33 bytes of token
+    indices. On top of what is saved, the largest of these moments: the top layer's MLP backward
+    (``3i·e + 4h``, ``8h`` in float64); the final norm's backward (``6h·e``, plus ``14h`` below
+    float32 and ``16h`` in float64); the loss (the logits ``V·e`` and ``4h``, ``6h`` below float32 and ``12h`` in
+    float64, and the backward's chunks of logits in at least float32); a hook's op call with what
+    it reads in flight: two hidden gradients (``2h``, at least float32), the top MLP's input,
+    product and output (``(2h + i)·e``, when its down projection's input is accumulated), or the
+    logits' gradient when ``head_target`` (an output head is hooked).
+    ``checkpointed`` (the projected mode): every layer keeps its input ``h·e``
     and the CPU RNG state (5,056 bytes per call), the boolean mask (``T`` bytes per token) stays,
     and the top layer's ``S`` is recomputed for its backward. Checked against the CPU allocator
-    (docs/DESIGN.md §4): exact in float32, within 0.5 % in bfloat16 from hidden size 64 up.
+    (docs/DESIGN.md §4): exact in float32, within 0.5 % in bfloat16 from hidden size 64 up, an
+    upper bound in float64.
     """
     h, i, q, n = arch.hidden, arch.inter, arch.heads * arch.head_dim, batch_size * max_length
-    half = elem < 4
-    layer = 8 * h + 8 + (4 * q + 3 * i + max_length) * elem + 4 * arch.heads
-    mlp_backward = 3 * i * elem + 4 * h
-    in_flight = max(8 * h, arch.vocab * elem + 4 * h if head_target else 0)
-    norm_backward = n * (6 * h * elem + (14 * h if half else 0))
-    loss = n * (arch.vocab * elem + (6 if half else 4) * h) + _loss_chunks(arch.vocab, n, elem)
+    half, double = elem < 4, elem > 4  # the norms and the loss work in float32 (at least)
+    layer = 8 * h + 8 + (4 * q + 3 * i + max_length) * elem + max(elem, 4) * arch.heads
+    mlp_backward = 3 * i * elem + max(elem, 4) * h
+    in_flight = max(2 * h * max(elem, 4), (2 * h + i) * elem, arch.vocab * elem + 4 * h if head_target else 0)
+    norm_backward = n * (6 * h * elem + (14 * h if half else 16 * h if double else 0))
+    loss = n * (arch.vocab * elem + (6 if half else 12 if double else 4) * h) + _loss_chunks(arch.vocab, n, elem)
     once = n * (2 * arch.head_dim * elem + 33)
     if not checkpointed:
         return once + n * graph_layers * layer + max(n * mlp_backward, norm_backward, loss, n * in_flight + hook_op)
-    # the layers' inputs include the boolean mask; the recomputed top layer's input is counted once
-    recomputed = n * (layer - h * elem + max_length)
-    # below float32, the recomputed layer's first norm runs its float32 backward while that
+    # the layers' inputs include the boolean mask; in float32 the recomputed top layer's norm saves
+    # its input itself, already counted among the inputs (other dtypes save a float32 copy)
+    recomputed = n * (layer - (h * elem if elem == 4 else 0) + max_length)
+    # outside float32, the recomputed layer's first norm runs its float32 backward while that
     # layer's attention tensors are still held
-    first_norm = n * ((4 * q + max_length) * elem + 4 * arch.heads + max_length + 6 * h * elem + 18 * h) if half else 0
+    first_norm = (n * ((4 * q + max_length) * elem + max(elem, 4) * arch.heads + max_length + 6 * h * elem
+                       + (18 * h if half else 20 * h)) if half or double else 0)
     return (once + n * max_length + graph_layers * (n * h * elem + RNG_STATE)
             + max(norm_backward, recomputed + n * mlp_backward, first_norm, loss, recomputed + n * in_flight + hook_op))
 
@@ -224,39 +239,43 @@ class Footprint:
         fingerprint = max(d_out * d_in * (8 if self.e != 8 else 0) + 12 * (d_out + d_in) * 8
                           for d_out, d_in in self.shapes.values())
         phases = {"fingerprints": fingerprint, **dict.fromkeys(PHASES[1:] if self.projected else PHASES[2:], 0)}
+        phases = {name: bytes_ + _bookkeeping(name) for name, bytes_ in phases.items()}
         kept = done = 0  # statistics kept from earlier groups, results of the layers decomposed
         held = activations = bases_held = 0
         for group in groups:
             stats = self.statistics(group)
             activations, held = max(activations, self.activations(group)), max(held, kept + stats)
             before = kept + done
-            calibration = before + stats + BOOKKEEPING + self.activations(group, with_hooks=True)
+            calibration = before + stats + _bookkeeping("calibration") + self.activations(group, with_hooks=True)
             if self.projected:  # the SVDs first; their bases stay through the pass and the decomposition
                 so_far = 0
                 for n in group:
                     ws = svd_workspace_bytes(*self.shapes[n], out_bytes=self.b)
-                    phases["svd"] = max(phases["svd"], before + so_far + ws)
+                    phases["svd"] = max(phases["svd"], before + so_far + ws + _bookkeeping("svd"))
                     so_far += self.bases(n, self.b)
                 bases_held = max(bases_held, so_far)
                 phases["calibration"] = max(phases["calibration"], calibration + so_far)
                 phases["decomposition"] = max(phases["decomposition"], before + so_far + stats + max(
-                    self.decompose(n) for n in group) + sum(self.results(n) for n in group))
+                    self.decompose(n) for n in group) + sum(self.results(n) for n in group)
+                    + _bookkeeping("decomposition"))
             else:
                 phases["calibration"] = max(phases["calibration"], calibration)
                 inner = previous = 0  # the consumer still holds the previous layer's U, S, Vh
                 for n in group:
                     svd = svd_workspace_bytes(*self.shapes[n]) + previous
                     own = self.bases(n, 4) + self.decompose(n)
-                    phases["decomposition"] = max(phases["decomposition"], before + stats + inner + max(svd, own))
+                    phases["decomposition"] = max(phases["decomposition"], before + stats + inner + max(svd, own)
+                                                  + _bookkeeping("decomposition"))
                     previous, inner = self.bases(n, 4), inner + self.results(n)
             done += sum(self.results(n) for n in group)
             kept += stats if keep_statistics else 0
         lora = sum(sum(self.shapes[n]) * self.ranks[n] * 4 for n in names)
-        copies = 2 if self.e == 4 else 3  # s·BA and W − s·BA, plus W in float32 for other dtypes
+        # s·BA and W − s·BA in at least float32, plus W in float32 below it (decompose.residual_weight)
+        copies, work = (2, self.e) if self.e >= 4 else (3, 4)
         residual = previous = 0
         for n in names:
-            size = self.shapes[n][0] * self.shapes[n][1] * 4
+            size = self.shapes[n][0] * self.shapes[n][1] * work
             residual, previous = max(residual, previous + copies * size), size
-        phases["write"] = kept + done + lora + residual + BOOKKEEPING
+        phases["write"] = kept + done + lora + residual + _bookkeeping("write")
         svd_ws = max(svd_workspace_bytes(*s) for s in self.shapes.values())
         return phases, {"activations": activations, "statistics": held, "svd_workspace": svd_ws + bases_held}
