@@ -13,6 +13,8 @@ import re
 import torch
 from torch import nn
 
+from fisherlora.memory import all_finite
+
 __all__ = [
     "is_conv1d",
     "weight_view",
@@ -280,7 +282,8 @@ def check_finite(model: nn.Module) -> None:
     """
     with torch.no_grad():
         for tname, t in [*model.named_parameters(), *model.named_buffers()]:
-            if t.is_floating_point() and not t.is_meta and t.numel() and not bool(torch.isfinite(t).all()):
+            # all_finite: nothing of the tensor's size (an embedding's isfinite mask is the run's peak)
+            if t.is_floating_point() and not t.is_meta and not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise FloatingPointError(f"{tname} holds {bad} non-finite value(s) (NaN or inf): the calibration "
                                          "passes would spread them into every statistic; fix the weights first")

@@ -21,13 +21,16 @@ SHAPES = {
     "8192x64 head": (dict(vocab=8192, hidden=64, intermediate=128), ALL_LINEAR + ["lm_head"], (2, 32)),
     "q,v of 3 layers, activations first": (dict(vocab=500, hidden=256, intermediate=512, layers=3),
                                            ["q_proj", "v_proj"], (4, 64)),
+    "q,v, 32000-token vocabulary, one short batch": (dict(vocab=32000, hidden=64, intermediate=128),
+                                                     ["q_proj", "v_proj"], (1, 16)),
     "SmolLM2 widths": (dict(vocab=2048, hidden=576, intermediate=1536, heads=9, kv_heads=3), ALL_LINEAR, (2, 32)),
     "SmolLM2 widths, 1 layer, 4096-token head": (dict(vocab=4096, hidden=576, intermediate=1536, heads=9,
                                                       kv_heads=3, layers=1), ALL_LINEAR + ["lm_head"], (2, 32)),
 }
 #: (shape, mode, layer groups): every mode on the heads and SmolLM2's widths, two groups on a
 #: head and (projected) on SmolLM2's widths; elsewhere packed is full's twin
-_NO_PACKED = ("tiny", "float64, hidden 256", "SmolLM2 widths, 1 layer, 4096-token head")
+_NO_PACKED = ("tiny", "float64, hidden 256", "q,v, 32000-token vocabulary, one short batch",
+              "SmolLM2 widths, 1 layer, 4096-token head")
 CASES = ([(shape, mode, 1) for shape in SHAPES for mode in ("full", "packed", "projected")
           if mode != "packed" or shape not in _NO_PACKED]
          + [("tiny, 3000-token head", "full", 2), ("tiny, 3000-token head", "projected", 2),
