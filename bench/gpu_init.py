@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(args, alpha=args.rank)
     plans = plan_memory(meta, cfg.to_lora_config(), batch_size=args.batch_size, max_length=args.max_length,
                         dtype=dtype, bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4,
-                        keep_statistics=False, backend=cfg.backend)  # as the run below
+                        keep_statistics=False, backend=cfg.backend, fisher_type=cfg.fisher_type.value,
+                        mc_samples=cfg.mc_samples)  # as the run below
     planned = next((q.to_dict() for q in plans if q.label == args.memory_mode and q.layer_groups == args.layer_groups),
                    None)
     t0 = time.perf_counter()

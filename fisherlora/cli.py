@@ -15,7 +15,8 @@ from pathlib import Path
 from fisherlora.flags import add_config_flags, config_from_args
 
 #: the config fields `fisherlora plan` reads
-PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype")
+PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
+               "fisher_type", "mc_samples")
 
 _EXAMPLES = """\
 examples:
@@ -254,7 +255,8 @@ def cmd_plan(args) -> int:
     dtype = getattr(torch, args.dtype)
     plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
                         dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
-                        bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4)
+                        bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
+                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples)
     if args.json:
         text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
                            "plans": [p.to_dict() for p in plans]}, indent=1)

@@ -79,7 +79,7 @@ def _loss_chunks(vocab: int, tokens: int, elem: int) -> int:
 
 
 def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem: int, *, graph_layers: int,
-                     checkpointed: bool, hook_op: int = 0, head_target: bool = False) -> int:
+                     checkpointed: bool, hook_op: int = 0, head_target: bool = False, mc_samples: int = 0) -> int:
     """Peak bytes of one padded calibration batch ``(B, T)`` of a Llama-style model (weights
     frozen), with the collector's op calls of ``hook_op`` bytes in it.
 
@@ -96,6 +96,11 @@ def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem:
     it reads in flight: two hidden gradients (``2h``, at least float32), the top MLP's input,
     product and output (``(2h + i)·e``, when its down projection's input is accumulated), or the
     logits' gradient when ``head_target`` (an output head is hooked).
+    ``mc_samples`` label draws of the true Fisher (0: the empirical one) add 24 bytes per token
+    for each draw's labels and the sampling moment (the logits and two float32 copies of the
+    predictive distribution); from two draws the graph is kept for the next draw, so the logits
+    stay through every backward moment (with ``4h`` per token for each draw past the first) and
+    the loss forms a new gradient of them.
     ``checkpointed`` (the projected mode): every layer keeps its input ``h·e``
     and the CPU RNG state (5,056 bytes per call), the boolean mask (``T`` bytes per token) stays,
     and the top layer's ``S`` is recomputed for its backward. Checked against the CPU allocator
@@ -110,6 +115,14 @@ def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem:
     norm_backward = n * (6 * h * elem + (14 * h if half else 16 * h if double else 0))
     loss = n * (arch.vocab * elem + (6 if half else 12 if double else 4) * h) + _loss_chunks(arch.vocab, n, elem)
     once = n * (2 * arch.head_dim * elem + 33)
+    if mc_samples:  # the true Fisher: each draw's labels (24 bytes a token); the distribution sampled
+        # from and multinomial's float32 copy of it; from two draws the logits outlive the loss (the
+        # graph is kept for the next draw), in every backward moment, and the loss makes a new gradient
+        once += 24 * n * mc_samples
+        kept = n * (arch.vocab * elem + 4 * h * (mc_samples - 1)) if mc_samples >= 2 else 0
+        loss = max(loss + kept, n * arch.vocab * (elem + 2 * max(elem, 4)))
+        mlp_backward, norm_backward, in_flight = (mlp_backward + kept // n, norm_backward + kept,
+                                                  in_flight + kept // n)
     if not checkpointed:
         return once + n * graph_layers * layer + max(n * mlp_backward, norm_backward, loss, n * in_flight + hook_op)
     # the layers' inputs include the boolean mask; in float32 the recomputed top layer's norm saves
@@ -140,18 +153,21 @@ class Footprint:
         stats_bytes, bases_bytes: bytes per element of the statistics and the projected bases.
         reference: the op calls go to the ``torch`` reference backend.
         threads: the intra-op threads the compiled kernels split their tiles over.
+        mc_samples: label draws per batch of the true Fisher; 0 for the empirical one.
     """
 
     # tile sizes of the compiled kernels (csrc/cpu/curvature_cpu.cpp)
     SYRK_TILE, ENERGY_COLS, ENERGY_ROWS, PROJ_TOKENS, PROJ_CHUNK, PROJ_GROUPS = 256, 64, 256, 128, 512, 64
 
     def __init__(self, shapes, ranks, a_key, arch: Architecture, mode: MemoryMode | None, *, batch_size: int,
-                 max_length: int, elem: int, stats_bytes: int, bases_bytes: int, reference: bool, threads: int):
+                 max_length: int, elem: int, stats_bytes: int, bases_bytes: int, reference: bool, threads: int,
+                 mc_samples: int = 0):
         self.shapes, self.ranks, self.a_key, self.arch = shapes, ranks, a_key, arch
         self.share, self.mode = mode is not None, mode or MemoryMode.FULL
         self.dense, self.projected = self.mode is not MemoryMode.PACKED, self.mode is MemoryMode.PROJECTED
         self.B, self.T, self.n, self.e = batch_size, max_length, batch_size * max_length, elem
         self.s, self.b, self.reference, self.threads = stats_bytes, bases_bytes, reference, threads
+        self.mc = mc_samples
 
     # ------------------------------------------------------------------ per layer
     def k(self, name: str) -> int:
@@ -226,7 +242,7 @@ class Footprint:
             hook_op = max(self.projected_sq(d, self.k(n)) if self.projected else self.syrk(d)
                           for n in names for d in self.shapes[n])
         return activation_bytes(self.arch, self.B, self.T, self.e, graph_layers=self.arch.layers - lowest,
-                                checkpointed=self.projected and in_stack, hook_op=hook_op,
+                                checkpointed=self.projected and in_stack, hook_op=hook_op, mc_samples=self.mc,
                                 head_target=with_hooks and any(self.shapes[n][0] == self.arch.vocab for n in names))
 
     # ------------------------------------------------------------------ a whole run

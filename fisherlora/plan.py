@@ -111,7 +111,7 @@ def _uses_reference_ops(backend: str, device: torch.device | None) -> bool:
 def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_length: int = 512,
                 dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
                 group_options: tuple[int, ...] = (1, 2, 4, 8), keep_statistics: bool = True,
-                backend: str = "auto") -> list[ModePlan]:
+                backend: str = "auto", fisher_type: str = "empirical", mc_samples: int = 1) -> list[ModePlan]:
     """Planned peak memory of every mode (and layer-group count) for ``model``.
 
     Args:
@@ -126,6 +126,9 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
             CLI's): every group's factors stay until the end.
         backend: the op backend; ``"torch"`` (or ``"auto"`` on a CPU without the compiled
             extension) is planned with the reference's copies.
+        fisher_type, mc_samples: as :class:`~fisherlora.FisherLoraConfig`'s: the true Fisher's
+            label draws hold the predictive distribution and, from two draws, a second gradient
+            of the logits.
 
     Returns:
         :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
@@ -152,7 +155,7 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
             continue
         footprint = Footprint(shapes, ranks, a_key, arch, mode, batch_size=batch_size, max_length=max_length,
                               elem=elem, stats_bytes=stats_bytes, bases_bytes=bases_bytes, reference=reference,
-                              threads=torch.get_num_threads())
+                              threads=torch.get_num_threads(), mc_samples=mc_samples if fisher_type == "true" else 0)
         phases, parts = footprint.phases(groups, keep_statistics)
         plans.append(ModePlan(mode, g, weights, phases=phases, **parts))
     return plans
@@ -200,7 +203,8 @@ def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig,
     plans = plan_memory(model, lora_config, batch_size=config.batch_size, max_length=config.max_length,
                         stats_bytes=4 if config.stats_dtype == "float32" else 8,
                         bases_bytes=param.element_size() if config.bases_dtype == "model" else 4,
-                        keep_statistics=keep_statistics, backend=config.backend)
+                        keep_statistics=keep_statistics, backend=config.backend,
+                        fisher_type=config.fisher_type.value, mc_samples=config.mc_samples)
     free = free_memory_bytes(param.device) + plans[0].weights
     pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
     log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "

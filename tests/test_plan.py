@@ -13,7 +13,7 @@ from tests.models import run_mode, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 #: random Llamas from tiny to SmolLM2's widths (hidden 576, intermediate 1536, 9 heads, 3 kv heads),
-#: with and without a wide output head (untied, targeted), batch (B, T)
+#: with and without a wide output head (untied, targeted), batch (B, T), and the Fisher's kind
 SHAPES = {
     "tiny": (dict(), ALL_LINEAR, (2, 32)),
     "float64, hidden 256": (dict(dtype=torch.float64, hidden=256, intermediate=512), ALL_LINEAR, (2, 32)),
@@ -23,6 +23,11 @@ SHAPES = {
                                            ["q_proj", "v_proj"], (4, 64)),
     "q,v, 32000-token vocabulary, one short batch": (dict(vocab=32000, hidden=64, intermediate=128),
                                                      ["q_proj", "v_proj"], (1, 16)),
+    "q,v, 32000-token vocabulary, true Fisher": (dict(vocab=32000, hidden=64, intermediate=128, max_positions=256),
+                                                 ["q_proj", "v_proj"], (2, 128), dict(fisher_type="true")),
+    "q,v, 8000-token vocabulary, true Fisher, 3 draws": (dict(vocab=8000, hidden=128, intermediate=256),
+                                                         ["q_proj", "v_proj"], (4, 128),
+                                                         dict(fisher_type="true", mc_samples=3)),
     "SmolLM2 widths": (dict(vocab=2048, hidden=576, intermediate=1536, heads=9, kv_heads=3), ALL_LINEAR, (2, 32)),
     "SmolLM2 widths, 1 layer, 4096-token head": (dict(vocab=4096, hidden=576, intermediate=1536, heads=9,
                                                       kv_heads=3, layers=1), ALL_LINEAR + ["lm_head"], (2, 32)),
@@ -30,6 +35,7 @@ SHAPES = {
 #: (shape, mode, layer groups): every mode on the heads and SmolLM2's widths, two groups on a
 #: head and (projected) on SmolLM2's widths; elsewhere packed is full's twin
 _NO_PACKED = ("tiny", "float64, hidden 256", "q,v, 32000-token vocabulary, one short batch",
+              "q,v, 32000-token vocabulary, true Fisher", "q,v, 8000-token vocabulary, true Fisher, 3 draws",
               "SmolLM2 widths, 1 layer, 4096-token head")
 CASES = ([(shape, mode, 1) for shape in SHAPES for mode in ("full", "packed", "projected")
           if mode != "packed" or shape not in _NO_PACKED]
@@ -61,11 +67,13 @@ def test_plan_bounds_the_measured_peak_of_every_mode(shape, mode, groups):
     from fisherlora import initialize_fisher_lora
     from fisherlora.testing import peak_memory, random_llama
 
-    arch, targets, (B, T) = SHAPES[shape]
+    arch, targets, (B, T), *fisher = SHAPES[shape]
     model = random_llama(**arch)
     lc = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
-    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode=mode, layer_groups=groups, batch_size=B, max_length=T)
-    plan = next(p for p in plan_memory(model, lc, batch_size=B, max_length=T)
+    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode=mode, layer_groups=groups, batch_size=B, max_length=T,
+                           **(fisher[0] if fisher else {}))
+    plan = next(p for p in plan_memory(model, lc, batch_size=B, max_length=T, fisher_type=cfg.fisher_type.value,
+                                       mc_samples=cfg.mc_samples)
                 if p.label == mode and p.layer_groups == groups)
     data = _padded_batches(model.config.vocab_size, B, T)
     measured, _ = peak_memory(lambda: initialize_fisher_lora(model, lc, data, cfg, progress=False), torch.device("cpu"))
