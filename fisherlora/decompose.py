@@ -247,7 +247,7 @@ def _warn_rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics)
         f"the activation covariance A is rank-deficient in {len(short)} layer(s) (e.g. {name!r}: {count} counted "
         f"tokens for d_in = {d_in}): directions outside A's range all get zero Fisher energy and are ranked by "
         "sigma alone. Calibrate on more tokens (num_samples, max_length), or set damping > 0 so that they are "
-        "ranked by their gradient curvature u'Gu", UserWarning, stacklevel=3)
+        "ranked by their gradient curvature u'Gu", UserWarning, stacklevel=4)
 
 
 @keeps_global_rng
