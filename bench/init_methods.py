@@ -104,8 +104,8 @@ def select_methods(spec: str | None, device: str) -> list[str]:
 def lora_config(rank: int, alpha: float, init=True, **kw):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0,
-                      bias="none", init_lora_weights=init, **kw)
+    kw.setdefault("target_modules", list(PROJECTIONS))
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights=init, **kw)
 
 
 def _parse_variant(name: str) -> tuple[str, str | None]:
@@ -205,12 +205,14 @@ class _CountingLoader:
 
 
 def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16.0, device=None,
-               timer: _Timer | None = None, fisher_options: dict | None = None):
+               timer: _Timer | None = None, fisher_options: dict | None = None, lora_kwargs: dict | None = None):
     """Initialise ``model`` with ``method`` (a name of :func:`all_methods` or ``fisherlora``).
 
     Args:
         model: a causal LM, wrapped in place by PEFT. batches: padded calibration batches.
         fisher_options: extra :class:`fisherlora.FisherLoraConfig` fields (score, magnitude, ...).
+        lora_kwargs: extra ``peft.LoraConfig`` fields (``target_modules``, ``task_type``,
+            ``modules_to_save``) for a model that is not a Llama-style causal LM.
 
     Returns:
         ``(peft_model or None, info)``; ``info`` holds ``tokens``, ``passes``, and where they
@@ -218,6 +220,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
     """
     import peft
 
+    lk = lora_kwargs or {}
     device = device or next(model.parameters()).device
     timer = timer or _Timer(torch.device(device))
     tokens = common.batch_tokens(batches)
@@ -230,7 +233,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         if mode is not None:
             opts["memory_mode"] = mode
         with timer("total_call"):
-            res = fisherlora.initialize_fisher_lora(model, lora_config(rank, alpha), batches,
+            res = fisherlora.initialize_fisher_lora(model, lora_config(rank, alpha, **lk), batches,
                                                     fisherlora.FisherLoraConfig(**opts), progress=False)
         for k, v in res.timings.items():
             timer.phases[k] = v
@@ -241,14 +244,14 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         with timer("pass"):
             info["tokens"] = floor_pass(model, batches)
         with timer("svd"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, "pissa"))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, "pissa", **lk))
         info["passes"] = 1.0
         return pm, info
     if method == "naive":
         from bench.naive import naive_select, naive_statistics
         from fisherlora.layers import find_target_modules
 
-        modules = find_target_modules(model, lora_config(rank, alpha))
+        modules = find_target_modules(model, lora_config(rank, alpha, **lk))
         with timer("collect"):
             stats = naive_statistics(model, modules, batches)
         with timer("select"):
@@ -259,11 +262,11 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         return None, info
     if method in PEFT_DATA_FREE:
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, PEFT_DATA_FREE[method]))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, PEFT_DATA_FREE[method], **lk))
         return pm, info
     if method == "milora":
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, True))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, True, **lk))
         with timer("svd"):
             milora_write(pm)
         return pm, info
@@ -271,7 +274,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
-        cfg = lora_config(rank, alpha, "corda", corda_config=CordaConfig(corda_method="ipm"))
+        cfg = lora_config(rank, alpha, "corda", corda_config=CordaConfig(corda_method="ipm"), **lk)
         seqs = common.unpadded_sequences(batches)
 
         def run_model():
@@ -291,7 +294,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig()))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig(), **lk))
         loader = _CountingLoader([{k: v.to(device) for k, v in b.items()} for b in batches])
         with timer("svd passes"):
             initialize_lora_eva_weights(pm, loader, show_progress_bar=False)
@@ -303,7 +306,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
-        cfg = lora_config(rank, alpha, "lora_ga", lora_ga_config=LoraGAConfig())
+        cfg = lora_config(rank, alpha, "lora_ga", lora_ga_config=LoraGAConfig(), **lk)
 
         def train_step():
             for b in batches:
