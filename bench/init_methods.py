@@ -293,8 +293,11 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import EvaConfig
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
+        # a label per sequence (classification) is no token mask: EVA then takes every non-padding token
+        token_labels = all(b["labels"].shape == b["input_ids"].shape for b in batches if "labels" in b)
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig(), **lk))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig(
+                use_label_mask=token_labels), **lk))
         loader = _CountingLoader([{k: v.to(device) for k, v in b.items()} for b in batches])
         with timer("svd passes"):
             initialize_lora_eva_weights(pm, loader, show_progress_bar=False)
