@@ -18,7 +18,12 @@ Settings (:data:`SETTINGS`; any field can be overridden by its flag):
 
 - ``standard``: one epoch over 900 train pairs at batch 8 (113 steps), max 256 tokens, warm-up
   10 % then cosine decay, 100 validation pairs, 319 held-out pairs, 128 calibration pairs, grid
-  1e-4 .. 3.16e-3 (2 points per decade, extended at an edge), seeds 0, 1, 2. The background run.
+  1e-4 .. 3.16e-3 (2 points per decade, extended at an edge), seeds 0, 1, 2, exact match on all
+  319 held-out questions: minutes per run on a GPU (``--device cuda``), about 12 hours of the
+  core methods on the 2-core CPU (docs/DESIGN.md §12).
+- ``cpu``: the same protocol sized for about 2.5 hours of the core methods on the 2-core CPU
+  (one epoch over 200 train pairs at batch 8, max 256 tokens: 25 steps; 64 validation, 96
+  held-out pairs, no exact match); the estimate is in docs/DESIGN.md §12.
 - ``quick``: 20 steps x batch 4 on 80 train pairs, max 112 tokens, 32 validation and 64 held-out
   pairs: minutes on a CPU.
 - ``--model toy``: a random 2-layer Llama (hidden 32) with the embedded tokenizer, for the smoke
@@ -48,6 +53,10 @@ SETTINGS = {
                  "batch_size": 8, "max_length": 256, "calib_pairs": 128, "eval_points": 4, "em_pairs": 319,
                  "max_new_tokens": 256, "warmup": 0.1, "lrs": "1e-4,3.16e-4,1e-3,3.16e-3", "seeds": "0,1,2",
                  "methods": "all"},
+    "cpu": {"train_pairs": 200, "val_pairs": 64, "eval_pairs": 96, "epochs": 1.0, "steps": None,
+            "batch_size": 8, "max_length": 256, "calib_pairs": 128, "eval_points": 2, "em_pairs": 0,
+            "max_new_tokens": 256, "warmup": 0.1, "lrs": "1e-4,3.16e-4,1e-3,3.16e-3", "seeds": "0,1,2",
+            "methods": "all"},
     "quick": {"train_pairs": 80, "val_pairs": 32, "eval_pairs": 64, "epochs": None, "steps": 20,
               "batch_size": 4, "max_length": 112, "calib_pairs": 16, "eval_points": 2, "em_pairs": 0,
               "max_new_tokens": 256, "warmup": 0.1, "lrs": "3.16e-4,1e-3,3.16e-3,1e-2", "seeds": "0,1,2",

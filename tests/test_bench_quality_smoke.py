@@ -24,12 +24,12 @@ def toy_task():
     return task
 
 
-@pytest.mark.parametrize("setting", ["standard", "quick"])
+@pytest.mark.parametrize("setting", ["standard", "cpu", "quick"])
 def test_every_setting_runs_end_to_end_and_resumes(tmp_path, setting):
     """The non-quick path used to die in exact_match after the whole base evaluation."""
     from bench import quality
 
-    assert set(quality.SETTINGS) == {"standard", "quick"}  # a new setting needs its case here
+    assert set(quality.SETTINGS) == {"standard", "cpu", "quick"}  # a new setting needs its case here
     methods = ["lora", "fisherlora"] if setting == "standard" else ["fisherlora"]
     argv = TOY + ["--setting", setting, "--methods", ",".join(methods), "--out", str(tmp_path)]
     assert quality.main(argv) == 0
@@ -38,11 +38,12 @@ def test_every_setting_runs_end_to_end_and_resumes(tmp_path, setting):
     report = json.loads(stem.with_suffix(".json").read_text())
     for m in methods:
         s = report["summary"][m]
-        assert sorted(map(float, s["sweep"])) == [1e-3, 3.16e-3] and s["n"] == 2, (m, s)  # a one-point grid is extended once
+        # a one-point grid is extended once, then the other seed runs at the chosen lr
+        assert sorted(map(float, s["sweep"])) == [1e-3, 3.16e-3] and s["n"] == 2, (m, s)
         assert s["verdict"] in ("reference", "better", "worse", "within noise"), s
         assert s["metric_mean"] is not None  # exact match ran (on 2 questions)
         steps = [p[0] for p in s["curves"]["0"]]  # JSON keys are text
-        want = 2 if setting == "standard" else 20  # one epoch of 8 pairs at batch 4 / the quick setting's steps
+        want = 20 if setting == "quick" else 2  # the quick setting's steps / one epoch of 8 pairs at batch 4
         assert steps == [0, want], steps
     assert report["meta"]["base_metric"] is not None and stem.with_suffix(".png").stat().st_size > 0
     assert quality.main(argv) == 0  # resumed: every run skipped, nothing appended
@@ -119,3 +120,43 @@ def test_every_method_starts_as_its_spec_says(toy_task):
     assert sizes["lora"] == 0 and sizes["fisher:zero"] == 0
     assert sizes["fisher:unit"] == pytest.approx(sizes["sigma:unit"], rel=1e-4)  # both magnitude 1 on r directions
     assert sizes["pissa"] >= sizes["fisher:sigma"] > 0 and sizes["pissa"] > sizes["milora"] > 0
+
+
+CLS_TOY = ["--model", "toy", "--train-pairs", "8", "--val-pairs", "4", "--eval-pairs", "6", "--calib-pairs", "4",
+           "--max-length", "48", "--batch-size", "4", "--rank", "2", "--lrs", "1e-3", "--seeds", "0,1",
+           "--eval-points", "1", "--max-extend", "1"]
+
+
+def test_classification_labels_count_solution_steps():
+    from bench.quality_cls import steps_label
+
+    assert steps_label("a <<1+1=2>>2\nb\nc\n#### 2") == 0  # 3 steps
+    assert steps_label("a\n\nb\nc\nd\n#### 7") == 1  # 4 non-empty steps
+
+
+@pytest.mark.parametrize("setting", ["standard", "quick"])
+def test_classification_task_runs_its_baselines_in_every_setting(tmp_path, setting):
+    from bench import quality_cls
+
+    assert set(quality_cls.SETTINGS) == {"standard", "quick"}
+    argv = CLS_TOY + ["--setting", setting, "--methods", "lora,milora", "--reference", "lora", "--out", str(tmp_path)]
+    assert quality_cls.main(argv) == 0
+    report = json.loads((tmp_path / f"quality_cls_{setting}_toy.json").read_text())
+    for m in ("lora", "milora"):
+        s = report["summary"][m]
+        assert s["n"] == 2 and 0.0 <= s["metric_mean"] <= 1.0 and s["final_mean"] > 0, (m, s)
+    assert report["summary"]["milora"]["verdict"] in ("better", "worse", "within noise")
+
+
+def test_classification_task_runs_fisherlora_through_the_generic_path(tmp_path):
+    from bench import quality_cls
+    from bench.quality_methods import fisherlora_takes_loss_fn
+
+    if not fisherlora_takes_loss_fn():
+        pytest.skip("initialize_fisher_lora has no loss_fn parameter yet (issue 16's generic path for "
+                    "model heads); the classification task reports fisherlora as not run until then")
+    argv = CLS_TOY + ["--setting", "quick", "--methods", "fisherlora,fisher:zero", "--out", str(tmp_path)]
+    assert quality_cls.main(argv) == 0
+    report = json.loads((tmp_path / "quality_cls_quick_toy.json").read_text())
+    for m in ("fisherlora", "fisher:zero"):
+        assert report["summary"][m]["n"] == 2 and "error" not in report["summary"][m], report["summary"][m]
