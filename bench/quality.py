@@ -249,12 +249,12 @@ def finish_args(args, settings: dict):
     args.lrs = [float(x) for x in str(args.lrs).split(",")]
     args.seeds = [int(x) for x in str(args.seeds).split(",")]
     args.per_decade = PER_DECADE
-    names = CORE if args.methods == "core" else list(METHODS) if args.methods == "all" else args.methods.split(",")
-    unknown = [n for n in names if n not in METHODS]
+    everything = CORE + [m for m in METHODS if m not in CORE]  # a partial background run has the core first
+    names = CORE if args.methods == "core" else everything if args.methods == "all" else args.methods.split(",")
+    unknown = [n for n in [*names, args.reference] if n not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    if args.reference not in names:
-        names = [args.reference, *names]
+    names = [args.reference, *(n for n in names if n != args.reference)]  # the reference runs first
     args.method_specs = {n: METHODS[n] for n in names}
     return args
 
