@@ -161,3 +161,11 @@ def test_classification_task_runs_fisherlora_through_the_generic_path(tmp_path):
     report = json.loads((tmp_path / "quality_cls_quick_toy.json").read_text())
     for m in ("fisherlora", "fisher:zero"):
         assert report["summary"][m]["n"] == 2 and "error" not in report["summary"][m], report["summary"][m]
+
+
+def test_calibration_comes_from_the_train_split_only(toy_task):
+    train = {tuple(x) for x in toy_task.train.input_ids}
+    others = {tuple(x) for x in toy_task.val.input_ids + toy_task.held.input_ids}
+    calib = [tuple(int(t) for t, m in zip(row, mask, strict=True) if m)
+             for b in toy_task.calib for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
+    assert len(calib) == 4 and all(c in train and c not in others for c in calib)
