@@ -172,6 +172,13 @@ def floor_pass(model, batches) -> int:
 def milora_write(peft_model) -> None:
     """Overwrite every LoRA layer of ``peft_model`` with MiLoRA's factors (minor singular triplets)
     and its base weight with the residual, so the outputs are unchanged."""
+    svd_write(peft_model, "bottom", "sigma")
+
+
+def svd_write(peft_model, pick: str, magnitude: str) -> None:
+    """Write PiSSA-form factors of the ``pick`` ("top"/"bottom") r singular triplets of every
+    adapted weight, with magnitude ``"sigma"`` (own σ) or ``"unit"``, and the residual base weight
+    ``W − s·BA`` (outputs unchanged)."""
     from fisherlora.adapter import lora_layers
     from fisherlora.decompose import lora_factors, residual_weight
     from fisherlora.layers import weight_view, write_weight
@@ -182,7 +189,9 @@ def milora_write(peft_model) -> None:
             W = weight_view(base)
             r, s = module.r["default"], module.scaling["default"]
             U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-            B, A = lora_factors(U[:, -r:], Vh[-r:], S[-r:], s)
+            sl = slice(None, r) if pick == "top" else slice(-r, None)
+            m = S[sl] if magnitude == "sigma" else torch.ones_like(S[sl])
+            B, A = lora_factors(U[:, sl], Vh[sl], m, s)
             module.lora_A["default"].weight.copy_(A)
             module.lora_B["default"].weight.copy_(B)
             write_weight(base, residual_weight(W, B, A, s))

@@ -12,7 +12,7 @@ starts in and how large it starts; five builders (``kind``) turn specs into an i
   mean loss per batch).
 - ``svd``: PiSSA's formula on a chosen set of W's singular triplets with a chosen magnitude
   (``milora``: the r smallest, own σ; ``sigma:unit``: the r largest, magnitude 1), residual
-  ``W − s·BA`` so the outputs are unchanged.
+  ``W − s·BA`` so the outputs are unchanged (``bench.init_methods.svd_write``, MiLoRA's writer there).
 - ``fisherlora``: :func:`fisherlora.initialize_fisher_lora` with ``score`` x ``magnitude``
   (``fisherlora``: the package defaults; one calibration pass serves every variant).
 - ``fisher_zero``: the Fisher-chosen directions at zero magnitude, LoRA's own start: ``B = 0``,
@@ -90,27 +90,6 @@ def fisherlora_takes_loss_fn() -> bool:
 
 
 # ----------------------------------------------------------------------------- builders
-def svd_write(peft_model, pick: str, magnitude: str) -> None:
-    """Write PiSSA-form factors of the ``pick`` ("top"/"bottom") r singular triplets of every
-    adapted weight, with magnitude ``"sigma"`` (own σ) or ``"unit"``, and the residual base weight."""
-    from fisherlora.adapter import lora_layers
-    from fisherlora.decompose import lora_factors, residual_weight
-    from fisherlora.layers import weight_view, write_weight
-
-    with torch.no_grad():
-        for _, module in lora_layers(peft_model):
-            base = module.get_base_layer()
-            W = weight_view(base)
-            r, s = module.r["default"], module.scaling["default"]
-            U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-            sl = slice(None, r) if pick == "top" else slice(-r, None)
-            m = S[sl] if magnitude == "sigma" else torch.ones_like(S[sl])
-            B, A = lora_factors(U[:, sl], Vh[sl], m, s)
-            module.lora_A["default"].weight.copy_(A)
-            module.lora_B["default"].weight.copy_(B)
-            write_weight(base, residual_weight(W, B, A, s))
-
-
 def zero_magnitude_write(peft_model, directions: dict[str, torch.Tensor]) -> None:
     """``A ← directions[name] / √3`` (rows of unit norm in, PEFT-default expected row norm out),
     ``B ← 0`` for every adapted layer; the base weights are not touched."""
@@ -184,6 +163,8 @@ class Initialisers:
         if spec.kind == "peft":
             return peft.get_peft_model(model, self._config(spec.init))
         if spec.kind == "svd":
+            from bench.init_methods import svd_write
+
             pm = peft.get_peft_model(model, self._config(True))
             svd_write(pm, spec.pick, spec.magnitude)
             return pm
