@@ -104,8 +104,8 @@ def select_methods(spec: str | None, device: str) -> list[str]:
 def lora_config(rank: int, alpha: float, init=True, **kw):
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(PROJECTIONS), lora_dropout=0.0,
-                      bias="none", init_lora_weights=init, **kw)
+    kw.setdefault("target_modules", list(PROJECTIONS))
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights=init, **kw)
 
 
 def _parse_variant(name: str) -> tuple[str, str | None]:
@@ -172,6 +172,13 @@ def floor_pass(model, batches) -> int:
 def milora_write(peft_model) -> None:
     """Overwrite every LoRA layer of ``peft_model`` with MiLoRA's factors (minor singular triplets)
     and its base weight with the residual, so the outputs are unchanged."""
+    svd_write(peft_model, "bottom", "sigma")
+
+
+def svd_write(peft_model, pick: str, magnitude: str) -> None:
+    """Write PiSSA-form factors of the ``pick`` ("top"/"bottom") r singular triplets of every
+    adapted weight, with magnitude ``"sigma"`` (own σ) or ``"unit"``, and the residual base weight
+    ``W − s·BA`` (outputs unchanged)."""
     from fisherlora.adapter import lora_layers
     from fisherlora.decompose import lora_factors, residual_weight
     from fisherlora.layers import weight_view, write_weight
@@ -182,7 +189,9 @@ def milora_write(peft_model) -> None:
             W = weight_view(base)
             r, s = module.r["default"], module.scaling["default"]
             U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-            B, A = lora_factors(U[:, -r:], Vh[-r:], S[-r:], s)
+            sl = slice(None, r) if pick == "top" else slice(-r, None)
+            m = S[sl] if magnitude == "sigma" else torch.ones_like(S[sl])
+            B, A = lora_factors(U[:, sl], Vh[sl], m, s)
             module.lora_A["default"].weight.copy_(A)
             module.lora_B["default"].weight.copy_(B)
             write_weight(base, residual_weight(W, B, A, s))
@@ -205,12 +214,14 @@ class _CountingLoader:
 
 
 def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16.0, device=None,
-               timer: _Timer | None = None, fisher_options: dict | None = None):
+               timer: _Timer | None = None, fisher_options: dict | None = None, lora_kwargs: dict | None = None):
     """Initialise ``model`` with ``method`` (a name of :func:`all_methods` or ``fisherlora``).
 
     Args:
         model: a causal LM, wrapped in place by PEFT. batches: padded calibration batches.
         fisher_options: extra :class:`fisherlora.FisherLoraConfig` fields (score, magnitude, ...).
+        lora_kwargs: extra ``peft.LoraConfig`` fields (``target_modules``, ``task_type``,
+            ``modules_to_save``) for a model that is not a Llama-style causal LM.
 
     Returns:
         ``(peft_model or None, info)``; ``info`` holds ``tokens``, ``passes``, and where they
@@ -218,6 +229,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
     """
     import peft
 
+    lk = lora_kwargs or {}
     device = device or next(model.parameters()).device
     timer = timer or _Timer(torch.device(device))
     tokens = common.batch_tokens(batches)
@@ -230,7 +242,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         if mode is not None:
             opts["memory_mode"] = mode
         with timer("total_call"):
-            res = fisherlora.initialize_fisher_lora(model, lora_config(rank, alpha), batches,
+            res = fisherlora.initialize_fisher_lora(model, lora_config(rank, alpha, **lk), batches,
                                                     fisherlora.FisherLoraConfig(**opts), progress=False)
         for k, v in res.timings.items():
             timer.phases[k] = v
@@ -241,14 +253,14 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         with timer("pass"):
             info["tokens"] = floor_pass(model, batches)
         with timer("svd"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, "pissa"))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, "pissa", **lk))
         info["passes"] = 1.0
         return pm, info
     if method == "naive":
         from bench.naive import naive_select, naive_statistics
         from fisherlora.layers import find_target_modules
 
-        modules = find_target_modules(model, lora_config(rank, alpha))
+        modules = find_target_modules(model, lora_config(rank, alpha, **lk))
         with timer("collect"):
             stats = naive_statistics(model, modules, batches)
         with timer("select"):
@@ -259,11 +271,11 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         return None, info
     if method in PEFT_DATA_FREE:
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, PEFT_DATA_FREE[method]))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, PEFT_DATA_FREE[method], **lk))
         return pm, info
     if method == "milora":
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, True))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, True, **lk))
         with timer("svd"):
             milora_write(pm)
         return pm, info
@@ -271,7 +283,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import CordaConfig
         from peft.tuners.lora.corda import preprocess_corda
 
-        cfg = lora_config(rank, alpha, "corda", corda_config=CordaConfig(corda_method="ipm"))
+        cfg = lora_config(rank, alpha, "corda", corda_config=CordaConfig(corda_method="ipm"), **lk)
         seqs = common.unpadded_sequences(batches)
 
         def run_model():
@@ -290,8 +302,11 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import EvaConfig
         from peft.tuners.lora.eva import initialize_lora_eva_weights
 
+        # a label per sequence (classification) is no token mask: EVA then takes every non-padding token
+        token_labels = all(b["labels"].shape == b["input_ids"].shape for b in batches if "labels" in b)
         with timer("wrap"):
-            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig()))
+            pm = peft.get_peft_model(model, lora_config(rank, alpha, "eva", eva_config=EvaConfig(
+                use_label_mask=token_labels), **lk))
         loader = _CountingLoader([{k: v.to(device) for k, v in b.items()} for b in batches])
         with timer("svd passes"):
             initialize_lora_eva_weights(pm, loader, show_progress_bar=False)
@@ -303,7 +318,7 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
         from peft.tuners.lora.config import LoraGAConfig
         from peft.tuners.lora.loraga import preprocess_loraga
 
-        cfg = lora_config(rank, alpha, "lora_ga", lora_ga_config=LoraGAConfig())
+        cfg = lora_config(rank, alpha, "lora_ga", lora_ga_config=LoraGAConfig(), **lk)
 
         def train_step():
             for b in batches:

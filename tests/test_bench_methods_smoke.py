@@ -1,5 +1,5 @@
-"""bench/init_methods.py and bench/quality.py run end to end on a tiny random Llama (seconds),
-so the model-level benchmarks never rot."""
+"""bench/init_methods.py runs end to end on a tiny random Llama (seconds), so the model-level
+benchmarks never rot (bench/quality.py: tests/test_bench_quality_smoke.py)."""
 
 import json
 
@@ -50,24 +50,3 @@ def test_milora_keeps_outputs_and_takes_minor_components():
         after = pm(input_ids=batches[0]["input_ids"]).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
-
-def test_quality_quick_on_tiny_llama_and_resumes(tmp_path):
-    from bench import quality
-
-    argv = ["--tiny", "--quick", "--rank", "2", "--steps", "2", "--max-length", "12", "--eval-pairs", "4",
-            "--calib-pairs", "4", "--methods", "lora,milora,fisherlora", "--variants", "fisher:sigma",
-            "--lrs", "1e-3,1e-2", "--seeds", "0,1", "--out", str(tmp_path)]
-    assert quality.main(argv) == 0
-    runs = tmp_path / "quality_runs_tiny.jsonl"
-    n_lines = len(runs.read_text().splitlines())
-    assert n_lines == 1 + 3 * (2 + 1)  # base eval + per method: lr sweep on seed 0, then seed 1 at the best lr
-    report = json.loads((tmp_path / "quality_tiny.json").read_text())
-    for m in ("lora", "milora", "fisherlora:fisher:sigma"):
-        s = report["summary"][m]
-        assert s["best_lr"] in (1e-3, 1e-2) and s["n"] == 2 and s["final_mean"] > 0, m
-        assert len(s["paired_diff"]["per_seed"]) == 2
-    assert report["summary"]["lora"]["size"]["delta_fro"] == 0.0  # B = 0
-    assert report["summary"]["milora"]["size"]["delta_fro"] > 0
-    assert (tmp_path / "quality_tiny.png").stat().st_size > 0
-    assert quality.main(argv) == 0  # resumed: every run is skipped, nothing appended
-    assert len(runs.read_text().splitlines()) == n_lines
