@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from fisherlora.losses import _SumCrossEntropy, position_ids_from_mask, token_loss_sum  # noqa: F401 (re-exported)
 from fisherlora.memory import release_host_memory
 
 __all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "EmptyCalibrationError"]
@@ -20,77 +21,6 @@ __all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "Empty
 
 class EmptyCalibrationError(ValueError):
     """The calibration data produced no batch."""
-
-
-class _SumCrossEntropy(torch.autograd.Function):
-    """``Σ_n [logsumexp(x_n) − x_n[t_n]]`` over rows with ``t_n != -100``, in row chunks.
-
-    Equal to ``cross_entropy(x, t, reduction="sum", ignore_index=-100)`` but it saves only the
-    logits themselves (no log-softmax copy) and the per-row log-sum-exp, and builds the gradient
-    ``softmax(x_n) − onehot(t_n)`` chunk by chunk into one buffer: about half of the memory of
-    ``cross_entropy``'s graph for a large vocabulary, which is most of a calibration batch's
-    activations in the memory-lean modes.
-    """
-
-    CHUNK_ELEMENTS = 1 << 22  # about 16 MiB of float32 temporaries per chunk
-
-    @staticmethod
-    def forward(ctx, logits, target, reuse_logits=False):
-        work = torch.promote_types(logits.dtype, torch.float32)
-        valid = target != -100
-        safe = target.clamp_min(0)
-        rows = max(1, _SumCrossEntropy.CHUNK_ELEMENTS // max(logits.shape[-1], 1))
-        lse = torch.empty(logits.shape[0], dtype=work, device=logits.device)
-        total = torch.zeros((), dtype=work, device=logits.device)
-        for i in range(0, logits.shape[0], rows):
-            x = logits[i:i + rows].to(work)
-            lse[i:i + rows] = torch.logsumexp(x, dim=-1)
-            picked = x.gather(1, safe[i:i + rows, None]).squeeze(1)
-            total += torch.where(valid[i:i + rows], lse[i:i + rows] - picked, 0).sum()
-        ctx.save_for_backward(logits, safe, valid, lse)
-        ctx.rows, ctx.reuse_logits = rows, reuse_logits
-        return total
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
-        logits, safe, valid, lse = ctx.saved_tensors
-        grad = logits if ctx.reuse_logits else torch.empty_like(logits)  # chunk i is read before it is written
-        rows = ctx.rows
-        for i in range(0, logits.shape[0], rows):
-            p = torch.exp(logits[i:i + rows].to(lse.dtype) - lse[i:i + rows, None])
-            p.scatter_add_(1, safe[i:i + rows, None], -torch.ones_like(p[:, :1]))
-            p.mul_((valid[i:i + rows] * grad_total)[:, None])
-            grad[i:i + rows] = p
-        return grad, None, None
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: bool = False
-                   ) -> tuple[torch.Tensor, int]:
-    """Sum (not mean) of next-token cross-entropies over label tokens, and their count.
-
-    ``logits`` ``(B, T, V)`` (any float dtype) predict ``labels[:, 1:]`` (``(B, T)`` int64); labels
-    of -100 are ignored. The loss is computed in at least float32, in row chunks, and its graph
-    holds only the logits (no log-softmax copy; the backward builds the one gradient buffer chunk
-    by chunk), so a calibration batch with a large vocabulary needs about half of what
-    ``torch.nn.functional.cross_entropy`` needs. With ``reuse_logits=True`` the backward writes
-    the gradient into the logits' own storage (one ``(B, T, V)`` buffer less; the logits are
-    garbage afterwards, so only for a last backward pass; autograd raises if another node saved
-    them).
-
-    Returns:
-        ``(loss, n)``: the scalar sum (float32, or float64 for float64 logits) and the number of
-        label tokens ``n``.
-    """
-    target = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
-    loss = _SumCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reuse_logits)
-    return loss, int((target != -100).sum())
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only real tokens, so a sequence's positions do not depend on its
-    padding side (left padding otherwise shifts them)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def run_calibration(model: nn.Module, batches: Iterable[dict], *,
