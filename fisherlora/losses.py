@@ -53,8 +53,8 @@ class _SumCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: bool = False
-                   ) -> tuple[torch.Tensor, int]:
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: bool = False,
+                   shift: bool = True) -> tuple[torch.Tensor, int]:
     """Sum (not mean) of next-token cross-entropies over label tokens, and their count.
 
     ``logits`` ``(B, T, V)`` (any float dtype) predict ``labels[:, 1:]`` (``(B, T)`` int64); labels
@@ -66,11 +66,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, *, reuse_logits: 
     garbage afterwards, so only for a last backward pass; autograd raises if another node saved
     them).
 
+    ``shift=False`` pairs ``logits[:, t]`` with ``labels[:, t]`` instead (an encoder-decoder's
+    decoder targets).
+
     Returns:
         ``(loss, n)``: the scalar sum (float32, or float64 for float64 logits) and the number of
         label tokens ``n``.
     """
-    target = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)  # the last position predicts nothing
+    # the last position predicts nothing; shift=False: position t predicts labels[:, t] (a decoder's targets)
+    target = nn.functional.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels
     loss = _SumCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reuse_logits)
     return loss, int((target != -100).sum())
 
