@@ -9,6 +9,7 @@ import time
 import torch
 from torch import nn
 
+from fisherlora import allocation
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -89,8 +90,13 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
-    check_ranks({n: layer_shape(m) for n, m in modules.items()},
-                {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    shapes = {n: layer_shape(m) for n, m in modules.items()}
+    check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    by_energy = config.rank_allocation == "global"  # docs/DESIGN.md §10: decompose at the maximum ranks first
+    if by_energy:
+        allocation.check(lora_config, config, shapes)
+    lc_decompose, cfg_decompose = (allocation.candidates(lora_config, config, shapes) if by_energy
+                                   else (lora_config, config))
     if statistics is None and data is None:
         raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
     if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
@@ -142,7 +148,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):
-            inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases,
+            inits_g, sels_g = compute_initialization(group, stats, lc_decompose, cfg_decompose, bases=bases,
                                                      progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
@@ -154,6 +160,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             parts.append(stats)
     if statistics is None:
         statistics = FisherStatistics.merge(parts)
+    if by_energy:
+        lora_config, inits, selections, _ = allocation.allocate(inits, selections, statistics, lora_config, config)
     t0 = time.perf_counter()
     with phase(f"writing the adapter into the model (memory_mode={mode.value})"):
         peft_model = wrap_and_write(model, lora_config, inits)
