@@ -41,11 +41,15 @@ def head_kind(model: nn.Module) -> str:
     return "causal_lm"
 
 
-def _forward_params(model: nn.Module) -> set[str]:
+def _forward_params(model: nn.Module) -> set[str] | None:
+    """The keyword names the model's forward takes; None when it takes any (``**kwargs``)."""
     try:
-        return set(inspect.signature(model.forward).parameters)
+        params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
 
 
 def _sample_classes(logits: torch.Tensor, keep: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -80,14 +84,17 @@ class Head:
         and, per kind, positions (causal LM), decoder inputs and mask (seq2seq).
 
         Raises:
-            ValueError: a batch without the kind's input (``input_ids``; ``pixel_values``).
+            ValueError: a batch without the kind's input (``input_ids``; ``pixel_values``), or
+                without ``labels`` for a classifier or an encoder-decoder.
         """
         b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         if self.kind == "custom":
-            return {k: v for k, v in b.items() if k in self._params}, b
+            return {k: v for k, v in b.items() if self._params is None or k in self._params}, b
         need = "pixel_values" if self.kind == "image_cls" else "input_ids"
         if need not in b:
-            raise ValueError(f"a calibration batch for a {self.kind} model needs {need!r}; got keys {sorted(b)}")
+            raise ValueError(f"a calibration batch for the {self.kind!r} head needs {need!r}; got keys {sorted(b)}")
+        if self.kind in ("image_cls", "seq_cls", "seq2seq_lm") and "labels" not in b:
+            raise ValueError(f"a calibration batch for the {self.kind!r} head needs 'labels'; got keys {sorted(b)}")
         if self.kind == "image_cls":
             return {"pixel_values": b["pixel_values"]}, b
         ids = b["input_ids"]
@@ -98,11 +105,9 @@ class Head:
             labels = b.get("labels")
             b["labels"] = (ids if labels is None else labels).masked_fill(mask == 0, -100)
             kwargs["use_cache"] = False
-            if "position_ids" in self._params:
+            if self._params is None or "position_ids" in self._params:
                 kwargs["position_ids"] = position_ids_from_mask(mask)
         elif self.kind == "seq2seq_lm":
-            if "labels" not in b:
-                raise ValueError("a calibration batch for an encoder-decoder model needs 'labels' (the targets)")
             labels = b["labels"]
             dec_ids = b.get("decoder_input_ids")
             kwargs["decoder_input_ids"] = (self._model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -111,12 +116,8 @@ class Head:
             kwargs["decoder_attention_mask"] = (labels != -100).long() if dec_mask is None else dec_mask
             b["labels"] = labels.masked_fill(kwargs["decoder_attention_mask"] == 0, -100)
             kwargs["use_cache"] = False
-        elif self.kind == "seq_cls":
-            if "labels" not in b:
-                raise ValueError("a calibration batch for a sequence classifier needs 'labels'")
-            for key in ("token_type_ids",):
-                if key in b and key in self._params:
-                    kwargs[key] = b[key]
+        elif self.kind == "seq_cls" and "token_type_ids" in b:
+            kwargs["token_type_ids"] = b["token_type_ids"]
         return kwargs, b
 
     # -------------------------------------------------------------------------- loss

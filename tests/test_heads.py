@@ -259,6 +259,10 @@ def test_true_fisher_with_a_custom_loss_and_bad_loss_fns_are_clear_errors():
         resolve_head(model, lambda out, b: out.sum(), "true")
     with pytest.raises(ValueError, match="loss_fn must be callable"):
         resolve_head(model, "mean")
+    with pytest.raises(ValueError, match="the 'image_cls' head needs 'labels'"):
+        vit = tiny_vit()
+        collect_statistics(vit, {"classifier": vit.classifier}, [{"pixel_values": torch.randn(1, 3, 8, 8)}], F64,
+                           progress=False)
     batch = [{"x": torch.randn(2, 5, dtype=torch.float64)}]
     with pytest.raises(ValueError, match="loss_fn must return a 0-d tensor"):
         collect_statistics(model, {"fc1": model.fc1}, batch, F64, progress=False,
