@@ -126,3 +126,25 @@ def test_config_and_flag():
     assert (cfg.rank_allocation, cfg.min_rank, cfg.max_rank) == ("global", 2, 8)
     with pytest.raises(SystemExit):
         parser.parse_args(["--rank-allocation", "eva"])
+
+
+def test_energies_are_compared_per_example_counted_rows_included():
+    """Two layers with the same per-row energies: the one that sees 10 rows per example (a token
+    layer) outweighs the one that sees 1 (a pooler), because their per-example Fisher differs."""
+    from types import SimpleNamespace
+
+    from fisherlora.allocation import allocate
+    from fisherlora.decompose import LayerInit, LayerSelection
+
+    k = 8
+    sigma = torch.linspace(2, 1, k, dtype=torch.float64)
+    energy = torch.linspace(1, 0.5, k, dtype=torch.float64)
+    sels = {n: LayerSelection(n, (k, k), 8, torch.arange(8), sigma, energy, energy, torch.ones(8))
+            for n in ("tokens", "pooler")}
+    inits = {n: LayerInit(torch.eye(k), torch.eye(k), 1.0) for n in sels}
+    stats = SimpleNamespace(info={"calibration": {"sequences": 4}}, a_key={"tokens": "tokens", "pooler": "pooler"},
+                            a_count={"tokens": 40, "pooler": 4})
+    cfg = FisherLoraConfig(rank=4, rank_allocation="global", min_rank=1, max_rank=8)
+    lc, _, new, ranks = allocate(inits, sels, stats, LoraConfig(r=4, lora_alpha=8, target_modules=list(sels)), cfg)
+    assert ranks == {"tokens": 7, "pooler": 1}
+    assert lc.alpha_pattern == {"tokens": 14.0, "pooler": 2.0} and new["tokens"].indices.tolist() == list(range(7))
