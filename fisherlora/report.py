@@ -73,6 +73,11 @@ def _plot_ranks(ax, selections: dict) -> None:
     ax.set_yticks(range(len(kinds)), kinds, fontsize=6)
     step = max(1, len(rows) // 30)
     ax.set_xticks(range(0, len(rows), step), [rows[i] for i in range(0, len(rows), step)], fontsize=5, rotation=90)
+    if values.size <= 400:  # small grids carry the numbers too
+        for (y, x), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                light = v > (np.nanmin(values) + np.nanmax(values)) / 2  # viridis is light at the top
+                ax.text(x, y, str(int(v)), ha="center", va="center", fontsize=5, color="k" if light else "w")
     ax.set_title(f"rank per layer (total {sum(s.rank for s in selections.values())})", fontsize=8)
     ax.figure.colorbar(im, ax=ax, fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
 
