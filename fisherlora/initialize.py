@@ -180,6 +180,7 @@ def get_peft_model(model: nn.Module, lora_config=None, data=None, fisher_config:
     """Like ``peft.get_peft_model``, with the LoRA factors initialised from Fisher information.
 
     The data-driven counterpart of PEFT's ``init_lora_weights="pissa"``: see :func:`initialize_fisher_lora`
-    for the arguments. Returns the initialised ``peft.PeftModel``.
+    for the arguments (``loss_fn=`` included, for a model without a built-in head). Returns the
+    initialised ``peft.PeftModel``.
     """
     return initialize_fisher_lora(model, lora_config, data, fisher_config, **kwargs).model

@@ -267,3 +267,18 @@ def test_true_fisher_with_a_custom_loss_and_bad_loss_fns_are_clear_errors():
     with pytest.raises(ValueError, match="loss_fn must return a 0-d tensor"):
         collect_statistics(model, {"fc1": model.fc1}, batch, F64, progress=False,
                            head=resolve_head(model, lambda out, b: out))
+
+
+def test_get_peft_model_takes_a_loss_fn_and_keeps_the_outputs():
+    from peft import LoraConfig
+
+    model = TinyMLP(5, 7, 3)
+    x = torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    batches = [{"x": x, "y": torch.zeros(4, 6, 3)}]
+    peft_model = fisherlora.get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]),
+                                           batches, FisherLoraConfig(rank=2, backend="torch"), progress=False,
+                                           loss_fn=lambda out, b: ((out - b["y"]).square().sum(), 24))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(x), before, rtol=1e-5, atol=1e-6)
