@@ -87,9 +87,10 @@ def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
     base = peft_model.get_base_model()
     state = {}
     for key, value in base.state_dict().items():
-        if ".lora_" in key:
+        if ".lora_" in key or ".modules_to_save." in key:  # the adapter's own weights
             continue
-        state[key.replace(".base_layer.", ".")] = value
+        # a wrapped layer's base, and a module PEFT trains in full (modules_to_save): its original
+        state[key.replace(".base_layer.", ".").replace(".original_module.", ".")] = value
     with torch.device("meta"):
         clean = type(base)(plain_config(base.config))
     clean.load_state_dict(state, assign=True, strict=False)

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from fisherlora import ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
+from fisherlora.heads import TokenMasks, input_embeddings
 from fisherlora.layers import decoder_layer_index, layer_shape
 from fisherlora.memory import all_finite
 from fisherlora.snapshot import ModelState, keeps_global_rng
@@ -128,8 +129,7 @@ class StatisticsCollector:
         self.a_key: dict[str, str] = {}
         self.a_count: dict[str, int] = {}
         self.g_count: dict[str, int] = {n: 0 for n in self.modules}
-        self._mask: torch.Tensor | None = None
-        self._mask_count: int | None = None
+        self._masks = TokenMasks(model)
         self._seen: dict[int, tuple] = {}
         self._handles: list = []
         self._state: ModelState | None = None
@@ -143,13 +143,14 @@ class StatisticsCollector:
             for p in model.parameters():
                 p.requires_grad_(False)
             self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
+            self._handles += self._masks.hooks()
             layers = self._decoder_layers()
-            embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            embeds = input_embeddings(model)
             if layers:
                 self._handles.append(layers[0].register_forward_pre_hook(_make_hidden_states_require_grad,
                                                                          with_kwargs=True))
-            elif isinstance(embed, nn.Module):
-                self._handles.append(embed.register_forward_hook(_make_output_require_grad))
+            elif embeds:
+                self._handles += [e.register_forward_hook(_make_output_require_grad) for e in embeds]
             else:
                 self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
             if self.checkpoint:
@@ -170,7 +171,7 @@ class StatisticsCollector:
             h.remove()
         self._handles.clear()
         self._seen.clear()
-        self._mask = None
+        self._masks.masks.clear()
         state, self._state = self._state, None
         if state is not None:
             state.restore()
@@ -191,26 +192,26 @@ class StatisticsCollector:
 
     # ----------------------------------------------------------------------------- hooks
     def _root_pre_hook(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._mask = None if mask is None else mask.bool()
-        # counted once per forward: one device sync per batch, not one per hooked layer
-        self._mask_count = None if mask is None else int(self._mask.sum())
+        self._masks.start(kwargs)  # counted once per forward: one device sync per batch, not one per layer
         self._seen.clear()
         return None
 
-    def _rows_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The batch's attention mask in the shape of the layer's token dims ``x.shape[:-1]``,
-        which the ops require exactly: the one place where the mask is reshaped.
+    def _rows_mask(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """``(mask, count)``: the batch's attention mask in the shape of the layer's token dims
+        ``x.shape[:-1]``, which the ops require exactly (the one place where the mask is
+        reshaped), and the rows it counts.
 
         Only where the order of the tokens is unambiguous: the same dims up to size-1 dims, or
         every token in a single dim (row-major, as ``reshape(-1, d)`` lays out ``(B, T)``). Any
         other shape with the same element count (sequence-first ``(T, B)``, tokens split into
-        chunks, ...) is refused, because which row is which token would be a guess.
+        chunks, ...) is refused, because which row is which token would be a guess. A layer with
+        one row per sequence ``(B, d)`` (a pooler, a classifier) counts every row (docs/DESIGN.md §10).
+        Which mask (encoder or decoder) is :class:`fisherlora.heads.TokenMasks`'s choice.
         """
-        mask = self._mask
-        if mask is None:
-            return None
+        mask, count = self._masks.mask_for(x)
         tokens = x.shape[:-1]
+        if mask is None or (mask.dim() > 1 and tuple(tokens) == (mask.shape[0],)):
+            return None, x[..., 0].numel()
         real = [n for n in tokens if n != 1]
         if mask.numel() != x[..., 0].numel() or (len(real) > 1 and real != [n for n in mask.shape if n != 1]):
             raise ValueError(
@@ -218,15 +219,14 @@ class StatisticsCollector:
                 f"tokens {tuple(tokens)}; the mask can only be laid onto the same dims (size-1 dims "
                 "aside) or onto all tokens in one dim, since otherwise which row is which token is unknown"
             )
-        return mask.reshape(tokens)
+        return mask.reshape(tokens), count
 
     def _forward_hook(self, name: str, module: nn.Module, args, output) -> None:
         if self._normalised:
             raise RuntimeError(f"layer {name!r} ran after statistics() normalised this collector's factors in "
                                "place; use a new StatisticsCollector for more passes")
         x = args[0]
-        mask = self._rows_mask(name, x)
-        count = self._mask_count if mask is not None else x[..., 0].numel()
+        mask, count = self._rows_mask(name, x)
         if not _in_backward():
             self._accumulate_A(name, x, mask, count)
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -377,12 +377,15 @@ def _make_inputs_require_grad(module, args, kwargs):
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
                        mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
                        num_batches: int | None = None, progress: bool = True,
-                       desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
+                       desc: str = "calibration (fwd+bwd)", head=None) -> FisherStatistics:
     """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
     Args:
-        model: a causal LM (output with ``.logits``). modules: layer name -> module.
-        batches: iterable of ``{"input_ids", "attention_mask", "labels"}`` dicts.
+        model: a model with a head of :mod:`fisherlora.heads` (default: a causal LM, output with
+            ``.logits``). modules: layer name -> module. head: its :class:`fisherlora.heads.Head`
+            (default :func:`fisherlora.heads.resolve_head`; a custom one carries the ``loss_fn``).
+        batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask",
+            "labels"}``).
         config: fisher type, label draws, seed, statistics dtype and backend.
         mode, bases: the memory mode and, for ``projected``, the singular bases
             (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
@@ -399,5 +402,5 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar:
         totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
-                                 mc_samples=config.mc_samples, seed=config.seed, progress=bar)
+                                 mc_samples=config.mc_samples, seed=config.seed, progress=bar, head=head)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})

