@@ -30,7 +30,7 @@ from fisherlora.layers import (
 from fisherlora.outdir import MARKER_FILE
 from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
-__all__ = ["lora_layers", "wrap_and_write", "save_residual_model", "load"]
+__all__ = ["lora_layers", "is_causal_lm", "wrap_and_write", "save_residual_model", "load"]
 
 
 def lora_layers(peft_model, adapter_name: str = "default"):
@@ -44,6 +44,13 @@ def lora_layers(peft_model, adapter_name: str = "default"):
 
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a ``transformers`` causal LM class (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
     """Wrap with PEFT and write B, A and the residual weights (model restored on error)."""
     import copy
@@ -52,6 +59,8 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
 
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True  # cheap (B = 0) and what PEFT's conversion to plain LoRA expects
+    if cfg.task_type is None and is_causal_lm(model):
+        cfg.task_type = "CAUSAL_LM"  # a PeftModelForCausalLM, here and when PEFT loads the saved adapter
     with restore_on_error(model) as state:
         peft_model = peft.get_peft_model(model, cfg)
         layers = dict(lora_layers(peft_model))
