@@ -8,7 +8,9 @@ import math
 import os
 import sys
 
+from fisherlora.commands import convert as convert_cmd
 from fisherlora.commands import init as init_cmd
+from fisherlora.commands import merge as merge_cmd
 from fisherlora.commands import plan as plan_cmd
 from fisherlora.commands import report as report_cmd
 from fisherlora.commands.init import SUMMARY_PHASE
@@ -27,9 +29,13 @@ examples:
   fisherlora report out/qv-r8
   fisherlora plan --model config.json --free-gb 24     # memory per mode for an 8B config, no weights
 
-Loading the result:
-  base = AutoModelForCausalLM.from_pretrained(...)          # the ORIGINAL base model
-  model = fisherlora.load(base, "out/qv-r8")                # rebuilds the residual weights
+Loading, training, converting the result (on the ORIGINAL base, loaded as init loaded it):
+  from fisherlora.data import load_model_and_tokenizer
+  base, tok = load_model_and_tokenizer("smollm2-135m")      # or ("./my-llama"), or a .gguf file
+  model = fisherlora.load(base, "out/qv-r8", is_trainable=True)   # rebuilds the residual; LoRA trainable
+  # train it (transformers' Trainer, TRL's SFTTrainer: examples/), model.save_pretrained("trained"), then
+  fisherlora convert out/qv-r8 trained -o plain             # plain LoRA (rank 2r) for the original base
+  fisherlora merge out/qv-r8 --adapter trained -o merged    # a full model with the adapter merged in
   # or, with --save-residual, plain PEFT: PeftModel.from_pretrained(<out>/residual model, "<out>")
 
 Offline: fisherlora reads local files only and sends no network request; it sets HF_HUB_OFFLINE,
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print the summary of an output directory", parents=[common])
     rep.add_argument("output", help="a directory written by `fisherlora init`")
+    convert_cmd.add_parser(sub, [common])
+    merge_cmd.add_parser(sub, [common])
     return parser
 
 
@@ -200,7 +208,8 @@ def main(argv=None) -> int:
     with _offline():
         parser = build_parser()
         args = parser.parse_args(argv)
-        handler = {"init": init_cmd.run, "plan": plan_cmd.run, "report": report_cmd.run}[args.command]
+        handler = {"init": init_cmd.run, "plan": plan_cmd.run, "report": report_cmd.run, "convert": convert_cmd.run,
+                   "merge": merge_cmd.run}[args.command]
         try:
             return handler(args)
         except (Exception, KeyboardInterrupt) as exc:
