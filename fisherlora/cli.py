@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--model", default="smollm2-135m",
                     help="local transformers folder, a .gguf file, or 'smollm2-135m' (embedded, default)")
     io.add_argument("--data", default="gsm8k",
-                    help="'gsm8k' (embedded test split, default) or a local .jsonl/.json/.csv/.parquet/.txt file")
+                    help="'gsm8k' (embedded test split, default), a local .jsonl/.json/.csv/.parquet/.txt file or "
+                         "a save_to_disk folder; records: the prompt/response fields below, TRL's 'messages' (chat "
+                         "template, loss on assistant turns) or 'prompt'/'completion', or 'text'")
     io.add_argument("--prompt-field", default="question",
                     help="prompt column of supervised pairs (default: %(default)s)")
     io.add_argument("--response-field", default="answer",
