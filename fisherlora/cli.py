@@ -14,11 +14,7 @@ from fisherlora.commands import merge as merge_cmd
 from fisherlora.commands import plan as plan_cmd
 from fisherlora.commands import report as report_cmd
 from fisherlora.commands.init import SUMMARY_PHASE
-from fisherlora.flags import add_config_flags
-
-#: the config fields `fisherlora plan` reads
-PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
-               "fisher_type", "mc_samples")
+from fisherlora.flags import PLAN_FIELDS, add_config_flags
 
 _EXAMPLES = """\
 examples:
@@ -121,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "architecture: llama-3-8b, llama-2-7b, llama-3.2-1b")
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
-    add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
+    # init's own defaults: the plan is the one `fisherlora init` runs with the same flags
+    add_config_flags(plan, PLAN_FIELDS, title="what is planned (FisherLoraConfig, init's defaults)")
     plan.add_argument("--free-gb", type=_positive_gb, default=None, metavar="GB",
                       help="free device memory in GB (1e9 bytes), a positive number: also say which mode "
                            "`auto` picks for this budget")

@@ -65,3 +65,26 @@ def test_help_names_the_workflow():
     assert "fisherlora convert" in text and "fisherlora merge" in text
     conv = cli.build_parser()._subparsers._group_actions[0].choices["convert"].format_help()
     assert "rank 2r" in conv and "[B | −B₀]" in conv
+
+
+def test_plan_shares_init_defaults_and_prints_the_init_flags_of_its_choice(capsys):
+    from fisherlora.flags import PLAN_FIELDS
+
+    init = cli.build_parser().parse_args(["init"])
+    plan = cli.build_parser().parse_args(["plan"])
+    assert {f: getattr(plan, f) for f in PLAN_FIELDS} == {f: getattr(init, f) for f in PLAN_FIELDS}
+    assert cli.main(["plan", "--model", "llama-3-8b", "--free-gb", "24", "--rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "with 24 GB free: projected, 8 layer group(s)" in out  # float32 bases, as init holds them
+    assert ("the same plan with fisherlora init: fisherlora init --model llama-3-8b --memory-mode projected "
+            "--layer-groups 8 --dtype bfloat16 --rank 8\n") in out
+
+
+def test_every_fixed_choice_flag_lists_its_choices_and_magnitude_explains_its_values():
+    init = cli.build_parser()._subparsers._group_actions[0].choices["init"]
+    actions = {a.dest: a for a in init._actions}
+    for name in ("stats_dtype", "bases_dtype", "backend", "magnitude", "memory_mode", "fisher_type", "score"):
+        assert actions[name].choices, name
+    text = " ".join(init.format_help().split())
+    for words in ("'sigma' (its own σ_i", "'top_sigma' (the r largest σ", "'energy' (the 'sigma' adapter's norm"):
+        assert words in text, words

@@ -50,5 +50,27 @@ def run(args) -> int:
             print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "
                   f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
                                                                "plan; lower --batch-size or --max-length"))
+            print("the same plan with fisherlora init: " + " ".join(init_flags(args, cfg, pick)))
     return 0
+
+
+def init_flags(args, cfg, pick) -> list[str]:
+    """The ``fisherlora init`` command line that runs the plan ``pick``: its mode and layer
+    groups, the weights dtype, and every planned setting that differs from ``init``'s default."""
+    import dataclasses
+    import enum
+
+    from fisherlora.config import FisherLoraConfig
+    from fisherlora.flags import PLAN_FIELDS
+
+    default = FisherLoraConfig()
+    words = ["fisherlora", "init", "--model", str(args.model), "--memory-mode", pick.label,
+             "--layer-groups", str(pick.layer_groups), "--dtype", args.dtype]
+    for f in dataclasses.fields(FisherLoraConfig):
+        value = getattr(cfg, f.name)
+        if f.name not in PLAN_FIELDS or value == getattr(default, f.name):
+            continue
+        text = ",".join(value) if isinstance(value, list) else value.value if isinstance(value, enum.Enum) else value
+        words += ["--" + f.name.replace("_", "-"), str(text)]
+    return words
 
