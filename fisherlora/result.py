@@ -82,8 +82,13 @@ class FisherLoraResult:
         layers = [s.to_dict() for s in self.selections.values()]
         for entry in layers:
             key = self.statistics.a_key[entry["name"]]
+            sel = self.selections[entry["name"]]
+            total = float(sel.energy.sum())
             entry.update(a_factor=key, tokens_A=self.statistics.a_count[key],
-                         tokens_G=self.statistics.g_count[entry["name"]])
+                         tokens_G=self.statistics.g_count[entry["name"]],
+                         # the yardsticks of energy_captured: PiSSA's top-r σ, and a random choice (r/k)
+                         pissa_energy_captured=float(sel.energy[: sel.rank].sum()) / total if total > 0 else 0.0,
+                         random_share=sel.rank / len(sel.sigma))
         n = max(len(layers), 1)
         return {
             "fisherlora_version": __version__,
@@ -92,6 +97,8 @@ class FisherLoraResult:
             "mean_energy_captured": sum(e["energy_captured"] for e in layers) / n,
             "mean_score_captured": sum(e["score_captured"] for e in layers) / n,
             "mean_pissa_overlap": sum(e["pissa_overlap"] for e in layers) / n,
+            "mean_pissa_energy_captured": sum(e["pissa_energy_captured"] for e in layers) / n,
+            "mean_random_share": sum(e["random_share"] for e in layers) / n,
             "calibration": self.statistics.info.get("calibration", {}),
             "timings_s": self.timings,
             "peak_memory_mb": self.peak_memory_mb,
