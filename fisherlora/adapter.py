@@ -124,7 +124,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
         base_model: the model the initialisation was computed from, unmodified.
         out_dir: a directory written by :meth:`FisherLoraResult.save` / ``fisherlora init``.
         adapter: optional trained adapter directory (same LoRA shape).
-        is_trainable: load the adapter for further training.
+        is_trainable: ``True`` to train it: the LoRA weights require grad (everything else stays
+            frozen), ready for a training loop, ``transformers``' ``Trainer`` or TRL's
+            ``SFTTrainer``; ``False`` (default) gives a frozen adapter for inference, on which
+            an optimizer finds no parameters.
 
     Returns:
         ``peft.PeftModel`` on the residual base.

@@ -23,7 +23,7 @@ from fisherlora.adapter import load, save_plain_model
 from fisherlora.card import finish_adapter_config, plain_lora_card
 from fisherlora.outdir import MARKER_FILE, atomic_output_dir, check_output_dir
 
-__all__ = ["recorded_base", "convert", "merge"]
+__all__ = ["recorded_base", "check_output", "convert", "merge"]
 
 
 def recorded_base(init_dir) -> tuple[str | None, str]:
@@ -41,6 +41,15 @@ def recorded_base(init_dir) -> tuple[str | None, str]:
     except ValueError as exc:
         raise ValueError(f"{str(path)!r} is damaged ({exc}): rerun fisherlora init") from None
     return meta.get("base_model"), meta.get("dtype") or "float32"
+
+
+def check_output(out_dir, overwrite: bool, *inputs) -> None:
+    """``out_dir`` may be written (:func:`fisherlora.outdir.check_output_dir`) and is none of the
+    folders read (``--overwrite`` would replace the initialisation or the adapter it reads)."""
+    target = check_output_dir(out_dir, overwrite=overwrite)
+    for folder in inputs:
+        if folder is not None and Path(folder).resolve() == target:
+            raise ValueError(f"the output {str(out_dir)!r} is the folder {str(folder)!r} that is read: choose another")
 
 
 def _check_convertible(init_dir: Path, adapter_dir: Path) -> dict:
@@ -76,11 +85,12 @@ def convert(base_model: nn.Module, init_dir, adapter_dir, out_dir, *, overwrite:
 
     Raises:
         FileNotFoundError: a folder is not an adapter. FileExistsError: ``out_dir`` (checked first,
-            :func:`fisherlora.outdir.check_output_dir`). ValueError: another base, an adapter that
-            does not match the initialisation, rsLoRA with rank/alpha patterns (PEFT's limit).
+            :func:`fisherlora.outdir.check_output_dir`). ValueError: ``out_dir`` is a folder that is
+            read, another base, an adapter that does not match the initialisation, rsLoRA with
+            rank/alpha patterns (PEFT's limit).
     """
     init_dir, adapter_dir = Path(init_dir), Path(adapter_dir)  # Path drops a trailing slash
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_output(out_dir, overwrite, init_dir, adapter_dir)
     trained = _check_convertible(init_dir, adapter_dir)
     base_name, _ = recorded_base(init_dir)
     model = load(base_model, init_dir, adapter=adapter_dir)
@@ -108,9 +118,10 @@ def merge(base_model: nn.Module, init_dir, out_dir, *, adapter_dir=None, tokeniz
     ``base_model`` is consumed (wrapped and merged in place).
 
     Raises:
-        as :func:`fisherlora.load`; FileExistsError: ``out_dir`` (checked first).
+        as :func:`fisherlora.load`; FileExistsError: ``out_dir`` (checked first); ValueError:
+            ``out_dir`` is a folder that is read.
     """
-    check_output_dir(out_dir, overwrite=overwrite)
+    check_output(out_dir, overwrite, init_dir, adapter_dir)
     model = load(base_model, Path(init_dir), adapter=None if adapter_dir is None else Path(adapter_dir))
     merged = model.merge_and_unload()
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:

@@ -5,6 +5,7 @@ On disk an initialisation is a standard PEFT adapter directory plus a few files 
 
     out/
       adapter_config.json, adapter_model.safetensors   the initial adapter (B0, A0), PEFT format
+      README.md              the model card (fisherlora.card: how it was made, how to load, train, convert)
       fisherlora.json        what the residual needs: config, scalings, base-weight fingerprints
       report.json, report.md, energy.png
       statistics.safetensors (optional) the K-FAC factors, to re-run selection without new passes

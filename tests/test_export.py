@@ -72,6 +72,12 @@ def test_export_refusals_leave_nothing(trained, tmp_path):
     (tmp_path / "taken" / "x").write_text("x")
     with pytest.raises(FileExistsError):
         fisherlora.convert(tiny_llama(torch.float32), init_dir, trained_dir, tmp_path / "taken")
+    before = digest(init_dir)
+    with pytest.raises(ValueError, match="is the folder .* that is read"):
+        fisherlora.convert(tiny_llama(torch.float32), init_dir, trained_dir, f"{init_dir}/", overwrite=True)
+    with pytest.raises(ValueError, match="is the folder .* that is read"):
+        fisherlora.merge(tiny_llama(torch.float32), init_dir, init_dir, overwrite=True)
+    assert digest(init_dir) == before
     other = init_llama(fisherlora.FisherLoraConfig(rank=2, alpha=4, backend="torch"))[1].save(tmp_path / "r2")
     with pytest.raises(ValueError, match="does not match this initialisation"):
         fisherlora.convert(tiny_llama(torch.float32), other, trained_dir, tmp_path / "plain")

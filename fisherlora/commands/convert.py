@@ -49,11 +49,10 @@ def load_recorded_base(args):
     import torch
 
     from fisherlora.data import load_model_and_tokenizer
-    from fisherlora.export import recorded_base
-    from fisherlora.outdir import check_output_dir
+    from fisherlora.export import check_output, recorded_base
     from fisherlora.phases import phase
 
-    check_output_dir(args.output, overwrite=args.overwrite)
+    check_output(args.output, args.overwrite, args.init, args.adapter)
     name, dtype = recorded_base(args.init)
     model = args.model or name
     if not model:
