@@ -30,7 +30,7 @@ from fisherlora.layers import (
 from fisherlora.outdir import MARKER_FILE
 from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
-__all__ = ["lora_layers", "wrap_and_write", "save_residual_model", "load"]
+__all__ = ["lora_layers", "is_causal_lm", "wrap_and_write", "save_residual_model", "save_plain_model", "load"]
 
 
 def lora_layers(peft_model, adapter_name: str = "default"):
@@ -43,6 +43,12 @@ def lora_layers(peft_model, adapter_name: str = "default"):
             yield name, module
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """True for a ``transformers`` causal LM class (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
 
 def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
     """Wrap with PEFT and write B, A and the residual weights (model restored on error)."""
@@ -52,6 +58,8 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
 
     cfg = copy.deepcopy(lora_config)
     cfg.init_lora_weights = True  # cheap (B = 0) and what PEFT's conversion to plain LoRA expects
+    if cfg.task_type is None and is_causal_lm(model):
+        cfg.task_type = "CAUSAL_LM"  # a PeftModelForCausalLM, here and when PEFT loads the saved adapter
     with restore_on_error(model) as state:
         peft_model = peft.get_peft_model(model, cfg)
         layers = dict(lora_layers(peft_model))
@@ -82,9 +90,14 @@ def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:
     The model is rebuilt from its config without ``quantization_config`` (``save_pretrained``
     refuses GGUF-loaded models) and given the residual state dict.
     """
+    save_plain_model(peft_model.get_base_model(), path, tokenizer=tokenizer)
+
+
+def save_plain_model(base: nn.Module, path: Path, tokenizer=None) -> None:
+    """Save ``base`` (LoRA layers skipped: their base layers' weights are saved) as a plain
+    ``transformers`` folder, also when it was loaded from a GGUF file (see :func:`save_residual_model`)."""
     from fisherlora.models import plain_config
 
-    base = peft_model.get_base_model()
     state = {}
     for key, value in base.state_dict().items():
         if ".lora_" in key or ".modules_to_save." in key:  # the adapter's own weights
@@ -112,7 +125,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
         base_model: the model the initialisation was computed from, unmodified.
         out_dir: a directory written by :meth:`FisherLoraResult.save` / ``fisherlora init``.
         adapter: optional trained adapter directory (same LoRA shape).
-        is_trainable: load the adapter for further training.
+        is_trainable: ``True`` to train it: the LoRA weights require grad (everything else stays
+            frozen), ready for a training loop, ``transformers``' ``Trainer`` or TRL's
+            ``SFTTrainer``; ``False`` (default) gives a frozen adapter for inference, on which
+            an optimizer finds no parameters.
 
     Returns:
         ``peft.PeftModel`` on the residual base.
@@ -136,12 +152,16 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
         raise FileNotFoundError(f"{str(out)!r} is an incomplete fisherlora output: {missing} missing")
     try:
         meta = json.loads(meta_path.read_text())
-        recorded = meta["base_weight_fingerprints"]
+        kind = meta.get("kind", "initialisation")  # `fisherlora convert`/`merge` write other kinds
+        recorded = meta["base_weight_fingerprints"] if kind == "initialisation" else {}
         if not isinstance(recorded, dict):
             raise TypeError("base_weight_fingerprints is not a mapping")
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{str(meta_path)!r} is damaged ({type(exc).__name__}: {exc}): "
                          "rerun fisherlora init") from None
+    if kind != "initialisation":
+        raise ValueError(f"{str(out)!r} is not an initialisation but a {kind} output: load it with "
+                         "PeftModel.from_pretrained (a plain LoRA) or transformers (a merged model)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
     base_model = unwrap_model(base_model)

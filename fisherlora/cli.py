@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import json
 import math
 import os
 import sys
-import time
-from pathlib import Path
 
-from fisherlora.flags import add_config_flags, config_from_args
-
-#: the config fields `fisherlora plan` reads
-PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
-               "fisher_type", "mc_samples")
+from fisherlora.commands import convert as convert_cmd
+from fisherlora.commands import init as init_cmd
+from fisherlora.commands import merge as merge_cmd
+from fisherlora.commands import plan as plan_cmd
+from fisherlora.commands import report as report_cmd
+from fisherlora.commands.init import SUMMARY_PHASE
+from fisherlora.flags import PLAN_FIELDS, add_config_flags
 
 _EXAMPLES = """\
 examples:
@@ -27,9 +25,13 @@ examples:
   fisherlora report out/qv-r8
   fisherlora plan --model config.json --free-gb 24     # memory per mode for an 8B config, no weights
 
-Loading the result:
-  base = AutoModelForCausalLM.from_pretrained(...)          # the ORIGINAL base model
-  model = fisherlora.load(base, "out/qv-r8")                # rebuilds the residual weights
+Loading, training, converting the result (on the ORIGINAL base, loaded as init loaded it):
+  from fisherlora.data import load_model_and_tokenizer
+  base, tok = load_model_and_tokenizer("smollm2-135m")      # or ("./my-llama"), or a .gguf file
+  model = fisherlora.load(base, "out/qv-r8", is_trainable=True)   # rebuilds the residual; LoRA trainable
+  # train it (transformers' Trainer, TRL's SFTTrainer: examples/), model.save_pretrained("trained"), then
+  fisherlora convert out/qv-r8 trained -o plain             # plain LoRA (rank 2r) for the original base
+  fisherlora merge out/qv-r8 --adapter trained -o merged    # a full model with the adapter merged in
   # or, with --save-residual, plain PEFT: PeftModel.from_pretrained(<out>/residual model, "<out>")
 
 Offline: fisherlora reads local files only and sends no network request; it sets HF_HUB_OFFLINE,
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--model", default="smollm2-135m",
                     help="local transformers folder, a .gguf file, or 'smollm2-135m' (embedded, default)")
     io.add_argument("--data", default="gsm8k",
-                    help="'gsm8k' (embedded test split, default) or a local .jsonl/.json/.csv/.parquet/.txt file")
+                    help="'gsm8k' (embedded test split, default), a local .jsonl/.json/.csv/.parquet/.txt file or "
+                         "a save_to_disk folder; records: the prompt/response fields below, TRL's 'messages' (chat "
+                         "template, loss on assistant turns) or 'prompt'/'completion', or 'text'")
     io.add_argument("--prompt-field", default="question",
                     help="prompt column of supervised pairs (default: %(default)s)")
     io.add_argument("--response-field", default="answer",
@@ -113,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "architecture: llama-3-8b, llama-2-7b, llama-3.2-1b")
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
-    add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
+    # init's own defaults: the plan is the one `fisherlora init` runs with the same flags
+    add_config_flags(plan, PLAN_FIELDS, title="what is planned (FisherLoraConfig, init's defaults)")
     plan.add_argument("--free-gb", type=_positive_gb, default=None, metavar="GB",
                       help="free device memory in GB (1e9 bytes), a positive number: also say which mode "
                            "`auto` picks for this budget")
@@ -121,179 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="print the summary of an output directory", parents=[common])
     rep.add_argument("output", help="a directory written by `fisherlora init`")
+    convert_cmd.add_parser(sub, [common])
+    merge_cmd.add_parser(sub, [common])
     return parser
-
-
-def _print_summary(report: dict, out_dir) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from fisherlora.report import summary_rows
-
-    table = Table(title=f"fisherlora → {out_dir}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for k, v in summary_rows(report):
-        table.add_row(k, v)
-    Console(stderr=False).print(table)
-
-
-def cmd_init(args) -> int:
-    import warnings
-
-    import torch
-
-    # library deprecation chatter that users cannot act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message="Could not find a config file in")
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-    from fisherlora import data as fdata
-    from fisherlora.initialize import initialize_fisher_lora
-    from fisherlora.memory import peak_memory_mb
-    from fisherlora.outdir import check_output_dir
-    from fisherlora.phases import phase
-    from fisherlora.statistics import FisherStatistics
-
-    # everything that can be checked without the model is checked before loading it
-    config = config_from_args(args)
-    out_dir = check_output_dir(args.output, overwrite=args.overwrite)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise ValueError(f"--device {args.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r}: this torch has no CUDA device")
-    from fisherlora.ops import available_backends
-
-    if config.backend != "auto" and config.backend not in available_backends(device):
-        raise ValueError(f"--backend {config.backend!r} is not available on {device.type} here; "
-                         f"available: {available_backends(device)}")
-    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    timings = {}
-    t0 = time.perf_counter()
-    stats, records, batches, n_seq = None, None, None, None
-    with phase("reading the calibration data" if not args.statistics else "reading the statistics"):
-        if args.statistics:
-            stats = FisherStatistics.load(args.statistics, device=device)
-        else:
-            records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed,
-                                         prompt_field=args.prompt_field, response_field=args.response_field,
-                                         text_field=args.text_field)
-    timings["data"] = time.perf_counter() - t0
-    with phase("checking the targets on the model's config"):
-        _check_targets_on_config(args.model, config)
-    t0 = time.perf_counter()
-    # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
-    # errors still raise
-    with phase(f"loading the model ({str(dtype).removeprefix('torch.')} on {device})"), \
-            contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
-    timings["load model"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if records is not None:
-        with phase("tokenising the calibration data"):
-            cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
-                                         response_field=args.response_field, text_field=args.text_field)
-            # a list: each layer group makes its own pass over the same batches
-            batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
-    timings["data"] += time.perf_counter() - t0
-    with phase(f"the initialisation (memory_mode={config.memory_mode.value})"):
-        result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
-                                        progress=not args.quiet)
-    result.timings = {**timings, **result.timings}
-    result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
-                    "dtype": str(dtype).removeprefix("torch.")})
-    result.peak_memory_mb = peak_memory_mb(device)
-    with phase(f"writing the output directory {str(out_dir)!r}"):
-        result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
-                    residual=args.save_residual, tokenizer=tok)
-    with phase(_SUMMARY):
-        _print_summary(result.report(), out_dir)
-    return 0
-
-
-def _check_targets_on_config(model: str, config) -> None:
-    """Refuse bad targets and ranks before the weights are loaded: the target discovery and the
-    rank check that the initialisation runs, on the model built from its config on the meta device
-    (:func:`fisherlora.models.meta_model_from_config`: no weights, about a second). A model whose
-    config cannot be built that way is left to the load, which reports its own error.
-
-    Raises:
-        ValueError: the targets match nothing (or a non-linear layer), or a rank exceeds a layer's.
-    """
-    from fisherlora.layers import check_ranks, find_target_modules, layer_shape, ranks_and_scalings
-    from fisherlora.models import meta_model_from_config
-
-    try:
-        meta = meta_model_from_config(model)
-    except Exception:  # a missing path, a config transformers cannot build without its code: the load says
-        return
-    lora_config = config.to_lora_config()
-    modules = find_target_modules(meta, lora_config)
-    check_ranks({n: layer_shape(m) for n, m in modules.items()},
-                {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
-
-
-def cmd_plan(args) -> int:
-    import torch
-    from rich.console import Console
-    from rich.table import Table
-
-    from fisherlora.models import meta_model_from_config
-    from fisherlora.outdir import check_output_file
-    from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
-
-    cfg = config_from_args(args)
-    if args.json and args.json != "-":
-        check_output_file(args.json)
-    model = meta_model_from_config(args.model)
-    dtype = getattr(torch, args.dtype)
-    plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
-                        dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
-                        bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
-                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples)
-    if args.json:
-        text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
-                           "plans": [p.to_dict() for p in plans]}, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text)
-    if args.json != "-":
-        table = Table(title=f"planned peak memory (GB) of {args.model}: batch {args.batch_size}×{args.max_length}, "
-                            f"{args.dtype} weights, {args.num_samples} calibration sequences")
-        for col in ("mode", "layer groups", "weights", "activations", "statistics", "SVD workspace", "total",
-                    "peak phase"):
-            table.add_column(col, justify="left" if col in ("mode", "peak phase") else "right")
-        for row in format_plan(plans):
-            table.add_row(*row)
-        Console(width=120).print(table)
-        if args.free_gb is not None:
-            pick = choose_mode(plans, int(args.free_gb * GB))
-            fits = pick.total <= args.free_gb * GB
-            print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "
-                  f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
-                                                               "plan; lower --batch-size or --max-length"))
-    return 0
-
-
-def cmd_report(args) -> int:
-    path = Path(args.output) / "report.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: not a fisherlora output directory")
-    try:
-        report = json.loads(path.read_text())
-        if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
-            raise ValueError("it is not a fisherlora report (no list of layers)")
-        _print_summary(report, args.output)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{str(path)!r} cannot be read as a fisherlora report: {exc}") from None
-    return 0
 
 
 #: the Hugging Face libraries' own offline switches: the command reads local files only, so it sets
@@ -318,7 +153,6 @@ def _offline():
 #: errors in what the user gave (exit status 2, as for a bad flag); any other failure exits with 1
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                FloatingPointError)
-_SUMMARY = "printing the summary"
 _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
 
 
@@ -345,7 +179,7 @@ def error_line(command: str, exc: BaseException, args) -> str:
 
     where = failed_phase(exc)
     if isinstance(exc, KeyboardInterrupt):
-        done = command != "init" or where == _SUMMARY
+        done = command != "init" or where == SUMMARY_PHASE
         return (f"fisherlora {command}: interrupted" + (f" during {where}" if where else "")
                 + ("" if done else "; nothing was written"))
     if isinstance(exc, USER_ERRORS) and not is_out_of_memory(exc):
@@ -373,7 +207,8 @@ def main(argv=None) -> int:
     with _offline():
         parser = build_parser()
         args = parser.parse_args(argv)
-        handler = {"init": cmd_init, "plan": cmd_plan, "report": cmd_report}[args.command]
+        handler = {"init": init_cmd.run, "plan": plan_cmd.run, "report": report_cmd.run, "convert": convert_cmd.run,
+                   "merge": merge_cmd.run}[args.command]
         try:
             return handler(args)
         except (Exception, KeyboardInterrupt) as exc:

@@ -104,8 +104,10 @@ class FisherLoraConfig:
     mc_samples: int = _help("label draws per batch for fisher_type='true'", default=1)
     score: Score = _help("ranking of singular directions: 'fisher' or 'fisher_sigma'", default=Score.FISHER)
     magnitude: Magnitude = _help(
-        "size of each chosen direction in the adapter: 'unit' (1), 'sigma' (its own σ_i), 'top_sigma' or "
-        "'energy'; 'unit' fine-tuned best of the fisherlora variants measured by bench/quality.py (bench/RESULTS.md)",
+        "size of each chosen direction in the adapter: 'unit' (1), 'sigma' (its own σ_i, PiSSA on the chosen "
+        "directions), 'top_sigma' (the r largest σ of the weight, handed out in score order) or 'energy' (the "
+        "'sigma' adapter's norm shared out in proportion to Fisher energy); 'unit' fine-tuned best of the "
+        "fisherlora variants measured by bench/quality.py (bench/RESULTS.md)",
         default=Magnitude.UNIT)
     damping: float = _help(
         "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G",

@@ -9,7 +9,10 @@ Two kinds of records:
   ``answer``): rendered with the tokenizer's chat template when it has one (user turn =
   prompt, assistant turn = response), else ``prompt + "\\n" + response + eos``; the loss (and
   so the output gradient) comes only from the response tokens, the prompt's labels are -100;
-- **plain text** (``text_field``): the loss is taken on every token.
+- **plain text** (``text_field``): the loss is taken on every token;
+- TRL's **conversational** ``messages`` and **prompt-completion** formats, and ``datasets.Dataset``
+  or ``save_to_disk`` folders as sources: :mod:`fisherlora.formats` (which also holds the rule
+  that picks the format from the columns).
 
 Sequences are truncated to ``max_length`` tokens and right-padded per batch (labels padded with
 -100); ``fisherlora.calibration.run_calibration`` passes position ids that count only real tokens.
@@ -49,8 +52,6 @@ def gsm8k_path() -> Path:
     return path
 
 
-
-
 def load_records(source: str | os.PathLike, *, num_samples: int | None = None, seed: int = 0,
                  shuffle: bool = True, split_range: tuple[int, int] | None = None,
                  prompt_field: str | None = None, response_field: str | None = None,
@@ -58,7 +59,9 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
     """Load calibration records with ``datasets``' file readers (no network), checked before any work.
 
     Args:
-        source: ``"gsm8k"`` (embedded) or a local ``.jsonl/.json/.csv/.parquet/.txt`` file.
+        source: ``"gsm8k"`` (embedded), a local ``.jsonl/.json/.csv/.parquet/.txt`` file, a
+            ``datasets.Dataset`` (or ``DatasetDict``: its ``train`` split) or a folder written by
+            ``save_to_disk`` (:func:`fisherlora.formats.read_dataset`).
         num_samples: keep this many (after shuffling with ``seed``); ``None`` keeps all.
         split_range: ``(start, stop)`` rows taken before shuffling (a fixed train/held-out split).
         prompt_field, response_field, text_field: the fields :func:`tokenize_records` will read
@@ -74,6 +77,13 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
             field, or a null/non-text field value; the message names the file and the line
             (text files) or row.
     """
+    from fisherlora.formats import read_dataset
+
+    given = read_dataset(source)  # a datasets.Dataset or a save_to_disk folder (formats.py)
+    if given is not None:
+        return _select(given, "the dataset", lambda row: f"the dataset's row {row + 1}", num_samples=num_samples,
+                       seed=seed, shuffle=shuffle, split_range=split_range,
+                       fields=(prompt_field, response_field, text_field))
     path = gsm8k_path() if str(source) == "gsm8k" else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"calibration data {str(path)!r} does not exist (or use 'gsm8k')")
@@ -83,21 +93,27 @@ def load_records(source: str | os.PathLike, *, num_samples: int | None = None, s
     if path.stat().st_size == 0:
         raise ValueError(f"the calibration data {str(path)!r} is empty")
     lines = _scan_text_file(path) if fmt != "parquet" else None
-    ds = _read_file(path, fmt)
+
+    def where(row):
+        if path.suffix.lower() == ".jsonl":
+            return f"{str(path)!r} line {lines[row]}"
+        return f"{str(path)!r} line {row + 1}" if fmt == "text" else f"{str(path)!r} row {row + 1}"
+
+    return _select(_read_file(path, fmt), repr(str(path)), where, num_samples=num_samples, seed=seed, shuffle=shuffle,
+                   split_range=split_range, fields=(prompt_field, response_field, text_field))
+
+
+def _select(ds, name: str, where, *, num_samples, seed, shuffle, split_range, fields):
+    """``ds`` cut to ``split_range``, its fields checked (``where(row)`` names a record), shuffled
+    and cut to ``num_samples``: the shared tail of :func:`load_records`."""
     start = 0
     if split_range is not None:
         ds = ds.select(range(*split_range))
         start = range(*split_range).start
     if len(ds) == 0:
-        raise ValueError(f"the calibration data {str(path)!r} holds no records")
-    if prompt_field or response_field or text_field:
-        def where(i):
-            row = start + i
-            if path.suffix.lower() == ".jsonl":
-                return f"{str(path)!r} line {lines[row]}"
-            return f"{str(path)!r} line {row + 1}" if fmt == "text" else f"{str(path)!r} row {row + 1}"
-
-        _check_fields(ds, _fields(ds.column_names, prompt_field, response_field, text_field)[1], where)
+        raise ValueError(f"the calibration data {name} holds no records")
+    if any(fields):
+        _check_fields(ds, *_fields(ds.column_names, *fields), lambda i: where(start + i))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_samples is not None:
@@ -173,36 +189,32 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 def _fields(columns, prompt_field: str | None, response_field: str | None,
-            text_field: str | None) -> tuple[str | None, list[str]]:
-    """The fields a calibration set is read from: ``text_field``, else the prompt/response pair,
-    or ``"text"`` when the prompt field is missing and a ``text`` column is there (a ``.txt`` file).
+            text_field: str | None) -> tuple[str, list[str]]:
+    """``(format, the fields read)``: :func:`fisherlora.formats.record_format`'s rule."""
+    from fisherlora.formats import record_format
 
-    Returns:
-        ``(text_field or None, the fields read)``.
-
-    Raises:
-        ValueError: a field is not in ``columns`` (the message lists them).
-    """
-    columns = list(columns)
-    if text_field is None and "text" in columns and prompt_field not in columns:
-        text_field = "text"  # .txt files load as a single 'text' column
-    needed = [text_field] if text_field else [prompt_field, response_field]
-    for f in needed:
-        if f not in columns:
-            raise ValueError(f"field {f!r} not in the calibration data; its columns are {columns}")
-    return text_field, needed
+    return record_format(columns, prompt_field, response_field, text_field)
 
 
-def _check_fields(records, fields: list[str], where) -> None:
+def _check_fields(records, kind: str, fields: list[str], where) -> None:
     """One pass over ``records``: each of ``fields`` holds text or a finite number (which is
-    rendered as text) in every record.
+    rendered as text) in every record; lists of turns for the ``messages`` format
+    (:func:`fisherlora.formats.check_messages`), and for a pair whose fields hold lists.
 
     Raises:
         ValueError: naming ``where(i)`` for the ``i``-th record, the field and what it holds.
     """
+    from fisherlora.formats import MESSAGES, check_messages
+
     for f in fields:
-        values = records[f] if hasattr(records, "column_names") else (rec[f] for rec in records)
+        values = records[f] if hasattr(records, "column_names") else [rec[f] for rec in records]
+        if kind == MESSAGES:
+            check_messages(values, where)
+            continue
         for i, value in enumerate(values):
+            if isinstance(value, list) and f in ("prompt", "completion"):  # conversational prompt-completion
+                check_messages([value], lambda _, i=i: where(i), need_assistant=f == "completion")
+                continue
             if value is None or (isinstance(value, float) and not math.isfinite(value)):
                 what = "null (empty)"
             elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -265,8 +277,9 @@ def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field:
                      chat_template: bool = True) -> CalibrationData:
     """Tokenise records into sequences with label masks (see the module docstring).
 
-    ``text_field`` (plain text, loss on every token) wins over the prompt/response pair;
-    ``chat_template=False`` renders pairs as ``prompt + "\n" + response + eos`` even when the
+    The format follows :func:`fisherlora.formats.record_format` (``text_field``, the named pair,
+    ``messages``, ``prompt``/``completion``, ``text``); ``chat_template=False``
+    renders pairs as ``prompt + "\n" + response + eos`` even when the
     tokenizer has a chat template.
 
     Raises:
@@ -274,21 +287,27 @@ def tokenize_records(records, tokenizer, *, max_length: int = 512, prompt_field:
             a record's field is null or not text (naming the record, 1-based), or no sequence is
             left.
     """
+    from fisherlora.formats import MESSAGES, TEXT, render_messages
+
     columns = list(records.column_names) if hasattr(records, "column_names") else list(records[0])
-    text_field, needed = _fields(columns, prompt_field, response_field, text_field)
-    _check_fields(records, needed, lambda i: f"record {i + 1}")
+    kind, needed = _fields(columns, prompt_field, response_field, text_field)
+    _check_fields(records, kind, needed, lambda i: f"record {i + 1}")
     input_ids, labels = [], []
     for rec in records:
-        if text_field:
-            ids = tokenizer(str(rec[text_field]), add_special_tokens=True)["input_ids"][:max_length]
-            n_prompt = 0
+        first, second = (rec[f] for f in needed) if len(needed) == 2 else (rec[needed[0]], None)
+        if kind == TEXT:
+            ids = tokenizer(str(first), add_special_tokens=True)["input_ids"]
+            lab = list(ids)
+        elif kind == MESSAGES or isinstance(first, list):  # conversational (prompt + completion turns)
+            turns, n = (first, 0) if kind == MESSAGES else (first + second, len(first))
+            ids, lab = render_messages(tokenizer, turns, first_labelled=n)
         else:
-            ids, n_prompt = render_pair(tokenizer, str(rec[prompt_field]), str(rec[response_field]), chat_template)
-            ids = ids[:max_length]
+            ids, n_prompt = render_pair(tokenizer, str(first), str(second), chat_template)
+            lab = [-100] * n_prompt + ids[n_prompt:]
         if not ids:
             continue
-        input_ids.append(ids)
-        labels.append([-100] * min(n_prompt, len(ids)) + ids[n_prompt:])
+        input_ids.append(ids[:max_length])
+        labels.append(lab[:max_length])
     if not input_ids:
         raise ValueError("no calibration sequence left after tokenisation (empty records?)")
     return CalibrationData(input_ids, labels)

@@ -28,22 +28,60 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _meaning(report: dict) -> list[str]:
+    """What the two headline figures mean and what to expect, with this run's yardsticks."""
+    rand, pissa = report.get("mean_random_share", 0.0), report.get("mean_pissa_energy_captured", 0.0)
+    return [
+        "## What the figures mean", "",
+        "- **Energy captured**: the chosen directions' share of the layer's total Fisher energy Σe_i, with "
+        "e_i = (u_iᵀGu_i)(v_iᵀAv_i): how much of the loss curvature on your data (as K-FAC sees it) lies in the "
+        "directions the adapter trains. fisherlora keeps the r largest energies, so no r directions capture more. "
+        f"Yardsticks of this run: a random choice of r of the k directions captures r/k ({rand:.1%} on average), "
+        f"PiSSA's top-r σ {pissa:.1%}. Expect a share well above both (tens of percent when the curvature is "
+        "concentrated); one near r/k means it is spread out and a larger rank helps more.",
+        "- **PiSSA overlap**: the share of the chosen directions that are also among the r largest singular values "
+        "(PiSSA's choice). 100% means fisherlora chose what PiSSA chooses; a random choice gives about r/k. Low "
+        "values are common and are the point of the method: the Fisher energy often sits in directions far down "
+        "the spectrum (small σ), which energy.png shows against PiSSA's top-r region.", ""]
+
+
+def _next_commands(report: dict) -> list[str]:
+    from fisherlora.card import base_loading_code
+
+    return ["## Next", "", "Train (the adapter on the ORIGINAL base, LoRA weights trainable), then convert or merge:",
+            "", "```python", "import torch", "import fisherlora",
+            base_loading_code(report.get("model"), report.get("dtype") or "float32"),
+            'model = fisherlora.load(base, "<this folder>", is_trainable=True)',
+            "# train with transformers' Trainer or TRL's SFTTrainer (examples/), then",
+            'model.save_pretrained("trained")',
+            "```", "", "```bash",
+            "fisherlora convert <this folder> trained -o plain          # plain LoRA, rank 2r, for the original base",
+            "fisherlora merge <this folder> --adapter trained -o merged  # a full model with the adapter merged in",
+            "fisherlora report <this folder>                            # this summary again",
+            "```"]
+
+
 def _markdown(report: dict) -> str:
-    lines = ["# fisherlora initialisation report", ""]
+    cal = report.get("calibration", {})
+    lines = ["# fisherlora initialisation report", "",
+             f"Model `{report.get('model')}` ({report.get('dtype')}), calibration data "
+             f"`{report.get('data') or 'batches passed from Python'}`: {cal.get('sequences', 0)} sequences, "
+             f"{cal.get('tokens', 0):,} tokens ({cal.get('label_tokens', 0):,} with loss).", ""]
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(report)]
     cfg = report["config"]
     lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()), ""]
+    lines += _meaning(report)
     lines += ["## Per layer", "",
-              "Energy captured: the chosen directions' share of the layer's total Fisher energy Σe_i. "
-              "PiSSA overlap: the share of chosen directions that are among the r largest singular values.", "",
-              "| layer | shape | r | energy captured | PiSSA overlap | chosen σ (max/min) | σ_1 | chosen indices |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| layer | shape | r | energy captured | PiSSA's top-r would capture | PiSSA overlap | "
+              "chosen σ (max/min) | σ_1 | chosen indices |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for e in report["layers"]:
         idx = e["indices"]
         shown = ", ".join(map(str, idx[:8])) + (" …" if len(idx) > 8 else "")
         lines.append(f"| {e['name']} | {e['shape'][0]}×{e['shape'][1]} | {e['rank']} | {e['energy_captured']:.1%} | "
-                     f"{e['pissa_overlap']:.0%} | {max(e['sigma']):.3g}/{min(e['sigma']):.3g} | "
-                     f"{e['sigma_max']:.3g} | {shown} |")
+                     f"{e.get('pissa_energy_captured', 0):.1%} | {e['pissa_overlap']:.0%} | "
+                     f"{max(e['sigma']):.3g}/{min(e['sigma']):.3g} | {e['sigma_max']:.3g} | {shown} |")
+    lines += [""] + _next_commands(report)
     return "\n".join(lines) + "\n"
 
 
@@ -117,12 +155,15 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
         sigma = sel.sigma.numpy()
         energy = sel.energy.clamp_min(1e-30).numpy()
         idx = sel.indices.numpy()
+        top = sorted(sigma)[-sel.rank]  # PiSSA keeps the r largest σ: this region
+        ax.axvspan(top, sigma.max() * 1.15, color="tab:blue", alpha=0.1, label=f"PiSSA's top-{sel.rank} σ")
         ax.scatter(sigma, energy, s=4, c="0.6", label="all directions")
         ax.scatter(sigma[idx], energy[idx], s=12, c="tab:red", label=f"chosen (r={sel.rank})")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_title(sel.name, fontsize=8)
+        ax.set_title(f"{sel.name}\ncaptured {sel.energy_captured:.0%} of the Fisher energy, "
+                     f"PiSSA overlap {sel.pissa_overlap:.0%}", fontsize=7)
         ax.set_xlabel("singular value σ_i", fontsize=7)
         ax.set_ylabel("Fisher energy e_i", fontsize=7)
         ax.tick_params(labelsize=6)
@@ -131,7 +172,8 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
     for ax in list(axes.flat)[: len(chosen)]:
         ax.legend(fontsize=5, loc="best")
     sampled = " (first, middle and last decoder layer of each projection)" if len(chosen) < len(selections) else ""
-    fig.suptitle(f"Fisher energy (uᵀGu)(vᵀAv) against σ{sampled}: red = directions in the adapter", fontsize=10)
+    fig.suptitle(f"Fisher energy (uᵀGu)(vᵀAv) against σ{sampled}: red = directions in the adapter, "
+                 "blue band = PiSSA's top-r σ", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)

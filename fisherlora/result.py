@@ -5,6 +5,7 @@ On disk an initialisation is a standard PEFT adapter directory plus a few files 
 
     out/
       adapter_config.json, adapter_model.safetensors   the initial adapter (B0, A0), PEFT format
+      README.md              the model card (fisherlora.card: how it was made, how to load, train, convert)
       fisherlora.json        what the residual needs: config, scalings, base-weight fingerprints
       report.json, report.md, energy.png
       statistics.safetensors (optional) the K-FAC factors, to re-run selection without new passes
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from fisherlora import __version__
 from fisherlora.adapter import save_residual_model
+from fisherlora.card import finish_adapter_config, model_card
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection
 from fisherlora.outdir import MARKER_FILE, atomic_output_dir
@@ -64,13 +66,30 @@ class FisherLoraResult:
                        max_length=cal.get("max_sequence_length", out["max_length"]))
         return out
 
+    def names(self) -> dict:
+        """``model``, ``data`` and ``dtype`` of the run, with no path of this machine
+        (:func:`fisherlora.card.portable_name`): the model as the command was given it, else the
+        base's ``name_or_path``; the data as given (``None`` for batches passed from Python); the
+        base weights' dtype."""
+        from fisherlora.card import portable_name
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        dtype = self.extra.get("dtype") or str(next(base.parameters()).dtype).removeprefix("torch.")
+        return {"model": portable_name(self.extra.get("model") or getattr(base, "name_or_path", None)),
+                "data": portable_name(self.extra.get("data")), "dtype": dtype}
+
     def report(self) -> dict:
         """JSON-ready report: config, totals, timings, memory and one entry per layer."""
         layers = [s.to_dict() for s in self.selections.values()]
         for entry in layers:
             key = self.statistics.a_key[entry["name"]]
+            sel = self.selections[entry["name"]]
+            total = float(sel.energy.sum())
             entry.update(a_factor=key, tokens_A=self.statistics.a_count[key],
-                         tokens_G=self.statistics.g_count[entry["name"]])
+                         tokens_G=self.statistics.g_count[entry["name"]],
+                         # the yardsticks of energy_captured: PiSSA's top-r σ, and a random choice (r/k)
+                         pissa_energy_captured=float(sel.energy[: sel.rank].sum()) / total if total > 0 else 0.0,
+                         random_share=sel.rank / len(sel.sigma))
         n = max(len(layers), 1)
         return {
             "fisherlora_version": __version__,
@@ -79,10 +98,13 @@ class FisherLoraResult:
             "mean_energy_captured": sum(e["energy_captured"] for e in layers) / n,
             "mean_score_captured": sum(e["score_captured"] for e in layers) / n,
             "mean_pissa_overlap": sum(e["pissa_overlap"] for e in layers) / n,
+            "mean_pissa_energy_captured": sum(e["pissa_energy_captured"] for e in layers) / n,
+            "mean_random_share": sum(e["random_share"] for e in layers) / n,
             "calibration": self.statistics.info.get("calibration", {}),
             "timings_s": self.timings,
             "peak_memory_mb": self.peak_memory_mb,
             **self.extra,
+            **self.names(),
             "layers": layers,
         }
 
@@ -112,8 +134,10 @@ class FisherLoraResult:
             # the adapter only: PEFT's default would also save a targeted output head's BASE weight
             # (save_embedding_layers="auto"), which then overwrites the base when loaded
             self.model.save_pretrained(tmp, save_embedding_layers=False)
+            names = self.names()
+            finish_adapter_config(tmp, names["model"])
             meta = {"fisherlora_version": __version__, "config": self.applied_config(),
-                    "base_model": getattr(self.model.get_base_model(), "name_or_path", None),
+                    "base_model": names["model"], "data": names["data"], "dtype": names["dtype"],
                     "layers": {n: {"a_factor": self.statistics.a_key[n]} for n in self.selections},
                     "base_weight_fingerprints": self.fingerprints}
             (tmp / MARKER_FILE).write_text(json.dumps(meta, indent=1))
@@ -122,5 +146,8 @@ class FisherLoraResult:
             if residual:
                 save_residual_model(self.model, tmp / "residual", tokenizer=tokenizer)
             self.timings["save"] = time.perf_counter() - t0
-            write_report(self.report(), self.selections, tmp)
+            report = self.report()
+            write_report(report, self.selections, tmp)
+            # fisherlora's model card in place of PEFT's (which names the base by its local path)
+            (tmp / "README.md").write_text(model_card(report, names["model"], names["data"], names["dtype"]))
         return Path(out_dir)

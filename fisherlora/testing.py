@@ -1,5 +1,6 @@
 """Fixtures that the tests and the benchmarks share: a random-weight Llama, random supervised
-sequences and their padded batches (no tokenizer needed), and the peak memory of one call.
+sequences and their padded batches (no tokenizer needed), a tiny chat model folder (for the
+examples and the walk-through at CI size), and the peak memory of one call.
 Nothing here is used by an initialisation itself."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 from fisherlora.data import CalibrationData
 
-__all__ = ["random_llama", "tiny_data", "pad_batches", "peak_memory"]
+__all__ = ["random_llama", "save_tiny_chat_model", "tiny_data", "pad_batches", "peak_memory"]
 
 
 def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermediate: int = 48, layers: int = 2,
@@ -26,6 +27,32 @@ def random_llama(*, seed: int = 0, vocab: int = 101, hidden: int = 32, intermedi
                       max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
                       attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+#: the chat template of :func:`save_tiny_chat_model`: a turn is ``<role>content|``
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tiny_chat_model(folder, *, seed: int = 0):
+    """Save a random 2-layer Llama and a character-level tokenizer (one token per printable ASCII
+    character and newline; ``<pad>``, ``</s>``, ``<unk>``) with :data:`TINY_CHAT_TEMPLATE` as a
+    local ``transformers`` folder, and return the folder (a ``Path``)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    ids = {t: i for i, t in enumerate(specials + chars)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(ids, [], unk_token="<unk>")),
+                                  pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    folder = Path(folder)
+    random_llama(seed=seed, vocab=len(ids), max_positions=1024).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def tiny_data(num_samples: int, max_length: int, *, seed: int = 0, vocab: int = 101):

@@ -251,3 +251,33 @@ def test_report_names_a_report_it_cannot_read(tmp_path, capsys, content):
     (tmp_path / "report.json").write_text(content)
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "cannot be read as a fisherlora report" in capsys.readouterr().err
+
+
+def test_embedded_outputs_travel_and_convert_without_naming_the_model(embedded_out, tmp_path):
+    """No path of this machine in the files (the embedded model is named `smollm2-135m`), so
+    `fisherlora convert` finds the base from fisherlora.json alone; chat records are labelled on the
+    assistant turns of SmolLM2's own chat template."""
+    from datasets import Dataset
+
+    import fisherlora
+    from fisherlora.data import load_model_and_tokenizer, tokenize_records
+
+    for name in ("adapter_config.json", "fisherlora.json", "README.md", "report.json", "report.md"):
+        text = (embedded_out / name).read_text()
+        assert sys.prefix not in text and "site-packages" not in text and str(embedded_out) not in text, name
+    cfg = json.loads((embedded_out / "adapter_config.json").read_text())
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == ("smollm2-135m", "CAUSAL_LM")
+    assert 'load_model_and_tokenizer("smollm2-135m", dtype=torch.float32)' in (embedded_out / "README.md").read_text()
+    base, tok = load_model_and_tokenizer("smollm2-135m")
+    chat = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    cal = tokenize_records(Dataset.from_list([{"messages": chat}]), tok)
+    labelled = [t for t in cal.labels[0] if t != -100]
+    assert tok.decode(labelled).strip() == "It is 4.<|im_end|>"
+    model = fisherlora.load(base, embedded_out, is_trainable=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "trained")
+    proc = run("convert", str(embedded_out), str(tmp_path / "trained"), "-o", str(tmp_path / "plain"))
+    assert "rank 8 (twice the trained rank" in proc.stdout

@@ -1,0 +1,83 @@
+"""fisherlora, then transformers' Trainer: initialise from Fisher information, fine-tune, convert.
+
+    fisherlora init --output fisherlora-out                      # or let this script run it
+    python examples/trainer.py --init fisherlora-out --trained trained --max-steps 20
+    fisherlora convert fisherlora-out trained -o plain           # a plain LoRA (rank 2r) for the original base
+
+    python examples/trainer.py --tiny --max-steps 2              # all of it on a tiny random model (CI)
+
+The adapter is loaded trainable on the ORIGINAL base (`fisherlora.load(..., is_trainable=True)`)
+before the Trainer builds its optimizer. The training set is tokenised by fisherlora's own
+`tokenize_records` (chat template, labels on the answer only) and padded by
+`DataCollatorForSeq2Seq`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="the base model (as for `fisherlora init`)")
+    p.add_argument("--data", default="gsm8k", help="training records, any format `fisherlora init` reads")
+    p.add_argument("--init", default="fisherlora-out", help="the output of `fisherlora init` (run if missing)")
+    p.add_argument("--trained", default="trained", help="where the trained adapter is saved")
+    p.add_argument("--max-steps", type=int, default=20, help="training steps (default: %(default)s)")
+    p.add_argument("--train-samples", type=int, default=64, help="training records (default: %(default)s)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny random chat model and 8 calibration pairs, in a temporary folder removed at the end "
+                        "(CI size)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="fisherlora-trainer-") as scratch:
+        return run(args, Path(scratch) if args.tiny else Path("."))
+
+
+def run(args, work: Path) -> int:
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    import fisherlora
+    from fisherlora import cli
+    from fisherlora.data import load_model_and_tokenizer, load_records, tokenize_records
+
+    init_flags = []
+    if args.tiny:
+        from fisherlora.testing import save_tiny_chat_model
+
+        args.model = str(save_tiny_chat_model(work / "tiny-model"))
+        args.init, args.trained = str(work / "init"), str(work / "trained")
+        init_flags = ["--num-samples", "8", "--max-length", "512", "--rank", "4", "--backend", "torch"]
+    # 1. fisherlora init (the command; the same as typing it)
+    if not (Path(args.init) / "fisherlora.json").exists():
+        if cli.main(["init", "--model", args.model, "--data", args.data, "-o", args.init, "--quiet", *init_flags]):
+            return 1
+    # 2. the adapter on the ORIGINAL base, trainable
+    base, tok = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    model = fisherlora.load(base, args.init, is_trainable=True)
+    # 3. the training set: input_ids and labels (-100 outside the answers), padded per batch
+    records = load_records(args.data, num_samples=args.train_samples, seed=1)
+    cal = tokenize_records(records, tok, max_length=256)
+    train = Dataset.from_dict({"input_ids": cal.input_ids, "labels": cal.labels})
+    config = TrainingArguments(output_dir=str(work / "trainer-run"), max_steps=args.max_steps,
+                               per_device_train_batch_size=2, learning_rate=2e-4, logging_steps=1,
+                               save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available())
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    Trainer(model=model, args=config, train_dataset=train, data_collator=collate).train()
+    model.save_pretrained(args.trained)
+    print(f"trained adapter saved to {args.trained!r}; next: fisherlora convert {args.init} {args.trained} -o plain")
+    if args.tiny:  # the last step of the walk-through, here too
+        return cli.main(["convert", args.init, args.trained, "-o", str(work / "plain"), "--model", args.model])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

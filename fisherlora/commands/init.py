@@ -1,0 +1,118 @@
+"""``fisherlora init``: read the data and the model, run the initialisation, write the output directory."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+
+from fisherlora.commands.report import print_summary
+from fisherlora.flags import config_from_args
+
+__all__ = ["SUMMARY_PHASE", "run"]
+
+#: the last phase of ``init``: the output directory is written by then
+SUMMARY_PHASE = "printing the summary"
+
+
+def run(args) -> int:
+    import warnings
+
+    import torch
+
+    # library deprecation chatter that users cannot act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Could not find a config file in")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    from fisherlora import data as fdata
+    from fisherlora.initialize import initialize_fisher_lora
+    from fisherlora.memory import peak_memory_mb
+    from fisherlora.outdir import check_output_dir
+    from fisherlora.phases import phase
+    from fisherlora.statistics import FisherStatistics
+
+    # everything that can be checked without the model is checked before loading it
+    config = config_from_args(args)
+    out_dir = check_output_dir(args.output, overwrite=args.overwrite)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device!r}: this torch has no CUDA device")
+    from fisherlora.ops import available_backends
+
+    if config.backend != "auto" and config.backend not in available_backends(device):
+        raise ValueError(f"--backend {config.backend!r} is not available on {device.type} here; "
+                         f"available: {available_backends(device)}")
+    auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    timings = {}
+    t0 = time.perf_counter()
+    stats, records, batches, n_seq = None, None, None, None
+    with phase("reading the calibration data" if not args.statistics else "reading the statistics"):
+        if args.statistics:
+            stats = FisherStatistics.load(args.statistics, device=device)
+        else:
+            records = fdata.load_records(args.data, num_samples=config.num_samples, seed=config.seed,
+                                         prompt_field=args.prompt_field, response_field=args.response_field,
+                                         text_field=args.text_field)
+    timings["data"] = time.perf_counter() - t0
+    with phase("checking the targets on the model's config"):
+        _check_targets_on_config(args.model, config)
+    t0 = time.perf_counter()
+    # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
+    # errors still raise
+    with phase(f"loading the model ({str(dtype).removeprefix('torch.')} on {device})"), \
+            contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
+        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    timings["load model"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if records is not None:
+        with phase("tokenising the calibration data"):
+            cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
+                                         response_field=args.response_field, text_field=args.text_field)
+            # a list: each layer group makes its own pass over the same batches
+            batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
+    timings["data"] += time.perf_counter() - t0
+    with phase(f"the initialisation (memory_mode={config.memory_mode.value})"):
+        result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
+                                        progress=not args.quiet)
+    result.timings = {**timings, **result.timings}
+    result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
+                    "dtype": str(dtype).removeprefix("torch.")})
+    result.peak_memory_mb = peak_memory_mb(device)
+    with phase(f"writing the output directory {str(out_dir)!r}"):
+        result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
+                    residual=args.save_residual, tokenizer=tok)
+    with phase(SUMMARY_PHASE):
+        print_summary(result.report(), out_dir)
+    return 0
+
+
+def _check_targets_on_config(model: str, config) -> None:
+    """Refuse bad targets and ranks before the weights are loaded: the target discovery and the
+    rank check that the initialisation runs, on the model built from its config on the meta device
+    (:func:`fisherlora.models.meta_model_from_config`: no weights, about a second). A model whose
+    config cannot be built that way is left to the load, which reports its own error.
+
+    Raises:
+        ValueError: the targets match nothing (or a non-linear layer), or a rank exceeds a layer's.
+    """
+    from fisherlora.layers import check_ranks, find_target_modules, layer_shape, ranks_and_scalings
+    from fisherlora.models import meta_model_from_config
+
+    try:
+        meta = meta_model_from_config(model)
+    except Exception:  # a missing path, a config transformers cannot build without its code: the load says
+        return
+    lora_config = config.to_lora_config()
+    modules = find_target_modules(meta, lora_config)
+    check_ranks({n: layer_shape(m) for n, m in modules.items()},
+                {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+
+

@@ -1,0 +1,76 @@
+"""``fisherlora plan``: every memory mode's planned peak for a model built on the meta device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fisherlora.flags import config_from_args
+
+__all__ = ["run"]
+
+
+def run(args) -> int:
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from fisherlora.models import meta_model_from_config
+    from fisherlora.outdir import check_output_file
+    from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
+
+    cfg = config_from_args(args)
+    if args.json and args.json != "-":
+        check_output_file(args.json)
+    model = meta_model_from_config(args.model)
+    dtype = getattr(torch, args.dtype)
+    plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
+                        dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
+                        bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
+                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples)
+    if args.json:
+        text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
+                           "plans": [p.to_dict() for p in plans]}, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.json != "-":
+        table = Table(title=f"planned peak memory (GB) of {args.model}: batch {args.batch_size}×{args.max_length}, "
+                            f"{args.dtype} weights, {args.num_samples} calibration sequences")
+        for col in ("mode", "layer groups", "weights", "activations", "statistics", "SVD workspace", "total",
+                    "peak phase"):
+            table.add_column(col, justify="left" if col in ("mode", "peak phase") else "right")
+        for row in format_plan(plans):
+            table.add_row(*row)
+        Console(width=120).print(table)
+        if args.free_gb is not None:
+            pick = choose_mode(plans, int(args.free_gb * GB))
+            fits = pick.total <= args.free_gb * GB
+            print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "
+                  f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
+                                                               "plan; lower --batch-size or --max-length"))
+            print("the same plan with fisherlora init: " + " ".join(init_flags(args, cfg, pick)))
+    return 0
+
+
+def init_flags(args, cfg, pick) -> list[str]:
+    """The ``fisherlora init`` command line that runs the plan ``pick``: its mode and layer
+    groups, the weights dtype, and every planned setting that differs from ``init``'s default."""
+    import dataclasses
+    import enum
+
+    from fisherlora.config import FisherLoraConfig
+    from fisherlora.flags import PLAN_FIELDS
+
+    default = FisherLoraConfig()
+    words = ["fisherlora", "init", "--model", str(args.model), "--memory-mode", pick.label,
+             "--layer-groups", str(pick.layer_groups), "--dtype", args.dtype]
+    for f in dataclasses.fields(FisherLoraConfig):
+        value = getattr(cfg, f.name)
+        if f.name not in PLAN_FIELDS or value == getattr(default, f.name):
+            continue
+        text = ",".join(value) if isinstance(value, list) else value.value if isinstance(value, enum.Enum) else value
+        words += ["--" + f.name.replace("_", "-"), str(text)]
+    return words
+
