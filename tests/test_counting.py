@@ -1,0 +1,107 @@
+"""What a data pass costs besides its FLOPs, counted on the CPU (fisherlora/counting.py,
+docs/DESIGN.md §11): Triton compiles and autotunings per run, host synchronisations in the hooks."""
+
+import pytest
+import torch
+
+from fisherlora import ops
+from fisherlora.calibration import run_calibration
+from fisherlora.collect import StatisticsCollector
+from fisherlora.config import MemoryMode
+from fisherlora.counting import count_host_syncs, count_kernel_compiles
+from fisherlora.testing import random_llama
+from tests.models import pad_batch, random_sequences
+
+LENGTHS = list(range(5, 25))  # 20 different padded lengths
+
+
+def _batches(lengths, seed=0):
+    out = []
+    for n, length in enumerate(lengths):
+        seqs, labels = random_sequences(2, vocab=101, seed=seed + n, min_len=length, max_len=length)
+        seqs[1], labels[1] = seqs[1][: max(2, length - 3)], labels[1][: max(2, length - 3)]  # padding
+        out.append(pad_batch(seqs, labels))
+    return out
+
+
+def _collector(model, backend, mode):
+    """A collector on every decoder-layer projection (random orthonormal bases when projected)."""
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n}
+    bases = None
+    if mode is MemoryMode.PROJECTED:
+        g = torch.Generator().manual_seed(0)
+        bases = {}
+        for n, m in modules.items():  # (U, Vh) as a thin SVD gives them
+            u, v = (torch.linalg.qr(torch.randn(d, min(m.weight.shape), generator=g))[0] for d in m.weight.shape)
+            bases[n] = (u, v.T)
+    return StatisticsCollector(model, modules, backend=backend, mode=mode, bases=bases)
+
+
+def _collect(model, batches, backend, mode=MemoryMode.FULL):
+    with _collector(model, backend, mode) as col:
+        run_calibration(model, batches)
+    return col.statistics()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_llama(hidden=32, intermediate=48, layers=1)
+
+
+@pytest.mark.parametrize("mode", [MemoryMode.FULL, MemoryMode.PACKED, MemoryMode.PROJECTED])
+def test_twenty_lengths_compile_and_autotune_each_kernel_as_often_as_one_length(model, mode):
+    """A new sequence length or token count must not compile (or autotune) a kernel again: the
+    token dimension is no specialisation of the kernels, and autotuning is keyed on the shapes
+    of the weights, never on the batch."""
+    pytest.importorskip("triton")
+    from fisherlora.kernels import INTERPRET
+
+    if not INTERPRET and not torch.cuda.is_available():
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+    with count_kernel_compiles() as one:
+        _collect(model, _batches([LENGTHS[0]]), "triton", mode)
+    with count_kernel_compiles() as many:
+        _collect(model, _batches(LENGTHS), "triton", mode)
+    assert sum(many.launches.values()) > sum(one.launches.values()) > 0
+    for name in many.launches:
+        assert many.compiles(name) == one.compiles(name), (name, many.summary()[name], one.summary()[name])
+        assert many.autotunes(name) == one.autotunes(name), (name, many.summary()[name], one.summary()[name])
+
+
+def test_split_k_reductions_compile_once_for_every_split():
+    """The number of token slices follows the token count; the reduction kernels must not be
+    compiled once per slice count."""
+    pytest.importorskip("triton")
+    from fisherlora.kernels import INTERPRET, projected_sq, syrk
+
+    if not INTERPRET:
+        pytest.skip("interpreter check (the GPU check runs the same counts on the device)")
+    g = torch.Generator().manual_seed(0)
+    d = 40
+    with count_kernel_compiles() as counts:
+        for split, T in ((2, 37), (3, 64), (4, 91), (5, 128)):
+            x = torch.randn(T, d, generator=g)
+            acc = torch.zeros(d, d)
+            syrk.syrk_accumulate_(acc, x, None, 1.0, split=split)
+            Q = torch.randn(d, 24, generator=g)
+            projected_sq.projected_sq_accumulate_(torch.zeros(24), x, Q, None, split=split)
+    for name in counts.launches:
+        assert counts.compiles(name) == 1, (name, counts.summary()[name])
+
+
+def test_the_sync_counter_sees_what_it_claims():
+    """The shim itself: counted when called from the package, not when called from elsewhere."""
+    from fisherlora import counting
+
+    x = torch.arange(6.0)
+    with count_host_syncs() as syncs:
+        int(x.sum()), x[x > 2], x.tolist(), x.nonzero()  # from this test file: not the package's
+        counting._syncs  # noqa: B018
+    assert syncs.total() == 0
+    with count_host_syncs() as syncs:
+        ops.packed_size(4)
+        torch.ops.aten.nonzero(x)
+    assert syncs.total() == 0
+    assert counting._syncs(torch.Tensor.item, (x,), None) and counting._syncs(torch.Tensor.to, (x, "cpu"), None)
+    assert counting._syncs(torch.Tensor.__getitem__, (x, x > 2), None)
+    assert not counting._syncs(torch.Tensor.__getitem__, (x, slice(1, 3)), None)
