@@ -89,6 +89,27 @@ def test_split_k_reductions_compile_once_for_every_split():
         assert counts.compiles(name) == 1, (name, counts.summary()[name])
 
 
+@pytest.mark.parametrize("backend", ["ext", "triton", "torch"])
+@pytest.mark.parametrize("mode", [MemoryMode.FULL, MemoryMode.PROJECTED])
+def test_hooks_make_no_host_synchronisation(model, backend, mode):
+    """No ``.item()``, ``int(tensor)``, ``.nonzero()``, ``.cpu()``, boolean indexing... in the
+    hooks, the ops or the kernels' launchers: each is a stall per layer or per batch on a GPU.
+    The token counts stay on the device until the statistics are finalised."""
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"backend {backend!r} unavailable here")
+    batches = _batches(LENGTHS[:3])
+    col = _collector(model, backend, mode)
+    with count_host_syncs() as syncs:
+        with col:
+            run_calibration(model, batches)
+    inside = {k: n for k, n in syncs.calls.items()
+              if k.startswith(("fisherlora/collect.py", "fisherlora/ops/", "kernels/", "fisherlora/kernels/"))}
+    assert not inside, f"host synchronisations in the hooks over {len(batches)} batches: {inside}"
+    stats = col.statistics()  # finalising may synchronise, once
+    assert all(isinstance(v, int) for v in stats.a_count.values())
+    assert all(isinstance(v, int) for v in stats.g_count.values())
+
+
 def test_the_sync_counter_sees_what_it_claims():
     """The shim itself: counted when called from the package, not when called from elsewhere."""
     from fisherlora import counting
