@@ -116,6 +116,31 @@ def test_integer_mask_accumulation_and_scale():
     torch.testing.assert_close(ops.symmetrize_(acc).triu(), ref.triu(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("d", [31, 33, 65, 255, 257, 291, 545])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_syrk_diagonal_tiles_at_odd_sizes(d, layout):
+    """Diagonal 256-tiles are computed as 32-column row panels (upper half only, csrc/cpu): sizes
+    that end inside a panel, a tile, or just past one, exact against float64; a dense
+    accumulator's strict lower triangle is never written."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 150, d, generator=g)
+    mask = torch.rand(2, 150, generator=g) > 0.3
+    x.masked_fill_(~mask.unsqueeze(-1), float("nan"))
+    ref = _syrk64(x, mask)
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        if layout == "dense":
+            acc = torch.full((d, d), 7.0, dtype=dtype)
+            ops.syrk_accumulate_(acc, x, mask, backend="ext")
+            lower = torch.ones(d, d, dtype=torch.bool).tril(-1)
+            assert (acc[lower] == 7.0).all(), "the strict lower triangle was written"
+            got = (acc - 7.0).triu()
+        else:
+            acc = torch.zeros(ops.packed_size(d), dtype=dtype)
+            ops.syrk_accumulate_(acc, x, mask, backend="ext")
+            got = ops.unpack_triu(acc, d).triu()
+        torch.testing.assert_close(got.double(), ref.triu(), rtol=rel, atol=rel * ref.abs().max().item())
+
+
 def test_strided_inputs_need_no_copy_semantics():
     # non-contiguous leading dims (a permuted batch) and a non-contiguous, transposed Q and M
     x = torch.randn(5, 30, 2, 300).permute(2, 1, 0, 3)[:, ::2]
