@@ -1,6 +1,6 @@
 // Tensor-core paths of the CUDA ops (docs/DESIGN.md §11): the products go to cuBLAS through
-// ATen's matrix products with a float32 output (`out_dtype`, i.e. cublasGemmEx / cuBLASLt with
-// bf16 or fp16 inputs and float32 accumulation), and only the upper triangle's block rows of a
+// ATen's `mm` with a float32 output (`out_dtype`, i.e. cublasGemmEx / cuBLASLt with bf16 or fp16
+// inputs and float32 accumulation), and only the upper triangle's block rows of a
 // SYRK are computed. Host code only (see curvature_cuda.cu): nvcc's device passes skip it.
 //
 // Masks cost no host synchronisation: no kept-row count is ever read. A masked or strided x is
@@ -12,12 +12,11 @@
 // SYRK by block rows: for rows [i0, i0 + b) the product x[:, i0:i0+b]ᵀ x[:, i0:d] is added to
 // acc[i0:i0+b, i0:d]. Multiply-adds per token: Σ b(d − i0) = d²/2 + d·b/2, i.e. (1 + b/d) times
 // the d(d+1)/2 of the upper triangle (b = 256 up to d = 4096, else 512: at most 1.0625 at 4096,
-// 1.036 at 14336). Dense accumulators are added to in place (beta = 1); packed ones get each
-// block row through a float32 scratch and an add kernel. cuBLAS's products are deterministic for
+// 1.036 at 14336). Each block row's product goes to a float32 scratch and is then added, scaled,
+// into the accumulator (dense: one add; packed: an add kernel). cuBLAS's products are deterministic for
 // fixed shapes, and the chunk partition depends on shapes only, so repeated calls agree bitwise.
 #ifndef __CUDA_ARCH__
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -34,7 +33,7 @@
 #include "gemm.h"
 #include "launch.h"
 
-// aten::mm.dtype / addmm.dtype (16-bit inputs, float32 output) exist from torch 2.9 on
+// aten::mm.dtype and mm.dtype_out (16-bit inputs, float32 output) exist from torch 2.9 on
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
 #define FISHERLORA_HAS_OUT_DTYPE 1
 #else
@@ -81,13 +80,14 @@ int64_t flat_row_stride(const at::Tensor& x) {
   return stride < 0 ? d : (stride >= d ? stride : -1);
 }
 
-// acc_block (float32 view) = beta * acc_block + alpha * a @ b, a and b of one float dtype
-void addmm_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+// out (float32, contiguous) = a @ b, a and b of one float dtype. mm.dtype_out rather than
+// addmm.dtype_out: some torch versions require addmm's `self` in the inputs' 16-bit dtype.
+void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
-    out.addmm_(a, b, beta, alpha);
+    at::mm_out(out, a, b);
   } else {
 #if FISHERLORA_HAS_OUT_DTYPE
-    at::addmm_outf(out, a, b, at::kFloat, beta, alpha, out);
+    at::mm_out(out, a, b, at::kFloat);
 #else
     TORCH_CHECK(false, "fisherlora_ext: 16-bit products with a float32 output need torch >= 2.9");
 #endif
@@ -154,21 +154,19 @@ bool syrk_gemm(const at::Tensor& acc, const at::Tensor& x, const std::optional<a
   if (d == 0 || x.numel() == 0) return true;
   const bool packed = acc.dim() == 1;
   const int64_t block = d <= 4096 ? 256 : 512;
-  at::Tensor scratch;  // packed: one block row's product, (b, d - i0) float32 row-major
-  if (packed) scratch = at::empty({std::min(block, d) * d}, acc.options());
+  // one block row's product, (b, d - i0) float32 row-major, then added into acc
+  at::Tensor scratch = at::empty({std::min(block, d) * d}, acc.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_row_chunk(x, mask, x.scalar_type(), 0, [&](const at::Tensor& X) {
     for (int64_t i0 = 0; i0 < d; i0 += block) {
       const int64_t b = std::min(block, d - i0), w = d - i0;
-      const at::Tensor lhs = X.narrow(1, i0, b).t();  // (b, n)
-      const at::Tensor rhs = X.narrow(1, i0, w);      // (n, w)
+      at::Tensor prod = scratch.narrow(0, 0, b * w).view({b, w});
+      mm_into(prod, X.narrow(1, i0, b).t(), X.narrow(1, i0, w));  // (b, n) @ (n, w)
       if (!packed) {
-        at::Tensor out = acc.narrow(0, i0, b).narrow(1, i0, w);  // strides (d, 1): cuBLAS's ldc = d
-        addmm_f32(out, lhs, rhs, 1.0, scale);
+        acc.narrow(0, i0, b).narrow(1, i0, w).add_(prod, scale);
       } else {
-        at::Tensor out = scratch.narrow(0, 0, b * w).view({b, w});
-        addmm_f32(out, lhs, rhs, 0.0, scale);
-        launch_add_packed_rows(out.const_data_ptr<float>(), b, i0, d, acc.data_ptr<float>(), stream);
+        launch_add_packed_rows(prod.const_data_ptr<float>(), b, i0, d, static_cast<float>(scale),
+                               acc.data_ptr<float>(), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -284,12 +284,12 @@ __global__ void copy_rows_kernel(const t16* __restrict__ x, const int64_t* __res
   for (int64_t c = threadIdx.x; c < d; c += blockDim.x) out[c] = kept ? src[c * cs] : store_as<t16>(0.0f);
 }
 
-__global__ void add_packed_rows_kernel(const float* __restrict__ block, int64_t i0, int64_t d,
+__global__ void add_packed_rows_kernel(const float* __restrict__ block, int64_t i0, int64_t d, float scale,
                                        float* __restrict__ acc) {
   const int64_t r = blockIdx.x, i = i0 + r, width = d - i0;
   const float* src = block + r * width;
   float* dst = acc + packed_index(i, i, d) - r;  // so that dst[c] is acc[i, i0 + c]
-  for (int64_t c = r + threadIdx.x; c < width; c += blockDim.x) dst[c] += src[c];
+  for (int64_t c = r + threadIdx.x; c < width; c += blockDim.x) dst[c] += scale * src[c];
 }
 
 // Call f(in_t{}) with the C++ type of an input dtype.
@@ -359,10 +359,10 @@ void launch_gather_rows(DType x_dtype, DType dst_dtype, const void* x, const int
   check_launch("gather_rows");
 }
 
-void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float* acc,
+void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float scale, float* acc,
                             cudaStream_t stream) {
   if (rows == 0) return;
-  add_packed_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(block, i0, d, acc);
+  add_packed_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(block, i0, d, scale, acc);
   check_launch("add_packed_rows");
 }
 

@@ -40,8 +40,8 @@ void launch_projected(DType x_dtype, DType acc_dtype, const void* x, const int64
 void launch_gather_rows(DType x_dtype, DType dst_dtype, const void* x, const int64_t* offsets, const bool* keep,
                         int64_t n, int64_t d, int64_t col_stride, void* dst, cudaStream_t stream);
 // acc (packed upper triangle of a (d, d) float32 matrix) at rows i0 .. i0 + rows, columns from i0:
-// acc[i0 + r, i0 + c] += block[r, c] for c >= r; block is (rows, d - i0) float32 row-major.
-void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float* acc,
+// acc[i0 + r, i0 + c] += scale * block[r, c] for c >= r; block is (rows, d - i0) float32 row-major.
+void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float scale, float* acc,
                             cudaStream_t stream);
 
 }  // namespace cuda
