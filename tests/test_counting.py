@@ -126,3 +126,19 @@ def test_the_sync_counter_sees_what_it_claims():
     assert counting._syncs(torch.Tensor.item, (x,), None) and counting._syncs(torch.Tensor.to, (x, "cpu"), None)
     assert counting._syncs(torch.Tensor.__getitem__, (x, x > 2), None)
     assert not counting._syncs(torch.Tensor.__getitem__, (x, slice(1, 3)), None)
+
+
+def test_the_light_compile_counter_patches_nothing_and_restores_triton_hooks():
+    """``keys=False`` (what a timed benchmark uses) only listens to Triton's post-compile hook."""
+    pytest.importorskip("triton")
+    import triton.knobs as knobs
+    from triton.runtime import jit
+
+    before_hook, before_run = knobs.runtime.jit_post_compile_hook, jit.JITFunction.run
+    with count_kernel_compiles(keys=False) as counts:
+        assert jit.JITFunction.run is before_run and knobs.runtime.jit_post_compile_hook is not None
+        ops.syrk_accumulate_(torch.zeros(8, 8), torch.randn(3, 8), backend="torch")
+    assert knobs.runtime.jit_post_compile_hook is before_hook and not counts.launches
+    with pytest.raises(RuntimeError, match="boom"), count_kernel_compiles(keys=False):
+        raise RuntimeError("boom")
+    assert knobs.runtime.jit_post_compile_hook is before_hook
