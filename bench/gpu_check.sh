@@ -106,7 +106,7 @@ if [ -f "$CONFIGS/llama-3-8b.json" ]; then
     --memory-mode projected --free-gb 24 --num-samples "$SAMPLES" --max-length "$LENGTH" --batch-size 4 \
     --warmup --json "$WORK/init_8b_projected_24gb.json"
   step init_8b_full 150 "$PY" -m bench.gpu_init --config "$CONFIGS/llama-3-8b.json" --memory-mode full \
-    --layer-groups 1 --num-samples "$SAMPLES" --max-length "$LENGTH" --batch-size 8 --warmup \
+    --layer-groups 1 --num-samples "$SAMPLES" --max-length "$LENGTH" --batch-size 4 --warmup \
     --json "$WORK/init_8b_full.json"
   step init_1b_methods 150 "$PY" -m bench.init_methods --config "$CONFIGS/llama-3.2-1b.json" \
     --device "$DEVICE" --dtype "$DTYPE" --in-process --methods "$METHODS_1B" --num-samples "$SAMPLES" \
