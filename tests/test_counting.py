@@ -95,14 +95,19 @@ def test_split_k_reductions_compile_once_for_every_split():
         assert counts.compiles(name) == 1, (name, counts.summary()[name])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("backend", ["ext", "triton", "torch"])
 @pytest.mark.parametrize("mode", [MemoryMode.FULL, MemoryMode.PROJECTED])
-def test_hooks_make_no_host_synchronisation(model, backend, mode):
+def test_hooks_make_no_host_synchronisation(model, backend, mode, device):
     """No ``.item()``, ``int(tensor)``, ``.nonzero()``, ``.cpu()``, boolean indexing... in the
     hooks, the ops or the kernels' launchers: each is a stall per layer or per batch on a GPU.
     The token counts stay on the device until the statistics are finalised."""
-    if backend not in ops.available_backends("cpu"):
-        pytest.skip(f"backend {backend!r} unavailable here")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend not in ops.available_backends(device):
+        pytest.skip(f"backend {backend!r} unavailable on {device}")
+    if device == "cuda":
+        model = copy.deepcopy(model).cuda()
     batches = _batches(LENGTHS[:3])
     col = _collector(model, backend, mode)
     with count_host_syncs() as syncs:
