@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_SOURCES = "kernels"
 #: the extension's sources: always the C++ ones, the CUDA ones when built with CUDA
 CPP_SOURCES = ["csrc/bindings.cpp", "csrc/cpu/curvature_cpu.cpp"]
-CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu"]
+CUDA_SOURCES = ["csrc/cuda/kernels.cu", "csrc/cuda/curvature_cuda.cu", "csrc/cuda/gemm_cuda.cu"]
 
 
 def _flag(name):

@@ -6,6 +6,7 @@ that each op's inputs are built in one place.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -210,6 +211,30 @@ def random_llama_setup(num_samples: int, max_length: int, batch_size: int, *, se
     model = testing.random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
                          heads=heads, kv_heads=kv_heads, max_positions=max(128, max_length), dtype=dtype)
     data = testing.tiny_data(num_samples, max_length, seed=seed, vocab=vocab)
+    return model, None, list(testing.pad_batches(data, batch_size))
+
+
+def config_setup(config, num_samples: int, max_length: int, batch_size: int, *, seed: int = 0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, num_layers: int | None = None):
+    """A random-weight model of an architecture config (a bundled name such as ``llama-3.2-1b``,
+    a ``config.json``, or a ``transformers`` config object), built directly on ``device``, and
+    random supervised sequences of its vocabulary batched like :func:`random_llama_setup` (no
+    tokenizer: returned as None).
+    ``num_layers`` keeps only the first decoder layers (shapes unchanged)."""
+    from transformers import AutoModelForCausalLM
+
+    from fisherlora.models import load_config, meta_model_from_config
+
+    cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else copy.deepcopy(config)
+    if num_layers is not None:
+        cfg.num_hidden_layers = num_layers
+        if getattr(cfg, "layer_types", None):
+            cfg.layer_types = cfg.layer_types[:num_layers]
+    meta = meta_model_from_config(cfg)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(meta.config, dtype=dtype, attn_implementation="sdpa").eval()
+    data = testing.tiny_data(num_samples, max_length, seed=seed, vocab=meta.config.vocab_size)
     return model, None, list(testing.pad_batches(data, batch_size))
 
 

@@ -41,6 +41,11 @@ def main(argv=None) -> int:
     toy = {"num_samples": 8, "max_length": 32} if common.quick() else {}  # FISHERLORA_BENCH_QUICK=1: smoke tests
     common.add_size_flags(p, "memory_mode", "layer_groups", "bases_dtype", "backend", memory_mode="projected",
                           bases_dtype="model", **toy)
+    p.add_argument("--free-gb", type=float, default=None,
+                   help="take the layer groups the plan picks for this much memory in --memory-mode (e.g. 24)")
+    p.add_argument("--warmup", action="store_true",
+                   help="first run the init once on a 1-layer model of the same shapes (one batch), timed apart: "
+                        "Triton compiles and autotunes there, so the timed run is the work alone")
     p.add_argument("--json", default=None, help="write the result here")
     args = p.parse_args(argv)
 
@@ -61,8 +66,17 @@ def main(argv=None) -> int:
                         dtype=dtype, bases_bytes=dtype.itemsize if args.bases_dtype == "model" else 4,
                         keep_statistics=False, backend=cfg.backend, fisher_type=cfg.fisher_type.value,
                         mc_samples=cfg.mc_samples)  # as the run below
+    if args.free_gb is not None:  # the groups the planner picks for that budget, in this mode
+        from fisherlora.plan import GB, choose_mode
+
+        picked = choose_mode([q for q in plans if q.label == args.memory_mode], int(args.free_gb * GB))
+        args.layer_groups = picked.layer_groups
+        cfg = config_from_args(args, alpha=args.rank)
     planned = next((q.to_dict() for q in plans if q.label == args.memory_mode and q.layer_groups == args.layer_groups),
                    None)
+    warmup_s = warmup_compiles = None
+    if args.warmup:
+        warmup_s, warmup_compiles = _warmup(args, config, cfg, device, dtype)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
@@ -72,8 +86,9 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     common.memory_mark(device)
     t0 = time.perf_counter()
-    result = initialize_fisher_lora(model, None, batches, cfg, num_batches=len(data), keep_statistics=False)
-    common.synchronize(device)
+    with _compile_counter(device) as compiles:
+        result = initialize_fisher_lora(model, None, batches, cfg, num_batches=len(data), keep_statistics=False)
+        common.synchronize(device)
     total = time.perf_counter() - t0
     report = result.report()
     out = {
@@ -84,12 +99,49 @@ def main(argv=None) -> int:
         "timings_s": result.timings, "svd_seconds_per_shape": result.extra["svd_seconds_per_shape"],
         "peak_mb": common.memory_peak(device), "planned": planned, "num_layers": report["num_layers"],
         "mean_energy_captured": report["mean_energy_captured"], "torch": torch.__version__,
+        "free_gb": args.free_gb, "warmup_s": warmup_s, "warmup_kernel_compiles": warmup_compiles,
+        "kernel_compiles_in_timed_run": None if compiles is None else dict(compiles.compiled),
     }
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
         Path(args.json).write_text(text)
     return 0
+
+
+def _compile_counter(device):
+    """Triton's compiles during the block (``None`` off a GPU, or without Triton)."""
+    import contextlib
+
+    if device.type != "cuda":
+        return contextlib.nullcontext(None)
+    try:
+        from fisherlora.counting import count_kernel_compiles
+
+        return count_kernel_compiles(keys=False)
+    except ImportError:
+        return contextlib.nullcontext(None)
+
+
+def _warmup(args, config, cfg, device, dtype) -> tuple[float, dict | None]:
+    """The init once on a 1-layer model of the same shapes and one batch: every kernel the timed
+    run launches is compiled (and autotuned) here. Returns its seconds and Triton's compiles."""
+    import dataclasses
+
+    from bench import common
+    from fisherlora import initialize_fisher_lora
+
+    t0 = time.perf_counter()
+    model, _, batches = common.config_setup(config, args.batch_size, args.max_length, args.batch_size,
+                                            device=str(device), dtype=dtype, num_layers=1)
+    with _compile_counter(device) as compiles:
+        initialize_fisher_lora(model, None, batches[:1], dataclasses.replace(cfg, layer_groups=1), num_batches=1,
+                               keep_statistics=False)
+        common.synchronize(device)
+    del model, batches
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return time.perf_counter() - t0, None if compiles is None else dict(compiles.compiled)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def init_table(paths: list[Path]) -> list[str]:
             f"{r['tokens']} | {r['total_s']:.1f} | {t.get('collect', 0):.1f} | {t.get('svd', 0):.1f} | "
             f"{t.get('initialize', 0):.1f} | {r['peak_mb']:.0f} | "
             f"{'n/a' if planned is None else f'{planned / MiB:.0f}'} |")
+        if r.get("warmup_s") is not None or r.get("kernel_compiles_in_timed_run") is not None:
+            compiles = r.get("kernel_compiles_in_timed_run")
+            lines.append(f"|  | warm-up {r.get('warmup_s') or 0:.1f} s (1 layer, 1 batch); Triton compiles in the "
+                         f"timed run: {'n/a' if compiles is None else sum(compiles.values())} | | | | | | | | |")
         per_shape = r.get("svd_seconds_per_shape") or {}
         if per_shape:
             lines.append("|  | SVD s per shape: " + ", ".join(f"{k} {v:.2f}" for k, v in per_shape.items())
@@ -74,6 +78,9 @@ def summary(folder: Path) -> str:
     inits = sorted(folder.glob("init_*.json"))
     if inits:
         parts += ["### Whole init (random weights)", "", *init_table(inits), ""]
+    methods = folder / "init_1b_methods" / "init_methods.md"
+    if methods.exists():  # bench/init_methods.py's own table of the side-by-side run
+        parts += ["### Whole init side by side (bench/init_methods.py)", "", methods.read_text(), ""]
     return "\n".join(parts) if parts else f"no results in {folder}"
 
 

@@ -339,6 +339,9 @@ def load_setup(args):
     if args.tiny:
         return common.tiny_setup(max(args.num_samples, 1), args.max_length, args.batch_size)
     dtype = getattr(torch, args.dtype)
+    if args.config:  # random weights of an architecture, built on the device (issue 17)
+        return common.config_setup(args.config, args.num_samples, args.max_length, args.batch_size,
+                                   device=args.device, dtype=dtype)
     return common.embedded_setup(args.num_samples, args.max_length, args.batch_size, model=args.model,
                                  device=args.device, dtype=dtype)
 
@@ -387,7 +390,7 @@ def forwarded_args(args) -> list[str]:
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
            "--rank", str(args.rank), "--alpha", str(args.alpha),
            "--device", args.device, "--dtype", args.dtype]
-    return out + (["--tiny"] if args.tiny else [])
+    return out + (["--tiny"] if args.tiny else []) + (["--config", args.config] if args.config else [])
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -505,6 +508,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m",
                    help="'smollm2-135m' (embedded) or a local model folder")
     common.add_size_flags(p, "alpha", **common.CPU_SIZES)
+    p.add_argument("--config", default=None,
+                   help="instead of --model: random weights of this architecture (llama-3.2-1b, or a config.json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/out", help="output folder (git-ignored by default)")
@@ -530,7 +535,8 @@ def main(argv=None) -> int:
     methods = select_methods(args.methods, args.device)
     out.mkdir(parents=True, exist_ok=True)
     isolated = not args.in_process and args.device == "cpu"
-    settings = (f"model={'tiny random Llama' if args.tiny else args.model}, {args.num_samples} GSM8K pairs x "
+    model_name = "tiny random Llama" if args.tiny else f"random {args.config}" if args.config else args.model
+    settings = (f"model={model_name}, {args.num_samples} GSM8K pairs x "
                 f"{args.max_length} tokens, batch {args.batch_size}, r={args.rank}, alpha={args.alpha}, "
                 f"{', '.join(PROJECTIONS)}, device={args.device}, dtype={args.dtype}, "
                 f"torch threads={torch.get_num_threads()}, "

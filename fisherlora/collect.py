@@ -192,7 +192,9 @@ class StatisticsCollector:
 
     # ----------------------------------------------------------------------------- hooks
     def _root_pre_hook(self, module, args, kwargs):
-        self._masks.start(kwargs)  # counted once per forward: one device sync per batch, not one per layer
+        # counted once per forward and kept on the device: the counts are read once, when the
+        # statistics are finalised, so no hook waits for the device (docs/DESIGN.md §11)
+        self._masks.start(kwargs)
         self._seen.clear()
         return None
 
@@ -297,6 +299,7 @@ class StatisticsCollector:
         missing = [n for n in self.modules if n not in self.a_key]
         if missing:
             raise RuntimeError(f"no forward pass reached the target layers {missing[:5]} (of {len(missing)})")
+        self.a_count, self.g_count = _host_counts(self.a_count), _host_counts(self.g_count)  # read once
         no_grad = [n for n in self.modules if n not in self._G or self.g_count[n] == 0]
         if no_grad:
             raise RuntimeError(
@@ -318,6 +321,12 @@ class StatisticsCollector:
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
         return FisherStatistics(dict(self._A), dict(self._G), dict(self.a_key), dict(self.a_count),
                                 dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode)
+
+
+def _host_counts(counts: dict) -> dict[str, int]:
+    """Token counts as ints; those the hooks kept on the device are read in one transfer."""
+    kept = [k for k, v in counts.items() if isinstance(v, torch.Tensor)]
+    return {**counts, **dict(zip(kept, torch.stack([counts[k] for k in kept]).tolist() if kept else []))}
 
 
 def _normalise_(acc: torch.Tensor, count: int) -> None:

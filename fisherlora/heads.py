@@ -242,7 +242,7 @@ class TokenMasks:
         cfg = getattr(model, "config", None)
         self.encoder = model.get_encoder() if getattr(cfg, "is_encoder_decoder", False) else None
         self.masks: dict[str, torch.Tensor | None] = {}
-        self.counts: dict[str, int | None] = {}
+        self.counts: dict[str, torch.Tensor | None] = {}
         self._after_encoder = False
         self._encoder_out = None
 
@@ -252,7 +252,7 @@ class TokenMasks:
         for key in ("attention_mask", "decoder_attention_mask"):
             m = kwargs.get(key)
             self.masks[key] = None if m is None else m.bool()
-            self.counts[key] = None if m is None else int(self.masks[key].sum())
+            self.counts[key] = None if m is None else self.masks[key].sum()  # a device tensor: no sync
 
     def hooks(self) -> list:
         """Handles of the hooks registered (the encoder's end), for the collector to remove."""
@@ -265,8 +265,8 @@ class TokenMasks:
 
         return [self.encoder.register_forward_hook(done)]
 
-    def mask_for(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int | None]:
-        """``(mask, count)`` for a layer whose input is ``x``."""
+    def mask_for(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask, count)`` for a layer whose input is ``x`` (the count a 0-d device tensor)."""
         key = ("decoder_attention_mask" if self._after_encoder and x is not self._encoder_out
                else "attention_mask")
         return self.masks.get(key), self.counts.get(key)

@@ -32,7 +32,11 @@ from . import _common
 __all__ = ["projected_sq_accumulate_"]
 
 
-@triton.jit
+#: Arguments that follow the batch: never a specialisation (see ``syrk.TOKEN_ARGS``).
+TOKEN_ARGS = ["T", "n_inner", "s_outer", "rows_per_split"]
+
+
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _projected_kernel(
     x_ptr, mask_ptr, Q_ptr, out_ptr,
     T, d, k, n_inner, s_outer, s_inner, s_col, sq0, sq1, rows_per_split,

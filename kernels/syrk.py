@@ -53,7 +53,14 @@ def _add_upper_tile(out_ptr, tile, offs_i, offs_j, d, PACKED: tl.constexpr):
     tl.store(ptrs, old + tile, mask=keep)
 
 
-@triton.jit
+#: Arguments that follow the batch (its token count and layout): never a specialisation, so a new
+#: sequence length or batch size reuses the compiled kernel (docs/DESIGN.md §11). ``d`` and the
+#: strides of one row stay specialised: they are the layer's, and their divisibility lets the
+#: loads vectorise.
+TOKEN_ARGS = ["T", "n_inner", "s_outer", "rows_per_split"]
+
+
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _syrk_tile_kernel(
     x_ptr, mask_ptr, out_ptr, ti_ptr, tj_ptr,
     T, d, n_inner, s_outer, s_inner, s_col, rows_per_split, n_tiles, scale,
@@ -94,17 +101,19 @@ def _syrk_tile_kernel(
         tl.store(out_ptr + base + r[:, None] * BLOCK + r[None, :], acc)
 
 
-@triton.jit
-def _syrk_reduce_kernel(ws_ptr, acc_ptr, ti_ptr, tj_ptr, d, n_tiles, SPLIT: tl.constexpr,
+@triton.jit(do_not_specialize=["n_split"])
+def _syrk_reduce_kernel(ws_ptr, acc_ptr, ti_ptr, tj_ptr, d, n_tiles, n_split,
                         PACKED: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum the ``SPLIT`` partial tiles of one tile in the fixed order ``0..SPLIT-1``, add to ``acc``."""
+    """Sum the ``n_split`` partial tiles of one tile in the fixed order ``0..n_split-1``, add to
+    ``acc``. The slice count is a runtime loop bound: it follows the token count, and a
+    compile-time one compiled the kernel once per value."""
     pid_t = tl.program_id(0)
     ti = tl.load(ti_ptr + pid_t)
     tj = tl.load(tj_ptr + pid_t)
     r = tl.arange(0, BLOCK)
     tile_off = r[:, None] * BLOCK + r[None, :]
     total = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
+    for s in range(0, n_split):
         base = (s * n_tiles + pid_t).to(tl.int64) * BLOCK * BLOCK
         total += tl.load(ws_ptr + base + tile_off)
     _add_upper_tile(acc_ptr, total, ti * BLOCK + r, tj * BLOCK + r, d, PACKED)
@@ -209,5 +218,5 @@ def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | No
     else:
         _syrk_tile_autotuned[grid](*args, **meta)
     if not direct:
-        _syrk_reduce_kernel[(n_tiles,)](out, acc, ti, tj, d, n_tiles, SPLIT=S, PACKED=acc.dim() == 1,
+        _syrk_reduce_kernel[(n_tiles,)](out, acc, ti, tj, d, n_tiles, S, PACKED=acc.dim() == 1,
                                         BLOCK=BLOCK, num_warps=4 if BLOCK <= 64 else 8)

@@ -70,17 +70,25 @@ def test_gpu_check_script_runs_its_cpu_capable_steps_and_packs_the_results(tmp_p
     for name in ("llama-3-8b", "llama-3.2-1b"):
         (configs / f"{name}.json").write_text(json.dumps(tiny))
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "GPU_CHECK_CONFIGS": str(configs),
-           "GPU_CHECK_STEPS": "svd_paths,init_8b_4layers,init_1b", "FISHERLORA_BENCH_QUICK": "1"}
+           "GPU_CHECK_STEPS": "init_8b_projected_24gb,init_8b_full,init_1b_methods,dispatch_table,svd_paths",
+           "GPU_CHECK_TOKENS": "8x32", "GPU_CHECK_1B_METHODS": "naive,fisherlora[torch,full],pissa",
+           "FISHERLORA_BENCH_QUICK": "1"}
     proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     status = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert list(status) == ["svd_paths", "init_8b_4layers", "init_1b"], proc.stdout[-2000:]
+    steps = ["init_8b_projected_24gb", "init_8b_full", "init_1b_methods", "dispatch_table", "svd_paths"]
+    assert list(status) == steps, proc.stdout[-2000:]
     assert all(v.startswith("rc=0 ") for v in status.values()), (status, proc.stdout[-3000:])
     summary = (tmp_path / "out" / "summary.md").read_text()
-    assert "init_8b_4layers" in summary or "init" in summary
+    assert "init_8b_projected_24gb" in summary and "warm-up" in summary, summary
+    assert "side by side" in summary and "pissa" in summary, summary
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
         names = tar.getnames()
-    assert "work/init_8b_4layers.json" in names and "work/svd_paths.log" in names
+    assert {"work/init_8b_projected_24gb.json", "work/init_8b_full.json", "work/svd_paths.log",
+            "work/dispatch_table.json", "work/init_1b_methods/init_methods.json"} <= set(names), names
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        r = json.load(tar.extractfile("work/init_8b_projected_24gb.json"))
+    assert r["memory_mode"] == "projected" and r["free_gb"] == 24 and r["warmup_s"] > 0
 
 
 def test_gpu_summary_tables_the_check_results(tmp_path):

@@ -9,7 +9,8 @@ build of torch. How the includes are found (csrc/README.md):
   supplies a one-line stand-in for it when it is missing. The glue includes only the ATen headers
   it uses (not ``ATen/ATen.h``, nor ``ATen/cuda/CUDAContext.h``, which needs cuBLAS headers).
 
-Both files compile concurrently, each once for both architectures (about 30 s on 2 cores).
+Every file compiles concurrently, each once for both architectures (about 30 s on 2 idle cores;
+`cuda/gemm_cuda.cu`, the tensor-core glue, needs torch's headers like `curvature_cuda.cu`).
 """
 
 from __future__ import annotations

@@ -116,6 +116,75 @@ def test_integer_mask_accumulation_and_scale():
     torch.testing.assert_close(ops.symmetrize_(acc).triu(), ref.triu(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("d", [31, 33, 65, 255, 257, 291, 545])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_syrk_diagonal_tiles_at_odd_sizes(d, layout):
+    """Diagonal 256-tiles are computed as 32-column row panels (upper half only, csrc/cpu): sizes
+    that end inside a panel, a tile, or just past one, exact against float64; a dense
+    accumulator's strict lower triangle is never written."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 150, d, generator=g)
+    mask = torch.rand(2, 150, generator=g) > 0.3
+    x.masked_fill_(~mask.unsqueeze(-1), float("nan"))
+    ref = _syrk64(x, mask)
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        if layout == "dense":
+            acc = torch.full((d, d), 7.0, dtype=dtype)
+            ops.syrk_accumulate_(acc, x, mask, backend="ext")
+            lower = torch.ones(d, d, dtype=torch.bool).tril(-1)
+            assert (acc[lower] == 7.0).all(), "the strict lower triangle was written"
+            got = (acc - 7.0).triu()
+        else:
+            acc = torch.zeros(ops.packed_size(d), dtype=dtype)
+            ops.syrk_accumulate_(acc, x, mask, backend="ext")
+            got = ops.unpack_triu(acc, d).triu()
+        torch.testing.assert_close(got.double(), ref.triu(), rtol=rel, atol=rel * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, tokens", [(4096, 9000), (4609, 700), (77, 50)])
+def test_cuda_tensor_core_paths_match_float64_and_never_synchronise(d, tokens):
+    """The float32-accumulator paths of csrc/cuda/gemm_cuda.cu: several row chunks (9000 bf16 rows
+    of 4096 exceed one 64 MiB workspace), block rows of 256 and of 512 (d > 4096), masked and
+    strided rows, dense and packed accumulators; exact to float32 against float64, and not one
+    host synchronisation (torch.cuda's sync debug mode raises on any)."""
+    _device("cuda")
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(2, tokens // 2, d, generator=g).to(torch.bfloat16).cuda()
+    mask = (torch.rand(2, tokens // 2, generator=g) > 0.3).cuda()
+    x.masked_fill_(~mask.unsqueeze(-1), float("nan"))
+    Q = torch.linalg.qr(torch.randn(d, min(d, 512), generator=g, dtype=torch.float64))[0]
+    strided = torch.randn(d, 2 * tokens, generator=g).cuda().mT[::2]  # (tokens, d), column stride 2 tokens
+    dense, packed = torch.zeros(d, d, device="cuda"), torch.zeros(ops.packed_size(d), device="cuda")
+    dense_s = torch.zeros(d, d, device="cuda")
+    proj, proj16 = torch.zeros(Q.shape[1], device="cuda"), torch.zeros(Q.shape[1], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.syrk_accumulate_(dense, x, mask, 0.5, backend="ext")
+        ops.syrk_accumulate_(packed, x, mask, 0.5, backend="ext")
+        ops.syrk_accumulate_(dense_s, strided, None, 1.0, backend="ext")
+        ops.projected_sq_accumulate_(proj, x, Q.float().cuda(), mask, backend="ext")
+        ops.projected_sq_accumulate_(proj16, x, Q.to(torch.bfloat16).cuda(), mask, backend="ext")
+        energy = ops.fisher_energy(ops.symmetrize_(dense), Q.float().cuda(), backend="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = 0.5 * _syrk64(x, mask)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(dense.double().cpu(), ref, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(ops.unpack_triu(packed.cpu(), d).double(), ref, rtol=1e-4, atol=1e-5 * scale)
+    ref_s = _syrk64(strided, None)
+    torch.testing.assert_close(ops.symmetrize_(dense_s).double().cpu(), ref_s, rtol=1e-4,
+                               atol=1e-5 * ref_s.abs().max().item())
+    want = torch.diag(Q.T @ (2 * ref) @ Q)
+    torch.testing.assert_close(proj.double().cpu(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    q16 = Q.to(torch.bfloat16).double()
+    want16 = torch.diag(q16.T @ (2 * ref) @ q16)
+    torch.testing.assert_close(proj16.double().cpu(), want16, rtol=1e-3, atol=1e-4 * want16.abs().max().item())
+    torch.testing.assert_close(energy.double().cpu(), torch.diag(Q.T @ ref @ Q), rtol=1e-4,
+                               atol=1e-5 * scale)
+
+
 def test_strided_inputs_need_no_copy_semantics():
     # non-contiguous leading dims (a permuted batch) and a non-contiguous, transposed Q and M
     x = torch.randn(5, 30, 2, 300).permute(2, 1, 0, 3)[:, ::2]

@@ -29,6 +29,12 @@ constexpr int64_t ENERGY_COL_TILE = 64;    // columns of Q per task
 constexpr int64_t PROJ_TOKEN_TILE = 128;   // kept rows per step of projected_sq
 constexpr int64_t PROJ_COL_CHUNK = 512;    // columns of Q converted at a time when Q's dtype differs
 constexpr int64_t PROJ_GROUPS = 64;        // fixed token groups (deterministic partial sums)
+// Row panels of a diagonal SYRK tile: panel a (columns [a*P, a*P + P)) is multiplied only with
+// the columns from a*P on, so the strictly lower half is skipped except inside the P x P blocks
+// on the diagonal. Multiply-adds per kept token of an n-wide diagonal tile:
+//   sum_a p_a * (n - a*P), p_a = min(P, n - a*P)   (n = 256, P = 32: 36,864 = 1.12 x n(n+1)/2,
+//   where the full tile product costs n^2 = 65,536 = 1.99 x). See docs/DESIGN.md §11.
+constexpr int64_t SYRK_DIAG_PANEL = 32;
 
 // Element offsets (relative to x.data_ptr) of the rows of x (..., d) that `mask` keeps, in flat
 // token order. Arbitrary strides of the leading dims are handled without copying x.
@@ -109,12 +115,16 @@ void syrk_kernel(const at::Tensor& acc, const at::Tensor& x, const std::vector<i
         const int64_t nt = std::min(tb, n - t0);
         load_panel<in_t, acc_t>(xp, rows.data() + t0, nt, i0, ni, cs, bufi.data_ptr<acc_t>(), SYRK_TILE);
         at::Tensor xi = bufi.narrow(0, 0, nt).narrow(1, 0, ni);
-        at::Tensor xj = xi;
-        if (!diag) {
-          load_panel<in_t, acc_t>(xp, rows.data() + t0, nt, j0, nj, cs, bufj.data_ptr<acc_t>(), SYRK_TILE);
-          xj = bufj.narrow(0, 0, nt).narrow(1, 0, nj);
+        if (diag) {
+          // upper row panels only: (p, nt) @ (nt, ni - a0) into rows a0.., columns a0.. of tile
+          for (int64_t a0 = 0; a0 < ni; a0 += SYRK_DIAG_PANEL) {
+            const int64_t na = std::min(SYRK_DIAG_PANEL, ni - a0);
+            tile.narrow(0, a0, na).narrow(1, a0, ni - a0).addmm_(xi.narrow(1, a0, na).t(), xi.narrow(1, a0, ni - a0));
+          }
+          continue;
         }
-        tile.addmm_(xi.t(), xj);  // (ni, nt) @ (nt, nj) through BLAS
+        load_panel<in_t, acc_t>(xp, rows.data() + t0, nt, j0, nj, cs, bufj.data_ptr<acc_t>(), SYRK_TILE);
+        tile.addmm_(xi.t(), bufj.narrow(0, 0, nt).narrow(1, 0, nj));  // (ni, nt) @ (nt, nj) through BLAS
       }
       const acc_t* tp = tile.const_data_ptr<acc_t>();
       for (int64_t r = 0; r < ni; ++r) {

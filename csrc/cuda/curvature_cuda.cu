@@ -1,5 +1,6 @@
-// CUDA implementations of the fisherlora_ext ops: input checks (TORCH_CHECK), a device guard, the
-// kept-row offsets, then the kernels of kernels.cu (through launch.h). Registered for the CUDA
+// CUDA implementations of the fisherlora_ext ops: input checks (TORCH_CHECK), a device guard, then
+// the tensor-core paths of gemm_cuda.cu where they apply (float32 accumulators), else the kept-row
+// offsets and the FMA kernels of kernels.cu (through launch.h). Registered for the CUDA
 // dispatch key; the op schemas are defined in bindings.cpp.
 // Host code only: nvcc's device passes (one per architecture) see an empty file instead of
 // parsing ATen's headers again, which halves this file's compile time.
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "../curvature.h"
+#include "gemm.h"
 #include "launch.h"
 
 namespace fisherlora {
@@ -41,18 +43,11 @@ void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 }
 
 // Device int64 element offsets of the rows of x (..., d) that `mask` keeps, in flat token order:
-// 8 bytes per token, never a copy of x. Masked-out rows are therefore never read.
+// 8 bytes per token, never a copy of x. Masked-out rows are therefore never read. masked_select
+// reads the kept count on the host (one synchronisation): only the FMA kernels use this, i.e.
+// float64 accumulators; the tensor-core paths (gemm_cuda.cu) need no count.
 at::Tensor kept_row_offsets(const at::Tensor& x, const std::optional<at::Tensor>& mask) {
-  const auto opts = x.options().dtype(at::kLong);
-  const int64_t nd = x.dim() - 1;
-  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().begin() + nd);
-  at::Tensor offsets = at::zeros(lead, opts);
-  for (int64_t i = 0; i < nd; ++i) {
-    std::vector<int64_t> shape(nd, 1);
-    shape[i] = x.size(i);
-    offsets = offsets.add(at::arange(x.size(i), opts).mul_(x.stride(i)).view(shape));
-  }
-  offsets = offsets.reshape({-1});
+  at::Tensor offsets = row_offsets(x);
   if (mask.has_value()) offsets = offsets.masked_select(mask->reshape({-1}).ne(0));
   return offsets.contiguous();
 }
@@ -63,6 +58,7 @@ void syrk_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x, const std:
   check_syrk_args(acc, x, mask);
   check_cuda(x, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (syrk_gemm(acc, x, mask, scale)) return;
   const at::Tensor rows = kept_row_offsets(x, mask);
   launch_syrk(to_dtype(x.scalar_type()), to_dtype(acc.scalar_type()), x.const_data_ptr(),
               rows.const_data_ptr<int64_t>(), rows.numel(), x.size(-1), x.stride(-1), acc.data_ptr(),
@@ -76,8 +72,9 @@ at::Tensor fisher_energy_cuda(const at::Tensor& M, const at::Tensor& Q) {
   check_cuda(M, op, "M");
   const c10::cuda::CUDAGuard guard(M.device());
   const int64_t d = Q.size(0), k = Q.size(1);
-  const at::Tensor Mc = M.contiguous();
   at::Tensor out = at::empty({k}, M.options());
+  if (energy_gemm(M, Q, out)) return out;
+  const at::Tensor Mc = M.contiguous();
   at::Tensor partial = at::empty({energy_partial_rows(d) * k}, M.options().dtype(at::kDouble));
   launch_energy(to_dtype(M.scalar_type()), to_dtype(Q.scalar_type()), Mc.const_data_ptr(), M.dim() == 1,
                 Q.const_data_ptr(), d, k, Q.stride(0), Q.stride(1), partial.data_ptr<double>(), out.data_ptr(),
@@ -92,6 +89,7 @@ void projected_sq_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x, co
   check_projected_args(acc, x, Q, mask);
   check_cuda(x, op, "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  if (projected_gemm(acc, x, Q, mask)) return;
   const at::Tensor rows = kept_row_offsets(x, mask);
   const int64_t n = rows.numel(), k = Q.size(1);
   if (n == 0 || k == 0) return;

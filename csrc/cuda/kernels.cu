@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "launch.h"
 
@@ -250,6 +251,47 @@ void launch_sum(const double* partial, int64_t groups, int64_t k, void* out, boo
   check_launch("sum_partials");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Helpers of the tensor-core paths (gemm_cuda.cu): one block per row, threads over columns.
+template <typename out_t>
+__device__ __forceinline__ out_t store_as(float v);
+template <>
+__device__ __forceinline__ float store_as<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <>
+__device__ __forceinline__ __half store_as<__half>(float v) { return __float2half(v); }
+
+template <typename in_t, typename out_t>
+__global__ void gather_rows_kernel(const in_t* __restrict__ x, const int64_t* __restrict__ offsets,
+                                   const bool* __restrict__ keep, int64_t d, int64_t cs, out_t* __restrict__ dst) {
+  const int64_t r = blockIdx.x;
+  out_t* out = dst + r * d;
+  const bool kept = keep == nullptr || keep[r];
+  const in_t* src = x + (kept ? offsets[r] : 0);
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x)
+    out[c] = kept ? store_as<out_t>(load_as<float>(src + c * cs)) : store_as<out_t>(0.0f);
+}
+
+// 16-bit rows copied as they are (no round trip through float)
+template <typename t16>
+__global__ void copy_rows_kernel(const t16* __restrict__ x, const int64_t* __restrict__ offsets,
+                                 const bool* __restrict__ keep, int64_t d, int64_t cs, t16* __restrict__ dst) {
+  const int64_t r = blockIdx.x;
+  t16* out = dst + r * d;
+  const bool kept = keep == nullptr || keep[r];
+  const t16* src = x + (kept ? offsets[r] : 0);
+  for (int64_t c = threadIdx.x; c < d; c += blockDim.x) out[c] = kept ? src[c * cs] : store_as<t16>(0.0f);
+}
+
+__global__ void add_packed_rows_kernel(const float* __restrict__ block, int64_t i0, int64_t d, float scale,
+                                       float* __restrict__ acc) {
+  const int64_t r = blockIdx.x, i = i0 + r, width = d - i0;
+  const float* src = block + r * width;
+  float* dst = acc + packed_index(i, i, d) - r;  // so that dst[c] is acc[i, i0 + c]
+  for (int64_t c = r + threadIdx.x; c < width; c += blockDim.x) dst[c] += scale * src[c];
+}
+
 // Call f(in_t{}) with the C++ type of an input dtype.
 template <typename F>
 void with_input_type(DType t, F&& f) {
@@ -288,6 +330,40 @@ void launch_syrk(DType x_dtype, DType acc_dtype, const void* x, const int64_t* r
     });
   });
   check_launch("syrk");
+}
+
+void launch_gather_rows(DType x_dtype, DType dst_dtype, const void* x, const int64_t* offsets, const bool* keep,
+                        int64_t n, int64_t d, int64_t col_stride, void* dst, cudaStream_t stream) {
+  if (n == 0 || d == 0) return;
+  const unsigned blocks = static_cast<unsigned>(n);
+  const int threads = d >= 256 ? 256 : 64;
+  if (x_dtype == dst_dtype && x_dtype == DType::kBFloat16) {
+    copy_rows_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(x), offsets, keep, d, col_stride, static_cast<__nv_bfloat16*>(dst));
+  } else if (x_dtype == dst_dtype && x_dtype == DType::kHalf) {
+    copy_rows_kernel<__half><<<blocks, threads, 0, stream>>>(static_cast<const __half*>(x), offsets, keep, d,
+                                                             col_stride, static_cast<__half*>(dst));
+  } else if (dst_dtype == DType::kFloat) {
+    with_input_type(x_dtype, [&](auto in_v) {
+      using in_t = decltype(in_v);
+      if constexpr (std::is_same_v<in_t, double>) {
+        throw std::invalid_argument("fisherlora CUDA kernels: gather_rows takes 16-bit or float32 rows");
+      } else {
+        gather_rows_kernel<in_t, float><<<blocks, threads, 0, stream>>>(static_cast<const in_t*>(x), offsets, keep,
+                                                                        d, col_stride, static_cast<float*>(dst));
+      }
+    });
+  } else {
+    throw std::invalid_argument("fisherlora CUDA kernels: gather_rows converts only to the same dtype or float32");
+  }
+  check_launch("gather_rows");
+}
+
+void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float scale, float* acc,
+                            cudaStream_t stream) {
+  if (rows == 0) return;
+  add_packed_rows_kernel<<<static_cast<unsigned>(rows), 256, 0, stream>>>(block, i0, d, scale, acc);
+  check_launch("add_packed_rows");
 }
 
 int64_t energy_partial_rows(int64_t d) { return (d + ENERGY_ROWS - 1) / ENERGY_ROWS; }

@@ -33,5 +33,16 @@ void launch_projected(DType x_dtype, DType acc_dtype, const void* x, const int64
                       int64_t col_stride, const void* Q, int64_t k, int64_t qs0, int64_t qs1, double* partial,
                       void* acc, cudaStream_t stream);
 
+// Helpers of the tensor-core paths (cuda/gemm_cuda.cu, docs/DESIGN.md §11).
+// dst (n, d) row-major of dst_dtype: row r is x's row at element offset offsets[r] (columns
+// col_stride apart), converted, or zeros where keep[r] is false (keep may be null: keep all).
+// A masked-out row is never read, so padding that holds NaN cannot reach a product.
+void launch_gather_rows(DType x_dtype, DType dst_dtype, const void* x, const int64_t* offsets, const bool* keep,
+                        int64_t n, int64_t d, int64_t col_stride, void* dst, cudaStream_t stream);
+// acc (packed upper triangle of a (d, d) float32 matrix) at rows i0 .. i0 + rows, columns from i0:
+// acc[i0 + r, i0 + c] += scale * block[r, c] for c >= r; block is (rows, d - i0) float32 row-major.
+void launch_add_packed_rows(const float* block, int64_t rows, int64_t i0, int64_t d, float scale, float* acc,
+                            cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fisherlora

@@ -102,7 +102,7 @@ def _run(op: str, backend: str, device: torch.device, *args):
     """Run the validated ``op`` on its backend, outside autograd: the ops are statistics, so
     arguments that require grad are read as plain values and no result carries a graph (the
     compiled backends have no backward; the reference would otherwise build one)."""
-    _, fn = dispatch.resolve(op, backend, device)
+    _, fn = dispatch.resolve(op, backend, device, args)
     with torch.no_grad():
         return fn(*args)
 

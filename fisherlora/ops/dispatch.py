@@ -11,16 +11,20 @@ A backend is a module exposing the three op functions with the reference signatu
 
 Backends are imported lazily, on first use, so ``import fisherlora`` neither needs Triton or the
 extension nor touches CUDA. A backend that fails to import is reported once (a warning naming the
-cause) and ``backend="auto"`` falls back to the next one.
+cause) and ``backend="auto"`` falls back to the next one. Where the measured dispatch table has
+rows (:mod:`fisherlora.ops.table`), ``auto`` picks per op and shape from them instead.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from types import ModuleType
 
 import torch
+
+import fisherlora.ops.table as table
 
 BACKENDS = ("torch", "triton", "ext")
 OPS = ("syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_")
@@ -79,8 +83,27 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return found
 
 
-def resolve(op: str, backend: str, device: torch.device) -> tuple[str, callable]:
+def _measured_choice(op: str, device_type: str, args: tuple) -> tuple[str, callable] | None:
+    """What the measured table (:mod:`fisherlora.ops.table`) picks for this call, if it has a row."""
+    if not table.load().get(device_type, {}).get(op):
+        return None
+    available = tuple(n for n in AUTO_ORDER.get(device_type, ("torch",))
+                      if _load(n) is not None and _supports(_loaded[n], device_type))
+    name = _choose(op, device_type, *table.shape_key(op, args), available)
+    return None if name is None or name not in available else (name, getattr(_loaded[name], op))
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(op, device_type, d, layout, available):
+    return table.choose(op, device_type, d, layout, available)
+
+
+def resolve(op: str, backend: str, device: torch.device, args: tuple | None = None) -> tuple[str, callable]:
     """The ``(backend name, function)`` that runs ``op`` for tensors on ``device``.
+
+    With ``backend="auto"`` and the call's positional ``args``, the measured table picks per shape
+    where it has rows (:mod:`fisherlora.ops.table`); otherwise the first available backend of
+    :data:`AUTO_ORDER`.
 
     Raises ``ValueError`` for an unknown op or backend name, ``RuntimeError`` when an explicitly
     requested backend is not available (naming the cause and how to get it).
@@ -88,6 +111,10 @@ def resolve(op: str, backend: str, device: torch.device) -> tuple[str, callable]
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     device_type = device.type
+    if backend == "auto" and args is not None:
+        picked = _measured_choice(op, device_type, args)
+        if picked is not None:
+            return picked
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("torch",)):
             module = _load(name)
