@@ -15,7 +15,7 @@ from torch import nn
 
 from fisherlora.memory import release_host_memory
 
-__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "EmptyCalibrationError"]
+__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "check_totals", "EmptyCalibrationError"]
 
 
 class EmptyCalibrationError(ValueError):
@@ -160,6 +160,15 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         del loss
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
+    return check_totals(totals)
+
+
+def check_totals(totals: dict) -> dict:
+    """``totals`` of :func:`run_calibration` if they describe a usable calibration.
+
+    Raises:
+        EmptyCalibrationError: no batch. ValueError: no label token (``G`` would be zero).
+    """
     if totals["batches"] == 0:
         raise EmptyCalibrationError("the calibration data is empty: no batch was produced")
     if totals["label_tokens"] == 0:
