@@ -95,7 +95,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                     fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
-                    progress: Iterator | None = None) -> dict:
+                    progress: Iterator | None = None, check: bool = True) -> dict:
     """Drive forward and backward passes of a causal LM over calibration batches, inside a
     :class:`StatisticsCollector` (whose hooks do the accumulating).
 
@@ -110,7 +110,9 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         "label_tokens", "loss_sum"}`` totals (lengths in non-padding tokens).
 
     Raises:
-        ValueError: empty data, or a batch without ``input_ids``.
+        ValueError: empty data, or a batch without ``input_ids`` (with ``check=False`` empty data,
+            or data without label tokens, is not an error: a distributed run checks the totals
+            of all ranks, :func:`check_totals`).
     """
     accepts_positions = "position_ids" in _forward_params(model)
     totals = {"batches": 0, "sequences": 0, "max_batch_size": 0, "max_sequence_length": 0, "tokens": 0,
@@ -160,7 +162,7 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         del loss
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
-    return check_totals(totals)
+    return check_totals(totals) if check else totals
 
 
 def check_totals(totals: dict) -> dict:

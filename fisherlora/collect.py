@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fisherlora import ops
+from fisherlora import distributed, ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.layers import decoder_layer_index, layer_shape
@@ -371,13 +371,11 @@ def _make_inputs_require_grad(module, args, kwargs):
     return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
-
-
 @keeps_global_rng
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
                        mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
                        num_batches: int | None = None, progress: bool = True,
-                       desc: str = "calibration (fwd+bwd)") -> FisherStatistics:
+                       desc: str = "calibration (fwd+bwd)", process_group=None) -> FisherStatistics:
     """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
     Args:
@@ -388,16 +386,23 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
             (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
             one, also recomputes the decoder layers in the backward pass (activation
             checkpointing).
+        process_group: inside an initialised ``torch.distributed`` (or with this group), every
+            rank passes the SAME ``batches``, runs its share of the sequences and gets the
+            statistics of all of them (:mod:`fisherlora.distributed`, docs/DESIGN.md §7).
 
     Raises:
         ValueError: empty data. RuntimeError/FloatingPointError: as
             :meth:`StatisticsCollector.statistics`. The model is restored in every case.
     """
     dtype = getattr(torch, config.stats_dtype)
+    ctx = distributed.context(process_group)
     collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
                                     bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
-                                dynamic_ncols=True) as bar:
-        totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
-                                 mc_samples=config.mc_samples, seed=config.seed, progress=bar)
+                                dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
+        totals = run_calibration(model, batches if ctx is None else distributed.shard_batches(batches, ctx),
+                                 fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
+                                 seed=config.seed + (ctx.rank if ctx else 0), progress=bar, check=ctx is None)
+    if ctx is not None:
+        totals = distributed.reduce_collector(col, totals, ctx)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})

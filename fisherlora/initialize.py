@@ -5,10 +5,12 @@ collected per layer group, layers decomposed, the adapter written, the result as
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from torch import nn
 
+from fisherlora import distributed
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -41,7 +43,8 @@ __all__ = ["initialize_fisher_lora", "get_peft_model"]
 def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
                            statistics: FisherStatistics | None = None, num_batches: int | None = None,
-                           progress: bool = True, keep_statistics: bool = True) -> FisherLoraResult:
+                           progress: bool = True, keep_statistics: bool = True,
+                           process_group=None) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; docs/DESIGN.md §1).
 
     Args:
@@ -62,6 +65,10 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         keep_statistics: keep the factors in the result (to save them); ``False`` frees each
             layer group's factors as soon as it is decomposed (and ``memory_mode="auto"`` plans
             for that).
+        process_group: inside an initialised ``torch.distributed`` (or with this group) call this on
+            every rank with the same model and the SAME data: each rank runs its share of the
+            sequences, the SVDs are spread over the ranks, and every rank ends with bit-identical
+            adapters (docs/DESIGN.md §7). Without a group nothing of this happens.
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -76,6 +83,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             statistics (naming the layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
+    ctx = distributed.context(process_group)
     lora_config = lora_config if lora_config is not None else config.to_lora_config()
     model = unwrap_model(model)
     device = next(model.parameters()).device
@@ -113,8 +121,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
                 with phase(f"the singular value decompositions {where}"):
-                    bases = dict(iter_thin_svd({n: weight_view(m) for n, m in group.items()}, out_dtype=bases_dtype,
-                                               seconds=svd_seconds))
+                    weights = {n: weight_view(m) for n, m in group.items()}
+                    bases = (distributed.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
+                             else dict(iter_thin_svd(weights, out_dtype=bases_dtype, seconds=svd_seconds)))
                 timings["svd"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
@@ -122,7 +131,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                 try:
                     stats = collect_statistics(
                         model, group, data, config, mode=mode, num_batches=num_batches, progress=progress, desc=desc,
-                        bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None)
+                        bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None, process_group=ctx)
                 except EmptyCalibrationError:
                     if gi == 0:
                         raise
@@ -133,7 +142,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):
-            inits_g, sels_g = compute_initialization(group, stats, lora_config, config, bases=bases,
+            decompose = partial(distributed.spread_initialization, ctx) if ctx else compute_initialization
+            inits_g, sels_g = decompose(group, stats, lora_config, config, bases=bases,
                                                      progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
@@ -152,7 +162,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if not timings["svd"]:  # the SVD ran inside "decompose"
         del timings["svd"]
     result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
-                              peak_memory_mb(device), lora_config=lora_config)
+                              peak_memory_mb(device), lora_config=lora_config, process_group=ctx)
     result.extra.update(memory_mode=mode.value, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
     return result
 
