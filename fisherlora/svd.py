@@ -6,7 +6,7 @@ import torch
 
 from fisherlora.memory import all_finite, release_host_memory
 
-__all__ = ["thin_svd", "svd_gram_eigh", "svd_workspace_bytes", "iter_thin_svd"]
+__all__ = ["thin_svd", "svd_gram_eigh", "svd_workspace_bytes", "iter_thin_svd", "canonical_signs"]
 
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,3 +154,20 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = 
         del U, S, Vh
         if W.device.type == "cpu":
             release_host_memory()
+
+
+def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular-vector sign rule (docs/DESIGN.md §7): each pair ``(u_i, v_i)`` is flipped
+    together (so ``u_i σ_i v_iᵀ`` is unchanged) to make the entry of ``u_i`` of largest magnitude
+    (the first one on ties) positive. Solvers return either sign; with this rule the adapter
+    does not depend on which solver, thread count or rank computed the SVD.
+
+    Args:
+        U: ``(d_out, r)`` columns. Vh: ``(r, d_in)`` rows, matching them.
+
+    Returns:
+        ``(U, Vh)`` with the signs fixed (new tensors, same dtypes).
+    """
+    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return U * sign, Vh * sign.mT
