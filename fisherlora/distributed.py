@@ -9,7 +9,9 @@ receives ``None`` from :func:`context` and takes its single-process path.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +24,7 @@ from fisherlora.svd import iter_thin_svd
 
 __all__ = ["Dist", "RankFailedError", "context", "shard_batches", "together", "reduce_collector",
            "assign_by_cost", "svd_cost", "broadcast_from_owners", "spread_svd", "spread_initialization",
-           "on_rank0"]
+           "on_rank0", "join_from_env", "world", "is_rank0"]
 
 #: bytes of one bucket of a reduction or a broadcast: one collective per bucket, not per tensor
 BUCKET_BYTES = 64 << 20
@@ -354,3 +356,33 @@ def on_rank0(ctx: Dist | None, what: str, fn):
     dist.broadcast_object_list(box, group=ctx.group, group_src=0)
     ctx.collectives += 1
     return box[0]
+
+
+#: what ``torchrun`` and ``accelerate launch`` set for every worker (the env:// rendezvous)
+LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def join_from_env(device: torch.device) -> torch.device:
+    """Join the process group that a launcher (``torchrun``, ``accelerate launch``) describes in
+    the environment (:data:`LAUNCHER_ENV`, ``LOCAL_RANK``), once; returns the device this rank
+    works on (``cuda:LOCAL_RANK`` for a CUDA ``device``, which also selects NCCL; gloo otherwise).
+    Without those variables, or with a group already initialised, nothing is done and ``device``
+    is returned. The group is left again at exit."""
+    if dist.is_initialized() or not all(v in os.environ for v in LAUNCHER_ENV):
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return device
+
+
+def world() -> int:
+    """The size of the initialised default process group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """True unless this process is a rank other than 0 of an initialised process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
