@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from fisherlora.calibration import check_totals
+from fisherlora.config import MemoryMode
 from fisherlora.decompose import LayerInit, LayerSelection, compute_initialization
 from fisherlora.layers import layer_shape, ranks_and_scalings
 from fisherlora.svd import iter_thin_svd
 
 __all__ = ["Dist", "RankFailedError", "context", "shard_batches", "together", "reduce_collector",
-           "assign_by_cost", "svd_cost", "broadcast_from_owners", "spread_svd", "spread_initialization",
-           "on_rank0", "join_from_env", "world", "is_rank0"]
+           "assign_by_cost", "svd_cost", "agree_on_plan", "broadcast_from_owners", "spread_svd",
+           "spread_initialization", "on_rank0", "join_from_env", "world", "is_rank0"]
 
 #: bytes of one bucket of a reduction or a broadcast: one collective per bucket, not per tensor
 BUCKET_BYTES = 64 << 20
@@ -340,6 +341,18 @@ def _numel(shape) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def agree_on_plan(ctx: Dist, mode, n_groups: int):
+    """The memory plan every rank runs: the leanest of the ranks' own choices (``projected`` over
+    ``packed`` over ``full``, then more layer groups), so that ``memory_mode="auto"`` fits the
+    rank with the least free memory and all ranks make the same passes and collectives."""
+    plans = [None] * ctx.world
+    dist.all_gather_object(plans, (MemoryMode(mode).value, int(n_groups)), group=ctx.group)
+    ctx.collectives += 1
+    order = [MemoryMode.FULL.value, MemoryMode.PACKED.value, MemoryMode.PROJECTED.value]
+    m, g = max(plans, key=lambda p: (order.index(p[0]) if p[0] in order else -1, p[1]))
+    return MemoryMode(m), g
 
 
 def on_rank0(ctx: Dist | None, what: str, fn):

@@ -99,6 +99,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
         mode, n_groups = (resolve_memory_mode(model, lora_config, config, keep_statistics=keep_statistics)
                           if statistics is None else (statistics.kind, 1))
+        if ctx is not None and statistics is None:  # one plan for all ranks: the leanest (docs/DESIGN.md §7)
+            mode, n_groups = distributed.agree_on_plan(ctx, mode, n_groups)
     groups = layer_groups(modules, n_groups)
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
