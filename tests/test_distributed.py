@@ -111,6 +111,18 @@ def _job_main(rank, world, tmp):
             v.pop("result", None)
     if world == 2:  # in the same ranks: spawning new ones costs more than the run
         out["fail"] = _job_fail(rank, world, tmp)
+        out["fsdp2"] = _job_fsdp2(rank, world, tmp)
+        from fisherlora.distributed import agree_on_plan, context  # memory_mode="auto" chose differently
+        mode, groups = agree_on_plan(context(), *(("full", 1) if rank == 0 else ("projected", 2)))
+        out["plan"] = (mode.value, groups)
+    if world == 3:  # an explicit group of global ranks 0 and 2; rank 1 stays out
+        group = dist.new_group([0, 2])
+        if rank != 1:
+            model = tiny_llama(torch.float64)
+            res = initialize_fisher_lora(model, data=_data(2), fisher_config=FisherLoraConfig(rank=4, stats_dtype=
+                                         "float64"), progress=False, process_group=group)
+            out["subgroup"] = {n: s.indices for n, s in res.selections.items()}
+            out["subgroup_G"] = {n: res.statistics.G[n] for n in res.statistics.layers}
     return out
 
 
@@ -144,6 +156,23 @@ def _job_fail(rank, world, tmp):
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
     return {"error": error, "seconds": time.monotonic() - t0, "restored": restored,
             "written": (tmp / "never").exists(), "wrapped": hasattr(model, "peft_config")}
+
+
+def _job_fsdp2(rank, world, tmp):
+    """An FSDP2-sharded model (DTensor weights) is refused before any pass, saying what to do."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        initialize_fisher_lora(model, data=_data(world), fisher_config=FisherLoraConfig(rank=4), progress=False)
+        return {"error": None}
+    except ValueError as exc:
+        return {"error": str(exc), "passes": len(calls)}
 
 
 # ----------------------------------------------------------------------------- tests
@@ -197,6 +226,16 @@ def test_n_ranks_equal_one_process_over_the_same_data(world, single, tmp_path):
         assert got["load_diff"] < 1e-10, f"fisherlora.load on rank {r}"
     if world == 2:
         _check_failed_together(ranks)
+        for got in ranks:
+            err = got["fsdp2"]["error"]
+            assert err and "DTensor" in err and "fully_shard" in err and "unsharded" in err, err
+            assert got["fsdp2"]["passes"] == 0
+            assert got["plan"] == ("projected", 2)  # the leanest plan of the ranks, on every rank
+    if world == 3:  # process_group=: the group's own ranks, its own rank numbering
+        for got in (ranks[0], ranks[2]):
+            for n, idx in single(2)["full"]["indices"].items():
+                assert torch.equal(got["subgroup"][n], idx), n
+                _close(got["subgroup_G"][n], single(2)["full"]["G"][n], f"G of {n} on a subgroup")
 
 
 def _check_failed_together(ranks):
@@ -222,3 +261,32 @@ def test_decompositions_are_balanced_by_cost():
         assert max(load) - min(load) <= max(costs.values()), (world, load)
         if world >= 2:  # the two costliest go to different ranks
             assert owner["up"] != owner["down"]
+
+
+@pytest.mark.slow
+def test_torchrun_gives_the_single_process_adapter_on_the_embedded_model(tmp_path):
+    """``torchrun --nproc-per-node 2 -m fisherlora init`` on SmolLM2 (8 sequences) writes the
+    adapter one process writes (one thread per process in both: the same float32 rounding)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["init", "--num-samples", "8", "--max-length", "96", "--batch-size", "2", "--rank", "4",
+            "--target-modules", "q_proj,v_proj,down_proj", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = {"one": [sys.executable, "-m", "fisherlora"],
+              "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      "-m", "fisherlora"]}
+    for name, cmd in launch.items():
+        proc = subprocess.run([*cmd, *args, "--output", str(tmp_path / name)], env=env, capture_output=True,
+                              text=True, timeout=1200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (load_file(tmp_path / n / "adapter_model.safetensors") for n in launch)
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.equal(one[k], two[k]), k
+    reports = [json.loads((tmp_path / n / "report.json").read_text()) for n in launch]
+    assert [[la["indices"] for la in r["layers"]] for r in reports][0] == [la["indices"] for la in reports[1]["layers"]]
+    assert reports[0]["calibration"]["label_tokens"] == reports[1]["calibration"]["label_tokens"]
