@@ -157,17 +157,22 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = 
 
 
 def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The singular-vector sign rule (docs/DESIGN.md §7): each pair ``(u_i, v_i)`` is flipped
-    together (so ``u_i σ_i v_iᵀ`` is unchanged) to make the entry of ``u_i`` of largest magnitude
-    (the first one on ties) positive. Solvers return either sign; with this rule the adapter
-    does not depend on which solver, thread count or rank computed the SVD.
+    """The singular-vector sign rule (docs/DESIGN.md §7), IN PLACE: each pair ``(u_i, v_i)`` is
+    flipped together (so ``u_i σ_i v_iᵀ`` is unchanged) to make the entry of ``u_i`` of largest
+    magnitude (the first one on ties) positive. Solvers return either sign; with this rule the
+    adapter does not depend on which solver, thread count or rank computed the SVD. No temporary
+    of ``U``'s size (the decomposition's peak is planned, docs/DESIGN.md §4).
 
     Args:
-        U: ``(d_out, r)`` columns. Vh: ``(r, d_in)`` rows, matching them.
+        U: ``(d_out, r)`` columns. Vh: ``(r, d_in)`` rows, matching them. Both are modified.
 
     Returns:
-        ``(U, Vh)`` with the signs fixed (new tensors, same dtypes).
+        ``(U, Vh)``, the same tensors, with the signs fixed.
     """
-    sign = U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return U * sign, Vh * sign.mT
+    imax, imin = U.argmax(0, keepdim=True), U.argmin(0, keepdim=True)
+    vmax, vmin = U.gather(0, imax), U.gather(0, imin)
+    neg = (vmin.abs() > vmax.abs()) | ((vmin.abs() == vmax.abs()) & (imin < imax))
+    sign = torch.where(neg, -1.0, 1.0).to(U.dtype)
+    U.mul_(sign)
+    Vh.mul_(sign.mT.to(Vh.dtype))
+    return U, Vh

@@ -77,6 +77,6 @@ def test_the_sign_rule_makes_the_adapter_independent_of_the_solver_signs():
             ((U, S, Vh), (U * flip, S, Vh * flip[:, None]))]
     for a, b in zip(runs[0][1:], runs[1][1:]):
         assert torch.equal(a, b)
-    Uc, Vc = canonical_signs(U, Vh)
+    Uc, Vc = canonical_signs(U.clone(), Vh.clone())
     assert (Uc.gather(0, Uc.abs().argmax(0, keepdim=True)) > 0).all()
     torch.testing.assert_close(Uc @ torch.diag(S) @ Vc, U @ torch.diag(S) @ Vh)
