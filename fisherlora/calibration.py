@@ -17,7 +17,7 @@ from fisherlora.heads import Head, batch_size, resolve_head
 from fisherlora.losses import _SumCrossEntropy, position_ids_from_mask, token_loss_sum  # noqa: F401 (re-exported)
 from fisherlora.memory import release_host_memory
 
-__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "EmptyCalibrationError"]
+__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "check_totals", "EmptyCalibrationError"]
 
 
 class EmptyCalibrationError(ValueError):
@@ -26,7 +26,7 @@ class EmptyCalibrationError(ValueError):
 
 def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                     fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
-                    progress: Iterator | None = None, head: Head | None = None) -> dict:
+                    progress: Iterator | None = None, head: Head | None = None, check: bool = True) -> dict:
     """Drive forward and backward passes of a model over calibration batches, inside a
     :class:`StatisticsCollector` (whose hooks do the accumulating).
 
@@ -45,7 +45,9 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         is the number of examples the loss summed: label tokens, or labelled sequences/images).
 
     Raises:
-        ValueError: empty data, a batch without the head's input, or no example with a label.
+        ValueError: empty data, a batch without the head's input, or no example with a label
+            (with ``check=False`` empty data, or data without a label, is not an error: a
+            distributed run checks the totals of all ranks, :func:`check_totals`).
     """
     head = head if head is not None else resolve_head(model, fisher_type=fisher_type)
     totals = {"batches": 0, "sequences": 0, "max_batch_size": 0, "max_sequence_length": 0, "tokens": 0,
@@ -82,6 +84,15 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         del loss
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
+    return check_totals(totals) if check else totals
+
+
+def check_totals(totals: dict) -> dict:
+    """``totals`` of :func:`run_calibration` if they describe a usable calibration.
+
+    Raises:
+        EmptyCalibrationError: no batch. ValueError: no label token (``G`` would be zero).
+    """
     if totals["batches"] == 0:
         raise EmptyCalibrationError("the calibration data is empty: no batch was produced")
     if totals["label_tokens"] == 0:

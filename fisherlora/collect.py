@@ -22,10 +22,8 @@ Conventions (tested in ``tests/test_collect.py``):
   sharing is discovered from tensor identity on the first forward, and the factor is
   accumulated once per input.
 - Statistics are kept in float32 (float64 on request) whatever the model dtype.
-- Memory modes (docs/DESIGN.md §4): ``full`` keeps dense ``(d, d)`` factors; ``packed`` keeps their
-  upper triangles ``(d(d+1)/2,)``; ``projected`` never forms ``A`` or ``G``: given each layer's
-  singular bases it accumulates ``diag(VᵀAV)`` and ``diag(UᵀGU)`` ``(k,)`` directly (no ``A``
-  sharing: each layer projects on its own ``V``).
+- Memory modes (docs/DESIGN.md §4): ``full`` (dense ``(d, d)``), ``packed`` (upper triangles
+  ``(d(d+1)/2,)``), ``projected`` (only ``diag(VᵀAV)`` and ``diag(UᵀGU)`` ``(k,)``, no ``A`` sharing).
 - No weight gradient is computed: every parameter has ``requires_grad=False`` during
   collection; gradients reach the hooks because the hidden states entering the LOWEST decoder
   layer that holds a hooked module are made to require grad (so the layers below it keep no
@@ -50,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fisherlora import ops
+from fisherlora import distributed, ops
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.heads import TokenMasks, input_embeddings
@@ -380,13 +378,11 @@ def _make_inputs_require_grad(module, args, kwargs):
     return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
-
-
 @keeps_global_rng
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
                        mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
                        num_batches: int | None = None, progress: bool = True,
-                       desc: str = "calibration (fwd+bwd)", head=None) -> FisherStatistics:
+                       desc: str = "calibration (fwd+bwd)", head=None, process_group=None) -> FisherStatistics:
     """Run the calibration passes over ``batches`` and return the statistics of ``modules``.
 
     Args:
@@ -400,16 +396,24 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
             (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
             one, also recomputes the decoder layers in the backward pass (activation
             checkpointing).
+        process_group: inside an initialised ``torch.distributed`` (or with this group), every
+            rank passes the SAME ``batches``, runs its share of the sequences and gets the
+            statistics of all of them (:mod:`fisherlora.distributed`, docs/DESIGN.md §7).
 
     Raises:
         ValueError: empty data. RuntimeError/FloatingPointError: as
             :meth:`StatisticsCollector.statistics`. The model is restored in every case.
     """
     dtype = getattr(torch, config.stats_dtype)
+    ctx = distributed.context(process_group)
     collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
                                     bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
-                                dynamic_ncols=True) as bar:
-        totals = run_calibration(model, batches, fisher_type=config.fisher_type.value,
-                                 mc_samples=config.mc_samples, seed=config.seed, progress=bar, head=head)
+                                dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
+        totals = run_calibration(model, batches if ctx is None else distributed.shard_batches(batches, ctx),
+                                 fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
+                                 seed=config.seed + (ctx.rank if ctx else 0), progress=bar, head=head,
+                                 check=ctx is None)
+    if ctx is not None:
+        totals = distributed.reduce_collector(col, totals, ctx)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})

@@ -15,7 +15,7 @@ from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
 from fisherlora.layers import check_ranks, check_target_weights, layer_shape, ranks_and_scalings, weight_view
 from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
-from fisherlora.svd import iter_thin_svd, thin_svd
+from fisherlora.svd import canonical_signs, iter_thin_svd, thin_svd
 
 __all__ = [
     "LayerSelection",
@@ -208,7 +208,7 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
     sc = e if Score(score) is Score.FISHER else e * s64.square()
     idx = select_directions(sc, s64, rank)
     mags = adapter_magnitudes(s64, e, idx, magnitude)
-    B, A_lora = lora_factors(U[:, idx], Vh[idx], mags, scaling)
+    B, A_lora = lora_factors(*canonical_signs(U[:, idx], Vh[idx]), mags, scaling)
     sel = LayerSelection(name, (d_out, d_in), rank, idx.cpu(), s64.cpu(), e.cpu(), sc.cpu(), mags.cpu())
     return sel, B, A_lora
 

@@ -5,11 +5,12 @@ collected per layer group, layers decomposed, the adapter written, the result as
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from torch import nn
 
-from fisherlora import allocation
+from fisherlora import allocation, distributed
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -44,7 +45,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                            fisher_config: FisherLoraConfig | None = None, *,
                            statistics: FisherStatistics | None = None, num_batches: int | None = None,
                            progress: bool = True, keep_statistics: bool = True,
-                           loss_fn=None) -> FisherLoraResult:
+                           loss_fn=None, process_group=None) -> FisherLoraResult:
     """Fisher-guided LoRA initialisation of ``model`` (FILet, arXiv 2605.01046; docs/DESIGN.md §1).
 
     Args:
@@ -70,6 +71,10 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         loss_fn: ``loss_fn(outputs, batch)`` for a model without a built-in head (or to replace
             it): the SUM over examples of per-example losses as a 0-d tensor, or ``(sum, count)``;
             every batch key the model's forward accepts is passed to it (docs/DESIGN.md §10).
+        process_group: inside an initialised ``torch.distributed`` (or with this group) call this on
+            every rank with the same model and the SAME data: each rank runs its share of the
+            sequences, the SVDs are spread over the ranks, and every rank ends with bit-identical
+            adapters (docs/DESIGN.md §7). Without a group nothing of this happens.
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -84,6 +89,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             statistics (naming the layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
+    ctx = distributed.context(process_group)
     model = unwrap_model(model)
     head = resolve_head(model, loss_fn, config.fisher_type.value)
     lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
@@ -105,6 +111,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
         mode, n_groups = (resolve_memory_mode(model, lora_config, config, keep_statistics=keep_statistics)
                           if statistics is None else (statistics.kind, 1))
+        if ctx is not None and statistics is None:  # one plan for all ranks: the leanest (docs/DESIGN.md §7)
+            mode, n_groups = distributed.agree_on_plan(ctx, mode, n_groups)
     groups = layer_groups(modules, n_groups)
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
@@ -127,8 +135,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
                 with phase(f"the singular value decompositions {where}"):
-                    bases = dict(iter_thin_svd({n: weight_view(m) for n, m in group.items()}, out_dtype=bases_dtype,
-                                               seconds=svd_seconds))
+                    weights = {n: weight_view(m) for n, m in group.items()}
+                    bases = (distributed.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
+                             else dict(iter_thin_svd(weights, out_dtype=bases_dtype, seconds=svd_seconds)))
                 timings["svd"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")
@@ -136,7 +145,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                 try:
                     stats = collect_statistics(
                         model, group, data, config, mode=mode, num_batches=num_batches, progress=progress, desc=desc,
-                        head=head,
+                        head=head, process_group=ctx,
                         bases={n: (u, vh) for n, (u, _, vh) in bases.items()} if bases else None)
                 except EmptyCalibrationError:
                     if gi == 0:
@@ -148,8 +157,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):
-            inits_g, sels_g = compute_initialization(group, stats, lc_decompose, cfg_decompose, bases=bases,
-                                                     progress=progress, svd_seconds=svd_seconds)
+            decompose = partial(distributed.spread_initialization, ctx) if ctx else compute_initialization
+            inits_g, sels_g = decompose(group, stats, lc_decompose, cfg_decompose, bases=bases,
+                                        progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
         selections.update(sels_g)
@@ -169,7 +179,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if not timings["svd"]:  # the SVD ran inside "decompose"
         del timings["svd"]
     result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
-                              peak_memory_mb(device), lora_config=lora_config)
+                              peak_memory_mb(device), lora_config=lora_config, process_group=ctx)
     result.extra.update(memory_mode=mode.value, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
     return result
 

@@ -216,9 +216,13 @@ def _weight_problem(module: nn.Module) -> str | None:
                 "init_empty_weights): load the weights first")
     if w.numel() == 0 or (w.dim() < 2 and hasattr(w, "ds_shape")):
         return (f"is {what}, an empty or 1-D placeholder: the model is sharded (DeepSpeed ZeRO-3 partitions "
-                "weights this way); gather the full weights first")
+                "weights this way), which fisherlora cannot write back; load the model whole on every rank "
+                "(outside deepspeed.zero.Init, before deepspeed.initialize) for the initialisation, with "
+                "torchrun splitting the calibration data over the ranks, and shard it for training afterwards")
     if type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor":
-        return f"is {what}, a sharded DTensor (FSDP2 or tensor parallel): gather the full weights first"
+        return (f"is {what}, a sharded DTensor (FSDP2 fully_shard or tensor parallel), which fisherlora does not "
+                "gather and write back; initialise the unsharded model (under torchrun every rank holds it whole "
+                "and calibrates its share of the data), then apply fully_shard to the PeftModel for training")
     if type(w) is not nn.Parameter and type(w) is not torch.Tensor:
         return f"is {what}: a quantised or wrapped weight type"
     if w.dtype not in FLOAT_DTYPES:

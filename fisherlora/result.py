@@ -24,6 +24,7 @@ from fisherlora.adapter import save_residual_model
 from fisherlora.card import finish_adapter_config, model_card
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection
+from fisherlora.distributed import on_rank0
 from fisherlora.outdir import MARKER_FILE, atomic_output_dir
 from fisherlora.statistics import FisherStatistics
 
@@ -43,6 +44,7 @@ class FisherLoraResult:
     peak_memory_mb: float = 0.0
     extra: dict = field(default_factory=dict)
     lora_config: object = None  # the peft.LoraConfig applied
+    process_group: object = field(default=None, repr=False)  # a fisherlora.distributed.Dist: rank 0 saves
 
     def applied_config(self) -> dict:
         """What was done, JSON-ready: :attr:`config` with the LoRA shape of the ``LoraConfig``
@@ -124,7 +126,16 @@ class FisherLoraResult:
             FileExistsError: ``out_dir`` exists and is not empty, without ``overwrite``; with
                 ``overwrite``, it was not written by fisherlora; it is a file, holds the working
                 directory, or is a symbolic link to nothing (checked before anything is written).
+            :class:`fisherlora.distributed.RankFailedError`: in a distributed run, on every rank,
+                when rank 0 (the only one that writes) failed.
         """
+        if self.process_group is not None:  # rank 0 writes, the others wait and share its outcome (§7)
+            return on_rank0(self.process_group, f"saving {str(out_dir)!r} on rank 0", lambda: self._write(
+                out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual, tokenizer=tokenizer))
+        return self._write(out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual,
+                           tokenizer=tokenizer)
+
+    def _write(self, out_dir, *, overwrite, save_statistics, residual, tokenizer) -> Path:
         from fisherlora.report import write_report
 
         if save_statistics and not self.statistics.G:

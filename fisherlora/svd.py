@@ -6,7 +6,7 @@ import torch
 
 from fisherlora.memory import all_finite, release_host_memory
 
-__all__ = ["thin_svd", "svd_gram_eigh", "svd_workspace_bytes", "iter_thin_svd"]
+__all__ = ["thin_svd", "svd_gram_eigh", "svd_workspace_bytes", "iter_thin_svd", "canonical_signs"]
 
 
 def thin_svd(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,3 +154,25 @@ def iter_thin_svd(weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = 
         del U, S, Vh
         if W.device.type == "cpu":
             release_host_memory()
+
+
+def canonical_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The singular-vector sign rule (docs/DESIGN.md §7), IN PLACE: each pair ``(u_i, v_i)`` is
+    flipped together (so ``u_i σ_i v_iᵀ`` is unchanged) to make the entry of ``u_i`` of largest
+    magnitude (the first one on ties) positive. Solvers return either sign; with this rule the
+    adapter does not depend on which solver, thread count or rank computed the SVD. No temporary
+    of ``U``'s size (the decomposition's peak is planned, docs/DESIGN.md §4).
+
+    Args:
+        U: ``(d_out, r)`` columns. Vh: ``(r, d_in)`` rows, matching them. Both are modified.
+
+    Returns:
+        ``(U, Vh)``, the same tensors, with the signs fixed.
+    """
+    imax, imin = U.argmax(0, keepdim=True), U.argmin(0, keepdim=True)
+    vmax, vmin = U.gather(0, imax), U.gather(0, imin)
+    neg = (vmin.abs() > vmax.abs()) | ((vmin.abs() == vmax.abs()) & (imin < imax))
+    sign = torch.where(neg, -1.0, 1.0).to(U.dtype)
+    U.mul_(sign)
+    Vh.mul_(sign.mT.to(Vh.dtype))
+    return U, Vh

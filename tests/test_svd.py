@@ -59,3 +59,24 @@ def test_rank_deficient_weight_gets_finite_orthonormal_bases():
     torch.testing.assert_close(U.mT @ U, torch.eye(32), atol=1e-4, rtol=0)
     torch.testing.assert_close((U * S) @ Vh, W, atol=1e-4, rtol=1e-4)
     assert S[-1] < 1e-4 * S[0]
+
+
+def test_the_sign_rule_makes_the_adapter_independent_of_the_solver_signs():
+    """docs/DESIGN.md §7: whichever signs the solver (or rank) returned, the same factors."""
+    from fisherlora.decompose import decompose_layer
+    from fisherlora.svd import canonical_signs
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    X = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    Y = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    A, G = X.T @ X / 40, Y.T @ Y / 40
+    U, S, Vh = thin_svd(W)
+    flip = torch.where(torch.rand(S.shape, generator=g) < 0.5, -1.0, 1.0)
+    runs = [decompose_layer("w", W, A, G, rank=6, scaling=2.0, svd=svd) for svd in
+            ((U, S, Vh), (U * flip, S, Vh * flip[:, None]))]
+    for a, b in zip(runs[0][1:], runs[1][1:]):
+        assert torch.equal(a, b)
+    Uc, Vc = canonical_signs(U.clone(), Vh.clone())
+    assert (Uc.gather(0, Uc.abs().argmax(0, keepdim=True)) > 0).all()
+    torch.testing.assert_close(Uc @ torch.diag(S) @ Vc, U @ torch.diag(S) @ Vh)

@@ -29,6 +29,7 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
 
     from fisherlora import data as fdata
+    from fisherlora import distributed
     from fisherlora.initialize import initialize_fisher_lora
     from fisherlora.memory import peak_memory_mb
     from fisherlora.outdir import check_output_dir
@@ -44,6 +45,7 @@ def run(args) -> int:
         raise ValueError(f"--device {args.device!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r}: this torch has no CUDA device")
+    device = distributed.join_from_env(device)  # under torchrun / accelerate launch (docs/DESIGN.md §7)
     from fisherlora.ops import available_backends
 
     if config.backend != "auto" and config.backend not in available_backends(device):
@@ -77,11 +79,13 @@ def run(args) -> int:
             cal = fdata.tokenize_records(records, tok, max_length=config.max_length, prompt_field=args.prompt_field,
                                          response_field=args.response_field, text_field=args.text_field)
             # a list: each layer group makes its own pass over the same batches
-            batches, n_seq = list(fdata.calibration_batches(cal, tok, config.batch_size)), len(cal)
+            # under N ranks a batch of N·batch_size sequences gives each rank batch_size (docs/DESIGN.md §7)
+            per_batch = config.batch_size * distributed.world()
+            batches, n_seq = list(fdata.calibration_batches(cal, tok, per_batch)), len(cal)
     timings["data"] += time.perf_counter() - t0
     with phase(f"the initialisation (memory_mode={config.memory_mode.value})"):
         result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
-                                        progress=not args.quiet)
+                                        progress=not args.quiet and distributed.is_rank0())
     result.timings = {**timings, **result.timings}
     result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
                     "dtype": str(dtype).removeprefix("torch.")})
@@ -90,7 +94,8 @@ def run(args) -> int:
         result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
                     residual=args.save_residual, tokenizer=tok)
     with phase(SUMMARY_PHASE):
-        print_summary(result.report(), out_dir)
+        if distributed.is_rank0():
+            print_summary(result.report(), out_dir)
     return 0
 
 
