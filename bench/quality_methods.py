@@ -43,6 +43,7 @@ class Spec:
     score: str | None = None  # fisherlora / fisher_zero: the ranking
     magnitude: str | None = None  # fisherlora / svd: unit, sigma, top_sigma, energy
     pick: str | None = None  # svd: "top" or "bottom" singular triplets
+    allocation: str = "uniform"  # fisherlora: rank_allocation (docs/DESIGN.md §10)
     note: str = ""
 
     def key(self) -> dict:
@@ -69,6 +70,9 @@ METHODS: dict[str, Spec] = {
     "fisher:sigma": Spec("fisherlora", score="fisher", magnitude="sigma", note="Fisher directions, own σ"),
     "fisher:top_sigma": Spec("fisherlora", score="fisher", magnitude="top_sigma",
                              note="Fisher directions, the r largest σ of W"),
+    "fisher:global": Spec("fisherlora", score=_fisher_default("score"), magnitude=_fisher_default("magnitude"),
+                          allocation="global", note="fisherlora defaults, the same budget of rank x layers "
+                          "directions shared across layers by Fisher energy (rank_allocation='global')"),
     "sigma:unit": Spec("svd", pick="top", magnitude="unit", note="σ-ranked (PiSSA) directions, magnitude 1"),
     "fisher:zero": Spec("fisher_zero", score="fisher",
                         note="Fisher directions in A (PEFT-default row norm), B = 0, W untouched"),
@@ -175,7 +179,7 @@ class Initialisers:
                                lora_kwargs=self.task.lora_kwargs())
             return pm
         if spec.kind == "fisherlora":
-            return self._fisherlora(model, spec.score, spec.magnitude)
+            return self._fisherlora(model, spec.score, spec.magnitude, spec.allocation)
         if spec.kind == "fisher_zero":
             directions = unit_rows(self._fisherlora(copy.deepcopy(self.base), spec.score, "unit"))
             pm = peft.get_peft_model(model, self._config(True))
@@ -183,10 +187,11 @@ class Initialisers:
             return pm
         raise ValueError(f"unknown method kind {spec.kind!r}")
 
-    def _fisherlora(self, model, score: str, magnitude: str):
+    def _fisherlora(self, model, score: str, magnitude: str, allocation: str = "uniform"):
         import fisherlora
 
-        cfg = fisherlora.FisherLoraConfig(rank=self.rank, alpha=self.alpha, score=score, magnitude=magnitude)
+        cfg = fisherlora.FisherLoraConfig(rank=self.rank, alpha=self.alpha, score=score, magnitude=magnitude,
+                                          rank_allocation=allocation)
         kw = {}
         if not self.task.causal_lm:
             if not fisherlora_takes_loss_fn():

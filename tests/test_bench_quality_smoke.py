@@ -119,6 +119,9 @@ def test_every_method_starts_as_its_spec_says(toy_task):
     assert sizes["lora"] == 0 and sizes["fisher:zero"] == 0
     assert sizes["fisher:unit"] == pytest.approx(sizes["sigma:unit"], rel=1e-4)  # both magnitude 1 on r directions
     assert sizes["pissa"] >= sizes["fisher:sigma"] > 0 and sizes["pissa"] > sizes["milora"] > 0
+    # the global allocation shares the same budget of rank x layers directions
+    ranks = [layer.lora_A["default"].weight.shape[0] for _, layer in lora_layers(built["fisher:global"])]
+    assert sum(ranks) == 2 * len(unit) and all(r >= 1 for r in ranks)
 
 
 CLS_TOY = ["--model", "toy", "--train-pairs", "8", "--val-pairs", "4", "--eval-pairs", "6", "--calib-pairs", "4",
