@@ -80,7 +80,7 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], e
                                         init.scaling)
                 measure = errors is not None and quant.is_quantised(base)
                 if measure:
-                    norm, quant_error = float(W.double().norm()), quant.quantisation_error(base, W)
+                    norm, quant_error = float(W.norm()), quant.quantisation_error(base, W)
                 del W
                 for t in weight_storage(base):
                     state.stash(t)

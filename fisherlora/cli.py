@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 from fisherlora.flags import add_config_flags, config_from_args
+from fisherlora.quant import add_flags as add_quantisation_flags
+from fisherlora.quant import bitsandbytes_config, settings_from_flags
 
 #: the config fields `fisherlora plan` reads
 PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on GPU); statistics stay float32")
     add_config_flags(init)
+    add_quantisation_flags(init)
     out = init.add_argument_group("output")
     out.add_argument("--output", "-o", default="fisherlora-out",
                      help="output directory, written atomically at the end; checked before any work, symbolic "
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
     add_config_flags(plan, PLAN_FIELDS, defaults={"bases_dtype": "model"}, title="what is planned (FisherLoraConfig)")
+    add_quantisation_flags(plan)
     plan.add_argument("--free-gb", type=_positive_gb, default=None, metavar="GB",
                       help="free device memory in GB (1e9 bytes), a positive number: also say which mode "
                            "`auto` picks for this budget")
@@ -174,6 +178,7 @@ def cmd_init(args) -> int:
                          f"available: {available_backends(device)}")
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    bnb_config = bitsandbytes_config(args, dtype)  # a GGUF model refused here, before any work (§8)
     timings = {}
     t0 = time.perf_counter()
     stats, records, batches, n_seq = None, None, None, None
@@ -192,7 +197,8 @@ def cmd_init(args) -> int:
     # errors still raise
     with phase(f"loading the model ({str(dtype).removeprefix('torch.')} on {device})"), \
             contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device,
+                                                    quantization_config=bnb_config)
     timings["load model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if records is not None:
@@ -256,7 +262,8 @@ def cmd_plan(args) -> int:
     plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
                         dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
                         bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
-                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples)
+                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples,
+                        quantisation=settings_from_flags(args))
     if args.json:
         text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
                            "plans": [p.to_dict() for p in plans]}, indent=1)

@@ -66,15 +66,17 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
-        after initialisation its outputs equal the base model's (up to rounding). torch's global
-        RNG is left as it was (:func:`fisherlora.snapshot.keeps_global_rng`).
+        after initialisation its outputs equal the base model's (up to rounding; on a quantised base
+        up to the requantisation error, reported in ``report()["quantisation"]``, docs/DESIGN.md §8).
+        torch's global RNG is left as it was (:func:`fisherlora.snapshot.keeps_global_rng`).
 
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
-            nothing, target weights that are not plain float parameters (quantised, meta, sharded
-            placeholders) or that share storage with another module (tied weights), one-shot data
-            with several layer groups. FloatingPointError: non-finite weights (naming the tensor) or
-            statistics (naming the layer). All raised before the model is changed.
+            nothing, target weights that are neither plain float parameters nor bitsandbytes
+            4-/8-bit layers (other quantisations, meta, sharded placeholders) or that share storage
+            with another module (tied weights), one-shot data with several layer groups.
+            FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
+            layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
     lora_config = lora_config if lora_config is not None else config.to_lora_config()

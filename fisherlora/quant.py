@@ -8,8 +8,9 @@ them with a ``BitsAndBytesConfig``. Every other quantised layer kind (GPTQ, AWQ,
 torchao tensor subclasses, GGUF weights kept quantised) is named by :func:`unsupported_kind` so
 that :mod:`fisherlora.layers` refuses it up front.
 
-This module imports nothing of the package; bitsandbytes is imported only when a model holds
-one of its layers (it is then already imported).
+This module imports nothing of the package but :mod:`fisherlora.models` (the embedded model's
+name, for the command line); bitsandbytes is imported only when a model holds one of its layers
+(it is then already imported).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ __all__ = [
     "quantisation_error",
     "requantisation_error",
     "quantisation_summary",
+    "planned_weight_bytes",
+    "add_flags",
+    "settings_from_flags",
+    "bitsandbytes_config",
 ]
 
 #: the quantised layer kinds fisherlora decomposes and writes back, for error messages
@@ -209,7 +214,7 @@ def quantisation_error(module: nn.Module, W_deq: torch.Tensor | None = None) -> 
     import bitsandbytes.functional as F
 
     W_deq = dequantise(module) if W_deq is None else W_deq
-    norm = float(W_deq.double().norm())
+    norm = float(W_deq.norm())
     if _bnb_kind(module) == "8bit":
         step = _scb(module).double() / 127
         return float((step.square().sum() * module.in_features / 12).sqrt()) / max(norm, 1e-30)
@@ -231,7 +236,7 @@ def requantisation_error(module: nn.Module, W_res: torch.Tensor, norm: float) ->
     (:func:`requantise_`); with ``W_res = deq(W) − s·BA`` and ``norm = ‖deq(W)‖`` this is the
     requantisation error ``‖deq(Q(W_res)) + s·BA − deq(W)‖ / ‖deq(W)‖`` of docs/DESIGN.md §8."""
     back = dequantise(module)
-    return float(back.sub_(W_res.to(back.dtype)).double().norm()) / max(norm, 1e-30)
+    return float(back.sub_(W_res.to(back.dtype)).norm()) / max(norm, 1e-30)
 
 
 def quantisation_summary(modules: dict[str, nn.Module], errors: dict[str, dict]) -> dict:
@@ -253,3 +258,67 @@ def quantisation_summary(modules: dict[str, nn.Module], errors: dict[str, dict])
 def json_key(d: dict) -> str:
     """A settings dict as one sorted ``key=value`` string."""
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()))
+
+
+# ----------------------------------------------------------------------------- planning and the command line
+def planned_weight_bytes(d_out: int, d_in: int, settings: dict) -> int:
+    """Bytes a ``(d_out, d_in)`` weight takes quantised with ``settings`` (``{"bits": 4,
+    "blocksize", "double_quant"}`` or ``{"bits": 8}``): 4-bit packs two entries a byte plus one
+    float32 absmax per block, or with double quantisation one byte per block plus a float32
+    absmax per 256 blocks; 8-bit is one byte an entry plus a float32 scale per row."""
+    n = d_out * d_in
+    if settings["bits"] == 8:
+        return n + 4 * d_out
+    blocks = -(-n // settings.get("blocksize", 64))
+    scales = blocks + 4 * -(-blocks // 256) + 4 if settings.get("double_quant") else 4 * blocks
+    return -(-n // 2) + scales
+
+
+def add_flags(parser) -> None:
+    """``--load-in-4bit`` / ``--load-in-8bit``, ``--bnb-4bit-quant-type``, ``--bnb-4bit-double-quant``:
+    load (``init``) or plan (``plan``) the base quantised by bitsandbytes (docs/DESIGN.md §8)."""
+    group = parser.add_argument_group("quantised base (bitsandbytes, docs/DESIGN.md §8)")
+    bits = group.add_mutually_exclusive_group()
+    bits.add_argument("--load-in-4bit", action="store_true", help="the base in 4-bit (QLoRA)")
+    bits.add_argument("--load-in-8bit", action="store_true", help="the base in 8-bit (LLM.int8)")
+    group.add_argument("--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4",
+                       help="4-bit data type (default: %(default)s)")
+    group.add_argument("--bnb-4bit-double-quant", action="store_true",
+                       help="quantise the 4-bit block scales too (bnb_4bit_use_double_quant)")
+
+
+def settings_from_flags(args) -> dict | None:
+    """The settings :func:`planned_weight_bytes` reads, from :func:`add_flags`' flags; None for a float base."""
+    if getattr(args, "load_in_8bit", False):
+        return {"bits": 8}
+    if getattr(args, "load_in_4bit", False):
+        return {"bits": 4, "quant_type": args.bnb_4bit_quant_type, "blocksize": 64,
+                "double_quant": args.bnb_4bit_double_quant}
+    return None
+
+
+def bitsandbytes_config(args, compute_dtype: torch.dtype):
+    """A ``transformers.BitsAndBytesConfig`` from :func:`add_flags`' flags, or None for a float base.
+
+    Raises:
+        ValueError: a GGUF model (``args.model``: a ``.gguf`` file or the embedded model), which
+            ``transformers`` cannot quantise on load (it refuses a ``quantization_config`` with a
+            ``gguf_file``); checked before anything is loaded.
+    """
+    from fisherlora.models import EMBEDDED_MODEL
+
+    settings = settings_from_flags(args)
+    if settings is None:
+        return None
+    model = str(getattr(args, "model", ""))
+    if model == EMBEDDED_MODEL or model.endswith(".gguf"):
+        raise ValueError(f"--load-in-{settings['bits']}bit with the GGUF model {model!r}: transformers cannot quantise "
+                         "a GGUF file on load (it refuses a quantization_config with a gguf_file). Save it as a "
+                         "transformers folder first (AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)"
+                         ".save_pretrained(folder)) and pass --model folder")
+    from transformers import BitsAndBytesConfig
+
+    if settings["bits"] == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings["quant_type"],
+                              bnb_4bit_use_double_quant=settings["double_quant"], bnb_4bit_compute_dtype=compute_dtype)

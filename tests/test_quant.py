@@ -345,3 +345,59 @@ def test_other_quantised_layers_are_refused_by_kind_before_any_pass_leaving_the_
         assert "Linear4bit" in str(err.value) and "Linear8bitLt" in str(err.value), "names the supported ones"
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert all(torch.equal(v, state[k]) for k, v in tensors().items())
+
+
+# ----------------------------------------------------------------------------- item 4: the memory plan
+def test_the_plan_counts_quantised_weights_and_one_dequantised_layer():
+    from fisherlora.models import meta_model_from_config
+    from fisherlora.plan import choose_mode, plan_memory
+
+    lora = FisherLoraConfig().to_lora_config()
+    nf4 = {"bits": 4, "blocksize": 64, "double_quant": False}
+    for name, budget in (("llama-3-8b", 12), ("llama-2-70b", 80)):  # fisherlora/configs
+        model = meta_model_from_config(name)
+        plain = plan_memory(model, lora, dtype=torch.bfloat16, bases_bytes=2)
+        plans = plan_memory(model, lora, dtype=torch.bfloat16, bases_bytes=2, quantisation=nf4)
+        head = model.get_output_embeddings()
+        linear = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+        expected = plain[0].weights - sum(2 * m.weight.numel() for m in linear) + sum(
+            quant.planned_weight_bytes(m.out_features, m.in_features, nf4) for m in linear)
+        assert all(p.weights == expected for p in plans)
+        n = sum(m.weight.numel() for m in linear)
+        assert expected - (plain[0].weights - 2 * n) == n // 2 + 4 * (n // 64), "4 bits an entry + an absmax a block"
+        for p, q in zip(plain, plans, strict=True):  # one float32 dequantised weight more in those phases
+            widest = max(4 * m.weight.numel() for m in linear)
+            assert 0 < q.phases["decomposition"] - p.phases["decomposition"] <= widest
+        pick = choose_mode(plans, budget * 10**9)
+        assert pick.label == "projected" and pick.total <= budget * 10**9, (name, pick.to_dict())
+        assert choose_mode(plain, budget * 10**9).total > budget * 10**9, "in bfloat16 it does not fit"
+    assert quant.planned_weight_bytes(4096, 4096, {"bits": 8}) == 4096 * 4096 + 4 * 4096
+    dq = quant.planned_weight_bytes(4096, 4096, {"bits": 4, "blocksize": 64, "double_quant": True})
+    assert dq == 4096 * 4096 // 2 + 4096 * 4096 // 64 + 4 * (4096 * 4096 // 64 // 256) + 4
+
+
+def test_plan_and_init_commands_take_the_quantisation_flags(tmp_path, capsys):
+    import json
+
+    from fisherlora import cli
+    from tests.models import save_tiny_model
+
+    assert cli.main(["plan", "--model", "llama-3-8b", "--load-in-4bit", "--free-gb", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "memory_mode=auto with 12 GB free: projected" in out and "NOTHING FITS" not in out
+    # the embedded model is a GGUF file: transformers cannot quantise it on load; refused before any work
+    assert cli.main(["init", "--load-in-4bit", "-o", str(tmp_path / "refused"), "--quiet"]) == 2
+    assert "GGUF" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    model = save_tiny_model(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"what is {i} + {i}?", "answer": f"{2 * i}"}) for i in range(4)))
+    argv = ["init", "--model", str(model), "--data", str(data), "--num-samples", "2", "--max-length", "32",
+            "--rank", "2", "--backend", "torch", "--quiet", "--device", "cpu"]
+    assert cli.main([*argv, "-o", str(tmp_path / "q4"), "--load-in-4bit", "--bnb-4bit-quant-type", "fp4",
+                     "--bnb-4bit-double-quant"]) == 0
+    report = json.loads((tmp_path / "q4" / "report.json").read_text())
+    settings = report["quantisation"]["settings"][0]
+    assert "bits=4" in settings and "quant_type=fp4" in settings and "double_quant=True" in settings
+    with pytest.raises(SystemExit):  # one of the two
+        cli.main([*argv, "-o", str(tmp_path / "q8"), "--load-in-4bit", "--load-in-8bit"])
+    assert "not allowed with" in capsys.readouterr().err
