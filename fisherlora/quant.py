@@ -222,12 +222,14 @@ def quantisation_error(module: nn.Module, W_deq: torch.Tensor | None = None) -> 
     qs = w.quant_state
     absmax = (F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
     sq = _cell_widths(qs.code.cpu()).square()
-    packed = w.data.view(torch.uint8).reshape(-1, qs.blocksize // 2)  # two entries a byte, one block a row
+    packed = w.data.view(torch.uint8).flatten()  # two entries a byte, blocks of blocksize entries in order
+    per_block = qs.blocksize // 2
+    absmax = absmax.flatten().cpu().double()
     total = 0.0
-    for r0 in range(0, packed.shape[0], 4096):
-        p = packed[r0:r0 + 4096].cpu().long()
-        cells = (sq[p >> 4] + sq[p & 15]).sum(1)
-        total += float((cells * absmax[r0:r0 + 4096].cpu().double().square()).sum())
+    for b0 in range(0, absmax.numel(), 4096):  # a last, partial block is summed over its bytes
+        p = packed[b0 * per_block:(b0 + 4096) * per_block].cpu().long()
+        cells = torch.nn.functional.pad(sq[p >> 4] + sq[p & 15], (0, (-p.numel()) % per_block))
+        total += float((cells.reshape(-1, per_block).sum(1) * absmax[b0:b0 + 4096].square()).sum())
     return (total / 12) ** 0.5 / max(norm, 1e-30)
 
 

@@ -106,6 +106,20 @@ def test_dequantise_requantise_and_the_error_estimate_on_every_cpu_kind(saved, k
     assert all(torch.equal(x, y) for x, y in zip(again, quant.storage(layer))), "deterministic"
 
 
+@pytest.mark.parametrize("shape", [(7, 33), (3, 100)])
+def test_a_weight_that_is_not_whole_blocks(shape):
+    """The last 4-bit block is partial when d_out·d_in is not a multiple of the block size."""
+    W = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(W.clone(), requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4").to("cpu")
+    D = quant.dequantise(layer)
+    true = float((D - W).norm() / D.norm())
+    assert D.shape == shape and 0.7 * true <= quant.quantisation_error(layer) <= 1.3 * true
+    quant.requantise_(layer, D + 0.05)
+    assert quant.requantisation_error(layer, D + 0.05, float(D.norm())) < 1.5 * true
+
+
 def _elementwise_bound(layer, W_res):
     """The largest error rounding ``W_res`` with the layer's quantiser can make, entry by entry:
     half the widest rounding cell times the block's absmax (4-bit), half a step of the row (8-bit),
