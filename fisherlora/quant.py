@@ -107,7 +107,7 @@ def unsupported_kind(module: nn.Module) -> str | None:
         return ("bitsandbytes Linear4bit repacked for CPU inference (packing_format_for_cpu: bitsandbytes does this "
                 "on a forward in eval mode without gradients on the CPU, and rounds the scales to bfloat16, so the "
                 "model's own quantisation is lost); reload the model and run no such forward before fisherlora")
-    if type(module).__module__.startswith("bitsandbytes"):
+    if type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear):
         return f"bitsandbytes {type(module).__name__} with a {type(w).__name__} weight not quantised as supported"
     return None
 
