@@ -336,14 +336,20 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
 
 # ----------------------------------------------------------------------------- one method, measured
 def load_setup(args):
-    if args.tiny:
-        return common.tiny_setup(max(args.num_samples, 1), args.max_length, args.batch_size)
     dtype = getattr(torch, args.dtype)
-    if args.config:  # random weights of an architecture, built on the device (issue 17)
-        return common.config_setup(args.config, args.num_samples, args.max_length, args.batch_size,
-                                   device=args.device, dtype=dtype)
-    return common.embedded_setup(args.num_samples, args.max_length, args.batch_size, model=args.model,
-                                 device=args.device, dtype=dtype)
+    if args.tiny:
+        setup = common.tiny_setup(max(args.num_samples, 1), args.max_length, args.batch_size)
+    elif args.config:  # random weights of an architecture, built on the device (issue 17)
+        setup = common.config_setup(args.config, args.num_samples, args.max_length, args.batch_size,
+                                    device=args.device, dtype=dtype)
+    else:
+        setup = common.embedded_setup(args.num_samples, args.max_length, args.batch_size, model=args.model,
+                                      device=args.device, dtype=dtype)
+    if getattr(args, "load_in_4bit", False):  # every method on the same NF4 base (bench/quantised.py)
+        from bench.quantised import quantise_model
+
+        setup = (quantise_model(setup[0], args.device, dtype), *setup[1:])
+    return setup
 
 
 def measure(method: str, args, setup=None) -> dict:
@@ -354,6 +360,11 @@ def measure(method: str, args, setup=None) -> dict:
     setup_s = time.perf_counter() - t0
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     timer = _Timer(device)
+    before = None
+    if getattr(args, "load_in_4bit", False):  # the step-0 output change, outside the measured span
+        from bench.quantised import logits, output_change
+
+        before = logits(model, batches[0])
     base = common.memory_mark(device)
     t0, c0 = time.perf_counter(), time.process_time()
     _pm, info = initialize(method, model, batches, rank=args.rank, alpha=args.alpha, device=device,
@@ -362,6 +373,10 @@ def measure(method: str, args, setup=None) -> dict:
     total, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = common.memory_peak(device)
     phases = {k: v for k, v in timer.phases.items() if k != "total_call"}
+    if before is not None and _pm is not None:
+        info["step0_output_change"] = output_change(before, logits(_pm, batches[0]))
+        info["notes"] = "; ".join(filter(None, [info.get("notes"), f"step-0 output change "
+                                                                    f"{info['step0_output_change']:.3g}"]))
     return {"method": method, "total_s": total, "cpu_s": cpu, "phases_s": phases, "setup_s": setup_s,
             "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "peak_mb": peak, "base_mb": base,
@@ -390,7 +405,8 @@ def forwarded_args(args) -> list[str]:
            "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
            "--rank", str(args.rank), "--alpha", str(args.alpha),
            "--device", args.device, "--dtype", args.dtype]
-    return out + (["--tiny"] if args.tiny else []) + (["--config", args.config] if args.config else [])
+    return (out + (["--tiny"] if args.tiny else []) + (["--config", args.config] if args.config else [])
+            + (["--load-in-4bit"] if args.load_in_4bit else []))
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -518,6 +534,9 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only re-render <out>/init_methods.{md,png} from its json")
     p.add_argument("--merge", action="store_true",
                    help="keep the figures in <out>/init_methods.json of methods not run now (same settings)")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="every method on the same bitsandbytes NF4 base (docs/DESIGN.md §8); records the step-0 "
+                        "output change")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # random 2-layer Llama: smoke tests
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -539,6 +558,7 @@ def main(argv=None) -> int:
     settings = (f"model={model_name}, {args.num_samples} GSM8K pairs x "
                 f"{args.max_length} tokens, batch {args.batch_size}, r={args.rank}, alpha={args.alpha}, "
                 f"{', '.join(PROJECTIONS)}, device={args.device}, dtype={args.dtype}, "
+                f"{'NF4 4-bit base, ' if args.load_in_4bit else ''}"
                 f"torch threads={torch.get_num_threads()}, "
                 f"{'one subprocess per method' if isolated else 'in-process'}")
     meta = {"settings": settings, "date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:],

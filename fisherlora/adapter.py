@@ -17,13 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fisherlora import quant
 from fisherlora.decompose import LayerInit, residual_weight
 from fisherlora.layers import (
     check_model,
     find_target_modules,
     fingerprints_match,
+    module_fingerprint,
     unwrap_model,
-    weight_fingerprint,
+    weight_storage,
     weight_view,
     write_weight,
 )
@@ -50,8 +52,12 @@ def is_causal_lm(model: nn.Module) -> bool:
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
-def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
-    """Wrap with PEFT and write B, A and the residual weights (model restored on error)."""
+def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], errors: dict | None = None):
+    """Wrap with PEFT and write B, A and the residual weights (model restored on error).
+
+    A quantised layer's residual is requantised (docs/DESIGN.md §8); for each such layer
+    ``errors`` (if given) receives ``{"requant_error", "quant_error"}``
+    (:func:`fisherlora.quant.requantisation_error`, :func:`fisherlora.quant.quantisation_error`)."""
     import copy
 
     import peft
@@ -77,10 +83,20 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit]):
                 layer = layers[name]
                 base = layer.get_base_layer()
                 # from the factors as the adapter stores them (its dtype), so W_res + s·BA = W exactly
-                W_res = residual_weight(weight_view(base), layer.lora_B["default"].weight,
-                                        layer.lora_A["default"].weight, init.scaling)
-                state.stash(base.weight)
+                W = weight_view(base)  # a quantised layer's: dequantised, one layer at a time
+                W_res = residual_weight(W, layer.lora_B["default"].weight, layer.lora_A["default"].weight,
+                                        init.scaling)
+                measure = errors is not None and quant.is_quantised(base)
+                if measure:
+                    norm, quant_error = float(W.norm()), quant.quantisation_error(base, W)
+                del W
+                for t in weight_storage(base):
+                    state.stash(t)
                 write_weight(base, W_res)
+                if measure:
+                    errors[name] = {"requant_error": quant.requantisation_error(base, W_res, norm),
+                                    "quant_error": quant_error}
+                del W_res
     return peft_model
 
 
@@ -175,9 +191,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
     for name, fingerprint in recorded.items():
         if name not in modules:
             raise ValueError(f"layer {name!r} of the saved initialisation is not a target in this model")
-        if not fingerprints_match(fingerprint, weight_fingerprint(weight_view(modules[name]))):
+        if not fingerprints_match(fingerprint, module_fingerprint(modules[name])):
             raise ValueError(f"this base model is not the one the adapter was initialised from: the weight "
-                             f"of {name!r} differs (another checkpoint, or loaded in another dtype?)")
+                             f"of {name!r} differs (another checkpoint, or loaded in another dtype or "
+                             f"quantisation? recorded: {fingerprint.get('quantisation', 'not quantised')})")
     with restore_on_error(base_model) as state:
         peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
         with torch.no_grad():
@@ -194,8 +211,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                 base = layer.get_base_layer()
                 W_res = residual_weight(weight_view(base), layer.lora_B["default"].weight,
                                         layer.lora_A["default"].weight, layer.scaling["default"])
-                state.stash(base.weight)
-                write_weight(base, W_res)
+                for t in weight_storage(base):
+                    state.stash(t)
+                write_weight(base, W_res)  # a quantised base: requantised as init did, bit for bit (§8)
+                del W_res
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)
     return peft_model

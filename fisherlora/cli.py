@@ -15,6 +15,7 @@ from fisherlora.commands import plan as plan_cmd
 from fisherlora.commands import report as report_cmd
 from fisherlora.commands.init import SUMMARY_PHASE
 from fisherlora.flags import PLAN_FIELDS, add_config_flags
+from fisherlora.quant import add_flags as add_quantisation_flags
 
 _EXAMPLES = """\
 examples:
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (default: float32 on CPU, bfloat16 on GPU); statistics stay float32")
     add_config_flags(init)
+    add_quantisation_flags(init)
     out = init.add_argument_group("output")
     out.add_argument("--output", "-o", default="fisherlora-out",
                      help="output directory, written atomically at the end; checked before any work, symbolic "
@@ -119,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weights dtype (default: %(default)s, as on a GPU; `init` uses float32 on a CPU)")
     # init's own defaults: the plan is the one `fisherlora init` runs with the same flags
     add_config_flags(plan, PLAN_FIELDS, title="what is planned (FisherLoraConfig, init's defaults)")
+    add_quantisation_flags(plan)
     plan.add_argument("--free-gb", type=_positive_gb, default=None, metavar="GB",
                       help="free device memory in GB (1e9 bytes), a positive number: also say which mode "
                            "`auto` picks for this budget")

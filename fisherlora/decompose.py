@@ -277,26 +277,28 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
     for name, module in modules.items():
         if name not in stats.G:
             raise ValueError(f"the statistics hold no factors for layer {name!r}")
-        if tuple(stats.shapes[name]) != tuple(weight_view(module).shape):
+        if tuple(stats.shapes[name]) != layer_shape(module):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
-                             f"the layer is {tuple(weight_view(module).shape)}")
+                             f"the layer is {layer_shape(module)}")
     _warn_rank_deficient(modules, stats)
     if stats.kind is MemoryMode.PROJECTED and bases is None:
         raise ValueError("projected statistics need the singular bases they were accumulated on")
-    svds = bases.items() if bases is not None else iter_thin_svd(
-        {n: weight_view(m) for n, m in modules.items()}, seconds=svd_seconds)
     inits, selections = {}, {}
     with tqdm(total=len(modules), desc="decomposition (SVD+energy)", unit="layer", disable=not progress,
               dynamic_ncols=True) as bar:
-        for name, svd in svds:
-            r, s = plan[name]
-            A, G = stats.factors(name)
-            sel, B, A_lora = decompose_layer(
-                name, weight_view(modules[name]), A, G, rank=r, scaling=s, score=config.score,
-                magnitude=config.magnitude, damping=config.damping, backend=config.backend,
-                projected=stats.kind is MemoryMode.PROJECTED, svd=svd)
-            inits[name] = LayerInit(B, A_lora, s)
-            selections[name] = sel
-            bar.update(1)
+        for name, module in modules.items():
+            W = weight_view(module)  # one layer at a time: a quantised layer's is a float32 copy (§8)
+            svds = [(name, bases[name])] if bases is not None else iter_thin_svd({name: W}, seconds=svd_seconds)
+            for _, svd in svds:
+                r, s = plan[name]
+                A, G = stats.factors(name)
+                sel, B, A_lora = decompose_layer(
+                    name, W, A, G, rank=r, scaling=s, score=config.score,
+                    magnitude=config.magnitude, damping=config.damping, backend=config.backend,
+                    projected=stats.kind is MemoryMode.PROJECTED, svd=svd)
+                inits[name] = LayerInit(B, A_lora, s)
+                selections[name] = sel
+                bar.update(1)
+            del W, svds
     return {n: inits[n] for n in modules}, {n: selections[n] for n in modules}  # model order
 

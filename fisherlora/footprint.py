@@ -12,6 +12,10 @@ The phases, each counted beyond the weights (which are allocated before a run st
 - ``write``: those results, PEFT's LoRA weights, and one residual ``W − s·BA`` being formed
   while the previous one is still bound.
 
+On a quantised base (``dequantised=True``, docs/DESIGN.md §8) the fingerprints, the SVDs, the
+decomposition and the write each add one target's weight dequantised to float32, and the
+calibration one weight dequantised in the weights' dtype (bitsandbytes' matmuls do that).
+
 Each phase also holds its CPU RNG snapshots (:data:`SNAPSHOTS`, 5,056 bytes each).
 
 The figures were read off the CPU allocator (``fisherlora.testing.peak_memory``) for
@@ -154,6 +158,8 @@ class Footprint:
         reference: the op calls go to the ``torch`` reference backend.
         threads: the intra-op threads the compiled kernels split their tiles over.
         mc_samples: label draws per batch of the true Fisher; 0 for the empirical one.
+        dequantised: the targets are quantised (docs/DESIGN.md §8): each is dequantised to
+            float32 one at a time where it is read.
     """
 
     # tile sizes of the compiled kernels (csrc/cpu/curvature_cpu.cpp)
@@ -161,17 +167,22 @@ class Footprint:
 
     def __init__(self, shapes, ranks, a_key, arch: Architecture, mode: MemoryMode | None, *, batch_size: int,
                  max_length: int, elem: int, stats_bytes: int, bases_bytes: int, reference: bool, threads: int,
-                 mc_samples: int = 0):
+                 mc_samples: int = 0, dequantised: bool = False):
         self.shapes, self.ranks, self.a_key, self.arch = shapes, ranks, a_key, arch
         self.share, self.mode = mode is not None, mode or MemoryMode.FULL
         self.dense, self.projected = self.mode is not MemoryMode.PACKED, self.mode is MemoryMode.PROJECTED
         self.B, self.T, self.n, self.e = batch_size, max_length, batch_size * max_length, elem
         self.s, self.b, self.reference, self.threads = stats_bytes, bases_bytes, reference, threads
         self.mc = mc_samples
+        self.q = dequantised
 
     # ------------------------------------------------------------------ per layer
     def k(self, name: str) -> int:
         return min(self.shapes[name])
+
+    def deq(self, name: str, elem: int = 4) -> int:
+        """One quantised target's weight dequantised (``elem`` bytes an entry); 0 for a float base."""
+        return self.shapes[name][0] * self.shapes[name][1] * elem if self.q else 0
 
     def bases(self, name: str, out_bytes: int) -> int:
         """``U``, ``Vh`` in ``out_bytes`` and ``S`` in float32."""
@@ -252,8 +263,8 @@ class Footprint:
         ``components``: the largest activations, statistics held at once, and SVD workspace
         (with the projected bases) of the run."""
         names = [n for g in groups for n in g]
-        fingerprint = max(d_out * d_in * (8 if self.e != 8 else 0) + 12 * (d_out + d_in) * 8
-                          for d_out, d_in in self.shapes.values())
+        fingerprint = max(d_out * d_in * (8 if self.e != 8 or self.q else 0) + 12 * (d_out + d_in) * 8
+                          + self.deq(n) for n, (d_out, d_in) in self.shapes.items())
         phases = {"fingerprints": fingerprint, **dict.fromkeys(PHASES[1:] if self.projected else PHASES[2:], 0)}
         phases = {name: bytes_ + _bookkeeping(name) for name, bytes_ in phases.items()}
         kept = done = 0  # statistics kept from earlier groups, results of the layers decomposed
@@ -262,17 +273,18 @@ class Footprint:
             stats = self.statistics(group)
             activations, held = max(activations, self.activations(group)), max(held, kept + stats)
             before = kept + done
-            calibration = before + stats + _bookkeeping("calibration") + self.activations(group, with_hooks=True)
+            calibration = before + stats + _bookkeeping("calibration") + self.activations(group, with_hooks=True) \
+                + max(self.deq(n, self.e) for n in group)
             if self.projected:  # the SVDs first; their bases stay through the pass and the decomposition
                 so_far = 0
                 for n in group:
-                    ws = svd_workspace_bytes(*self.shapes[n], out_bytes=self.b)
+                    ws = svd_workspace_bytes(*self.shapes[n], out_bytes=self.b) + self.deq(n)
                     phases["svd"] = max(phases["svd"], before + so_far + ws + _bookkeeping("svd"))
                     so_far += self.bases(n, self.b)
                 bases_held = max(bases_held, so_far)
                 phases["calibration"] = max(phases["calibration"], calibration + so_far)
                 phases["decomposition"] = max(phases["decomposition"], before + so_far + stats + max(
-                    self.decompose(n) for n in group) + sum(self.results(n) for n in group)
+                    self.decompose(n) + self.deq(n) for n in group) + sum(self.results(n) for n in group)
                     + _bookkeeping("decomposition"))
             else:
                 phases["calibration"] = max(phases["calibration"], calibration)
@@ -281,13 +293,14 @@ class Footprint:
                     svd = svd_workspace_bytes(*self.shapes[n]) + previous
                     own = self.bases(n, 4) + self.decompose(n)
                     phases["decomposition"] = max(phases["decomposition"], before + stats + inner + max(svd, own)
-                                                  + _bookkeeping("decomposition"))
+                                                  + self.deq(n) + _bookkeeping("decomposition"))
                     previous, inner = self.bases(n, 4), inner + self.results(n)
             done += sum(self.results(n) for n in group)
             kept += stats if keep_statistics else 0
         lora = sum(sum(self.shapes[n]) * self.ranks[n] * 4 for n in names)
         # s·BA and W − s·BA in at least float32, plus W in float32 below it (decompose.residual_weight)
-        copies, work = (2, self.e) if self.e >= 4 else (3, 4)
+        # a quantised base: deq(W), s·BA and W_res in float32, then W_res and its dequantised requantisation
+        copies, work = (2, self.e) if self.e >= 4 and not self.q else (3, 4)
         residual = previous = 0
         for n in names:
             size = self.shapes[n][0] * self.shapes[n][1] * work

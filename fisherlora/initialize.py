@@ -24,14 +24,15 @@ from fisherlora.layers import (
     fingerprints_match,
     layer_groups,
     layer_shape,
+    module_fingerprint,
     ranks_and_scalings,
     unwrap_model,
-    weight_fingerprint,
-    weight_view,
+    weight_views,
 )
 from fisherlora.memory import peak_memory_mb
 from fisherlora.phases import phase
 from fisherlora.plan import resolve_memory_mode
+from fisherlora.quant import quantisation_summary
 from fisherlora.result import FisherLoraResult
 from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
@@ -78,15 +79,17 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
-        after initialisation its outputs equal the base model's (up to rounding). torch's global
-        RNG is left as it was (:func:`fisherlora.snapshot.keeps_global_rng`).
+        after initialisation its outputs equal the base model's (up to rounding; on a quantised base
+        up to the requantisation error, reported in ``report()["quantisation"]``, docs/DESIGN.md §8).
+        torch's global RNG is left as it was (:func:`fisherlora.snapshot.keeps_global_rng`).
 
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
-            nothing, target weights that are not plain float parameters (quantised, meta, sharded
-            placeholders) or that share storage with another module (tied weights), one-shot data
-            with several layer groups. FloatingPointError: non-finite weights (naming the tensor) or
-            statistics (naming the layer). All raised before the model is changed.
+            nothing, target weights that are neither plain float parameters nor bitsandbytes
+            4-/8-bit layers (other quantisations, meta, sharded placeholders) or that share storage
+            with another module (tied weights), one-shot data with several layer groups.
+            FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
+            layer). All raised before the model is changed.
     """
     config = fisher_config or FisherLoraConfig()
     ctx = distributed.context(process_group)
@@ -117,7 +120,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if len(groups) > 1 and iter(data) is data:
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
                          "(a list or a DataLoader), not a one-shot iterator")
-    fingerprints = {n: weight_fingerprint(weight_view(m)) for n, m in modules.items()}
+    fingerprints = {n: module_fingerprint(m) for n, m in modules.items()}
     if statistics is not None:  # statistics carry the fingerprints of the model they came from
         theirs = statistics.fingerprints
         other = [n for n in modules if n in theirs and not fingerprints_match(theirs[n], fingerprints[n])]
@@ -135,7 +138,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
                 with phase(f"the singular value decompositions {where}"):
-                    weights = {n: weight_view(m) for n, m in group.items()}
+                    weights = weight_views(group)  # read (a quantised one dequantised) as each SVD reaches it
                     bases = (distributed.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
                              else dict(iter_thin_svd(weights, out_dtype=bases_dtype, seconds=svd_seconds)))
                 timings["svd"] += time.perf_counter() - t0
@@ -174,13 +177,16 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         lora_config, inits, selections, _ = allocation.allocate(inits, selections, statistics, lora_config, config)
     t0 = time.perf_counter()
     with phase(f"writing the adapter into the model (memory_mode={mode.value})"):
-        peft_model = wrap_and_write(model, lora_config, inits)
+        requant = {}
+        peft_model = wrap_and_write(model, lora_config, inits, errors=requant)
     timings["initialize"] = time.perf_counter() - t0
     if not timings["svd"]:  # the SVD ran inside "decompose"
         del timings["svd"]
     result = FisherLoraResult(peft_model, statistics, selections, config, fingerprints, timings,
                               peak_memory_mb(device), lora_config=lora_config, process_group=ctx)
     result.extra.update(memory_mode=mode.value, layer_groups=len(groups), svd_seconds_per_shape=svd_seconds)
+    if requant:  # a quantised base: the residual was requantised, outputs at step 0 change (§8)
+        result.extra["quantisation"] = quantisation_summary(modules, requant)
     return result
 
 

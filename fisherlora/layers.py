@@ -3,22 +3,27 @@ their decoder-layer index and group, their rank and scaling, and the fingerprint
 a weight. Every other module of the package reads layers through these functions.
 
 A target is a ``torch.nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2), whose weight is
-stored transposed, ``(d_in, d_out)``; :func:`weight_view` and :func:`write_weight` hide that.
+stored transposed, ``(d_in, d_out)``, or a supported quantised layer (:mod:`fisherlora.quant`,
+docs/DESIGN.md §8); :func:`weight_view` and :func:`write_weight` hide both.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
+from fisherlora import quant
 from fisherlora.memory import all_finite
 
 __all__ = [
     "is_conv1d",
     "weight_view",
     "write_weight",
+    "weight_storage",
+    "weight_views",
     "layer_shape",
     "decoder_layer_index",
     "layer_kind",
@@ -33,6 +38,7 @@ __all__ = [
     "check_model",
     "weight_fingerprint",
     "fingerprints_match",
+    "module_fingerprint",
 ]
 
 
@@ -42,20 +48,56 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
-    """The ``(d_out, d_in)`` view of a Linear/Conv1D weight (no copy)."""
+    """The ``(d_out, d_in)`` view of a Linear/Conv1D weight (no copy); for a quantised layer a new
+    float32 tensor, its weight dequantised (:func:`fisherlora.quant.dequantise`): read it once
+    per use and drop it, it is one layer's full-precision weight."""
+    if quant.is_quantised(module):
+        return quant.dequantise(module)
     return module.weight.T if is_conv1d(module) else module.weight
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
     """Copy the ``(d_out, d_in)`` matrix ``W`` into the module's weight, in its own dtype and
-    orientation (no autograd)."""
+    orientation (no autograd); a quantised layer's weight is requantised in place with its own
+    settings (:func:`fisherlora.quant.requantise_`)."""
+    if quant.is_quantised(module):
+        quant.requantise_(module, W)
+        return
     with torch.no_grad():
         weight_view(module).copy_(W)
 
 
+def weight_storage(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors :func:`write_weight` overwrites (to stash before writing): the weight, or a
+    quantised layer's packed data and scales."""
+    return quant.storage(module) if quant.is_quantised(module) else [module.weight]
+
+
+class _WeightViews(Mapping):
+    """name -> :func:`weight_view` of the module, computed on access, one at a time."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self._modules = modules
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return weight_view(self._modules[name])
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def weight_views(modules: dict[str, nn.Module]) -> Mapping[str, torch.Tensor]:
+    """A lazy mapping name -> :func:`weight_view`: iterating its items holds one weight at a
+    time, so quantised layers are dequantised one by one (for :func:`fisherlora.svd.iter_thin_svd`)."""
+    return _WeightViews(modules)
+
+
 def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear or Conv1D layer."""
-    return tuple(weight_view(module).shape)
+    """``(d_out, d_in)`` of a Linear, Conv1D or quantised layer (nothing dequantised)."""
+    return quant.shape(module) if quant.is_quantised(module) else tuple(weight_view(module).shape)
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -117,6 +159,11 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
     config = copy.deepcopy(lora_config)
+    if config.target_modules == "all-linear":  # PEFT's expansion would skip them without a word
+        other = next(((n, k) for n, m in model.named_modules() if (k := quant.unsupported_kind(m))), None)
+        if other is not None:
+            raise ValueError(f"module {other[0]!r} is a {other[1]} quantised layer, which target_modules='all-linear' "
+                             f"would leave out; fisherlora supports, quantised, {quant.SUPPORTED}")
     config = _maybe_include_all_linear_layers(config, model)
     found = {}
     for name, module in model.named_modules():
@@ -125,11 +172,12 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
                 raise ValueError(
                     f"{name!r} already carries PEFT adapters ({type(module).__name__}); pass the base model, "
                     "not a PeftModel or a model wrapped before")
-            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            kind = quant.unsupported_kind(module)
+            if kind is not None or not (isinstance(module, nn.Linear) or is_conv1d(module)):
                 raise ValueError(
-                    f"target module {name!r} is a {type(module).__name__}; fisherlora supports nn.Linear "
-                    "and transformers' Conv1D"
-                )
+                    f"target module {name!r} is a {type(module).__name__}"
+                    + (f", a {kind} quantised layer" if kind else "")
+                    + f"; fisherlora supports nn.Linear, transformers' Conv1D and, quantised, {quant.SUPPORTED}")
             found[name] = module
     if not found:
         raise ValueError(
@@ -206,7 +254,10 @@ def _own_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _weight_problem(module: nn.Module) -> str | None:
-    """Why the module's weight is not a plain float ``Parameter`` of its own shape, or None."""
+    """Why the module's weight is not a plain float ``Parameter`` of its own shape nor a supported
+    quantised weight, or None."""
+    if quant.is_quantised(module):
+        return None
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         return f"is {type(w).__name__}, not a tensor"
@@ -224,7 +275,8 @@ def _weight_problem(module: nn.Module) -> str | None:
                 "gather and write back; initialise the unsharded model (under torchrun every rank holds it whole "
                 "and calibrates its share of the data), then apply fully_shard to the PeftModel for training")
     if type(w) is not nn.Parameter and type(w) is not torch.Tensor:
-        return f"is {what}: a quantised or wrapped weight type"
+        kind = quant.unsupported_kind(module)
+        return f"is {what}: " + (f"{kind} quantisation" if kind else "a quantised or wrapped weight type")
     if w.dtype not in FLOAT_DTYPES:
         return f"is {what}: not a floating-point weight"
     if tuple(w.shape) != _own_shape(module):
@@ -236,10 +288,12 @@ def check_target_weights(modules: dict[str, nn.Module]) -> None:
     """Refuse, by kind, every target whose weight fisherlora cannot decompose and write back.
 
     Supported: a plain ``torch.nn.Parameter`` (or tensor) of dtype float16, bfloat16, float32 or
-    float64 with the layer's own shape. Refused, naming the layer and the weight's type, dtype and
-    shape: quantised weights (bitsandbytes ``Int8Params``/``Params4bit``, any other tensor
-    subclass), integer weights, meta tensors, empty or 1-D placeholders (DeepSpeed ZeRO-3) and
-    sharded ``DTensor`` weights.
+    float64 with the layer's own shape, and the quantised layers of :data:`fisherlora.quant.SUPPORTED`.
+    Refused, naming the layer and the weight's type, dtype and shape: other quantised weights
+    (torchao tensor subclasses, GGUF weights kept quantised, any other tensor subclass), integer
+    weights, meta tensors, empty or 1-D placeholders (DeepSpeed ZeRO-3) and sharded ``DTensor``
+    weights. (Quantised layers that are not ``nn.Linear``, GPTQ and AWQ, are refused by
+    :func:`find_target_modules`.)
 
     Raises:
         ValueError: for the first such target.
@@ -249,8 +303,8 @@ def check_target_weights(modules: dict[str, nn.Module]) -> None:
         if problem is not None:
             raise ValueError(
                 f"target {name!r} ({type(module).__name__}): its weight {problem}. fisherlora supports plain "
-                "float16/bfloat16/float32/float64 nn.Parameter weights of the layer's own shape (quantised bases "
-                "are not supported yet: load the model without a quantization_config)")
+                f"float16/bfloat16/float32/float64 nn.Parameter weights of the layer's own shape and, quantised, "
+                f"{quant.SUPPORTED}")
 
 
 def check_not_shared(model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -284,10 +338,12 @@ def check_finite(model: nn.Module) -> None:
     Raises:
         FloatingPointError: naming the tensor (``model.embed_tokens.weight``) and its count of NaN/inf.
     """
+    # a quantised weight's packed bits may be stored in a float dtype (bnb_4bit_quant_storage): not values
+    packed = {id(m.weight) for m in model.modules() if quant.is_quantised(m)}
     with torch.no_grad():
         for tname, t in [*model.named_parameters(), *model.named_buffers()]:
             # all_finite: nothing of the tensor's size (an embedding's isfinite mask is the run's peak)
-            if t.is_floating_point() and not t.is_meta and not all_finite(t):
+            if t.is_floating_point() and id(t) not in packed and not t.is_meta and not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise FloatingPointError(f"{tname} holds {bad} non-finite value(s) (NaN or inf): the calibration "
                                          "passes would spread them into every statistic; fix the weights first")
@@ -325,6 +381,19 @@ def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:
 
 def fingerprints_match(a: dict, b: dict, rtol: float = 1e-3) -> bool:
     """Sketches equal up to ``rtol`` of the weight's rms entry (a sketch's typical size): float32
-    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not."""
+    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not;
+    nor does another quantisation (the ``"quantisation"`` entries of :func:`module_fingerprint` differ)."""
     tol = rtol * max(a["rms"], 1e-30)
-    return len(a["sketch"]) == len(b["sketch"]) and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"]))
+    return (a.get("quantisation") == b.get("quantisation") and len(a["sketch"]) == len(b["sketch"])
+            and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"])))
+
+
+def module_fingerprint(module: nn.Module) -> dict:
+    """The fingerprint of a target layer's weight as the model holds it: :func:`weight_fingerprint`
+    of :func:`weight_view`, so a quantised layer's DEQUANTISED weight, plus its settings under
+    ``"quantisation"`` (:func:`fisherlora.quant.settings`), which must match too: a residual is
+    requantised the same way only under the same settings (docs/DESIGN.md §8)."""
+    fp = weight_fingerprint(weight_view(module))
+    if quant.is_quantised(module):
+        fp["quantisation"] = quant.settings(module)
+    return fp

@@ -52,7 +52,8 @@ def embedded_encoder_path() -> Path:
 
 
 def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa"):
+                             device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa",
+                             quantization_config=None):
     """Load a causal LM and its tokenizer, offline.
 
     Args:
@@ -60,6 +61,8 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
             ``transformers`` model folder. Only local files are read (``local_files_only``):
             nothing is downloaded or looked up, and the process's environment is left alone.
         dtype: weights dtype. device: where to put the model.
+        quantization_config: e.g. a ``BitsAndBytesConfig``: the model is quantised on load, straight
+            onto ``device`` (docs/DESIGN.md §8); not for GGUF files, which transformers refuses.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (eos if it had none).
@@ -75,6 +78,8 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
         raise FileNotFoundError(f"model path {str(path)!r} does not exist (use a local folder, a .gguf file, "
                                 f"or {EMBEDDED_MODEL!r} for the embedded model)")
     kwargs = {"dtype": dtype, "local_files_only": True}
+    if quantization_config is not None:
+        kwargs.update(quantization_config=quantization_config, device_map=str(device))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     verbosity = hf_logging.get_verbosity()
@@ -91,7 +96,7 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
         hf_logging.set_verbosity(verbosity)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return lm.to(device), tok
+    return (lm if quantization_config is not None else lm.to(device)), tok
 
 
 #: architecture configs shipped with the package (no weights): name -> ``configs/<name>.json``

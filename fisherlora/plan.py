@@ -24,6 +24,7 @@ from fisherlora.collect import StatisticsCollector
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.footprint import Architecture, Footprint
 from fisherlora.layers import check_ranks, find_target_modules, layer_groups, layer_shape, ranks_and_scalings
+from fisherlora.quant import planned_weight_bytes
 
 __all__ = ["ModePlan", "plan_memory", "choose_mode", "free_memory_bytes", "shared_activation_factors",
            "resolve_memory_mode"]
@@ -111,7 +112,8 @@ def _uses_reference_ops(backend: str, device: torch.device | None) -> bool:
 def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_length: int = 512,
                 dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
                 group_options: tuple[int, ...] = (1, 2, 4, 8), keep_statistics: bool = True,
-                backend: str = "auto", fisher_type: str = "empirical", mc_samples: int = 1) -> list[ModePlan]:
+                backend: str = "auto", fisher_type: str = "empirical", mc_samples: int = 1,
+                quantisation: dict | None = None) -> list[ModePlan]:
     """Planned peak memory of every mode (and layer-group count) for ``model``.
 
     Args:
@@ -129,6 +131,10 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
         fisher_type, mc_samples: as :class:`~fisherlora.FisherLoraConfig`'s: the true Fisher's
             label draws hold the predictive distribution and, from two draws, a second gradient
             of the logits.
+        quantisation: plan a base quantised by bitsandbytes as ``transformers`` loads it (every
+            ``nn.Linear`` but the output head): :func:`fisherlora.quant.planned_weight_bytes`'s
+            settings (``{"bits": 4, "blocksize": 64, "double_quant": False}`` or ``{"bits": 8}``),
+            with one target dequantised at a time (docs/DESIGN.md §8).
 
     Returns:
         :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
@@ -146,6 +152,12 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
     param = next(model.parameters())
     elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else param.element_size()
     weights = sum(p.numel() * (elem if dtype is not None else p.element_size()) for p in model.parameters())
+    if quantisation is not None:  # transformers quantises every Linear but the output head
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m is not head:
+                weights += planned_weight_bytes(m.out_features, m.in_features, quantisation) - m.weight.numel() * (
+                    elem if dtype is not None else m.weight.element_size())
     arch = Architecture.of(model, max(max(s) for s in shapes.values()))
     reference = _uses_reference_ops(backend, param.device)
     plans = []
@@ -155,7 +167,8 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
             continue
         footprint = Footprint(shapes, ranks, a_key, arch, mode, batch_size=batch_size, max_length=max_length,
                               elem=elem, stats_bytes=stats_bytes, bases_bytes=bases_bytes, reference=reference,
-                              threads=torch.get_num_threads(), mc_samples=mc_samples if fisher_type == "true" else 0)
+                              threads=torch.get_num_threads(), mc_samples=mc_samples if fisher_type == "true" else 0,
+                              dequantised=quantisation is not None)
         phases, parts = footprint.phases(groups, keep_statistics)
         plans.append(ModePlan(mode, g, weights, phases=phases, **parts))
     return plans

@@ -34,6 +34,7 @@ def run(args) -> int:
     from fisherlora.memory import peak_memory_mb
     from fisherlora.outdir import check_output_dir
     from fisherlora.phases import phase
+    from fisherlora.quant import bitsandbytes_config
     from fisherlora.statistics import FisherStatistics
 
     # everything that can be checked without the model is checked before loading it
@@ -53,6 +54,7 @@ def run(args) -> int:
                          f"available: {available_backends(device)}")
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    bnb_config = bitsandbytes_config(args, dtype)  # a GGUF model refused here, before any work (§8)
     timings = {}
     t0 = time.perf_counter()
     stats, records, batches, n_seq = None, None, None, None
@@ -71,7 +73,8 @@ def run(args) -> int:
     # errors still raise
     with phase(f"loading the model ({str(dtype).removeprefix('torch.')} on {device})"), \
             contextlib.redirect_stderr(io.StringIO()) if args.quiet else contextlib.nullcontext():
-        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+        model, tok = fdata.load_model_and_tokenizer(args.model, dtype=dtype, device=device,
+                                                    quantization_config=bnb_config)
     timings["load model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if records is not None:

@@ -18,6 +18,7 @@ def run(args) -> int:
     from fisherlora.models import meta_model_from_config
     from fisherlora.outdir import check_output_file
     from fisherlora.plan import GB, choose_mode, format_plan, plan_memory
+    from fisherlora.quant import settings_from_flags
 
     cfg = config_from_args(args)
     if args.json and args.json != "-":
@@ -27,7 +28,8 @@ def run(args) -> int:
     plans = plan_memory(model, cfg.to_lora_config(), batch_size=cfg.batch_size, max_length=cfg.max_length,
                         dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
                         bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
-                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples)
+                        fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples,
+                        quantisation=settings_from_flags(args))
     if args.json:
         text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
                            "plans": [p.to_dict() for p in plans]}, indent=1)
@@ -72,5 +74,10 @@ def init_flags(args, cfg, pick) -> list[str]:
             continue
         text = ",".join(value) if isinstance(value, list) else value.value if isinstance(value, enum.Enum) else value
         words += ["--" + f.name.replace("_", "-"), str(text)]
+    if getattr(args, "load_in_8bit", False):  # a quantised base (docs/DESIGN.md §8)
+        words.append("--load-in-8bit")
+    elif getattr(args, "load_in_4bit", False):
+        words += ["--load-in-4bit", "--bnb-4bit-quant-type", args.bnb_4bit_quant_type]
+        words += ["--bnb-4bit-double-quant"] if args.bnb_4bit_double_quant else []
     return words
 
