@@ -111,7 +111,7 @@ def _uses_reference_ops(backend: str, device: torch.device | None) -> bool:
 
 def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_length: int = 512,
                 dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
-                group_options: tuple[int, ...] = (1, 2, 4, 8), keep_statistics: bool = True,
+                group_options: tuple[int, ...] = (1, 2, 4, 8, 16), keep_statistics: bool = True,
                 backend: str = "auto", fisher_type: str = "empirical", mc_samples: int = 1,
                 quantisation: dict | None = None) -> list[ModePlan]:
     """Planned peak memory of every mode (and layer-group count) for ``model``.
@@ -123,7 +123,8 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
         dtype: the weights' dtype (default: the parameters' own).
         stats_bytes: bytes per statistics element (4 for float32).
         bases_bytes: bytes per element of the projected mode's singular bases.
-        group_options: layer-group counts to plan for.
+        group_options: layer-group counts to plan for (16: two decoder layers of an 8B model per
+            pass, what a 4-bit 8B base needs to fit 12 GB with float32 bases).
         keep_statistics: as :func:`fisherlora.initialize_fisher_lora`'s (its default, and the
             CLI's): every group's factors stay until the end.
         backend: the op backend; ``"torch"`` (or ``"auto"`` on a CPU without the compiled
