@@ -178,7 +178,10 @@ def _job_fsdp2(rank, world, tmp):
 # ----------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def single():
-    """The single-process runs (no process group) over the same data, per world size."""
+    """The single-process runs (no process group) over the same data, per world size, on one
+    thread as each rank runs; the suite's thread count is put back afterwards (later tests, the
+    memory plan's among them, depend on it)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     assert not dist.is_initialized()
     cache = {}
@@ -188,7 +191,8 @@ def single():
             cache[world] = {**{m: _run(m, _data(world)) for m in MODES[world]}, "few": _run("full", _data(world, n=2))}
         return cache[world]
 
-    return get
+    yield get
+    torch.set_num_threads(threads)
 
 
 def _close(a, b, what):
