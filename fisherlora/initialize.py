@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from fisherlora import allocation, distributed
+from fisherlora import allocation, distributed, spread
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -139,7 +139,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                 t0 = time.perf_counter()
                 with phase(f"the singular value decompositions {where}"):
                     weights = weight_views(group)  # read (a quantised one dequantised) as each SVD reaches it
-                    bases = (distributed.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
+                    bases = (spread.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
                              else dict(iter_thin_svd(weights, out_dtype=bases_dtype, seconds=svd_seconds)))
                 timings["svd"] += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):
-            decompose = partial(distributed.spread_initialization, ctx) if ctx else compute_initialization
+            decompose = partial(spread.spread_initialization, ctx) if ctx else compute_initialization
             inits_g, sels_g = decompose(group, stats, lc_decompose, cfg_decompose, bases=bases,
                                         progress=progress, svd_seconds=svd_seconds)
         timings["decompose"] += time.perf_counter() - t0

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from fisherlora import FisherLoraConfig, initialize_fisher_lora
 from fisherlora.adapter import lora_layers
-from fisherlora.distributed import assign_by_cost, svd_cost
+from fisherlora.spread import assign_by_cost, svd_cost
 from fisherlora.testing import pad_batches, tiny_data
 from tests.models import tiny_llama
 
