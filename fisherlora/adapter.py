@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fisherlora import quant
+from fisherlora import quant, sharded
 from fisherlora.decompose import LayerInit, residual_weight
 from fisherlora.layers import (
     check_model,
@@ -97,6 +97,7 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], e
                     errors[name] = {"requant_error": quant.requantisation_error(base, W_res, norm),
                                     "quant_error": quant_error}
                 del W_res
+        sharded.shard_adapters(peft_model)  # an FSDP2 base: the factors sharded like it (§7)
     return peft_model
 
 
@@ -217,4 +218,5 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                 del W_res
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)
+        sharded.shard_adapters(peft_model)  # an FSDP2 base: the factors sharded like it (§7)
     return peft_model

@@ -17,7 +17,12 @@ from fisherlora.heads import Head, batch_size, resolve_head
 from fisherlora.losses import _SumCrossEntropy, position_ids_from_mask, token_loss_sum  # noqa: F401 (re-exported)
 from fisherlora.memory import release_host_memory
 
-__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "check_totals", "EmptyCalibrationError"]
+__all__ = ["token_loss_sum", "position_ids_from_mask", "run_calibration", "check_totals", "EmptyCalibrationError",
+           "NOT_COUNTED"]
+
+
+#: the key that marks a batch run only to keep a sharded model's ranks in lock step (its value True)
+NOT_COUNTED = "fisherlora_not_counted"
 
 
 class EmptyCalibrationError(ValueError):
@@ -26,7 +31,8 @@ class EmptyCalibrationError(ValueError):
 
 def run_calibration(model: nn.Module, batches: Iterable[dict], *,
                     fisher_type: str = "empirical", mc_samples: int = 1, seed: int = 0,
-                    progress: Iterator | None = None, head: Head | None = None, check: bool = True) -> dict:
+                    progress: Iterator | None = None, head: Head | None = None, check: bool = True,
+                    collector=None) -> dict:
     """Drive forward and backward passes of a model over calibration batches, inside a
     :class:`StatisticsCollector` (whose hooks do the accumulating).
 
@@ -38,6 +44,11 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
     ``mc_samples`` times from the model's own predictive distribution (a ``torch.Generator``
     seeded with ``seed``; the global RNG is not touched) and each draw is back-propagated; the
     forward pass, and so ``A``, is shared.
+
+    A batch marked with :data:`NOT_COUNTED` (a lock-step pass of a sharded model,
+    :func:`fisherlora.distributed.shard_batches`) runs its forward and as many backward passes as
+    a counted batch makes, with the ``collector``'s ``counting`` off, draws no label and adds
+    nothing to the totals.
 
     Returns:
         ``{"batches", "sequences", "max_batch_size", "max_sequence_length", "tokens",
@@ -55,6 +66,11 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
     gen = None
     for batch in batches:
         device = next(model.parameters()).device
+        counted = not batch.get(NOT_COUNTED, False)
+        if not counted:
+            _lockstep_pass(model, head, {k: v for k, v in batch.items() if k != NOT_COUNTED}, device,
+                           mc_samples if fisher_type == "true" else 1, collector)
+            continue
         kwargs, batch = head.inputs(batch, device)
         with torch.enable_grad():
             outputs = model(**kwargs)
@@ -85,6 +101,23 @@ def run_calibration(model: nn.Module, batches: Iterable[dict], *,
         if device.type == "cpu":
             release_host_memory()  # this batch's activations, before the next batch fragments the heap
     return check_totals(totals) if check else totals
+
+
+def _lockstep_pass(model: nn.Module, head: Head, batch: dict, device, backwards: int, collector) -> None:
+    """One forward and ``backwards`` backward passes of ``batch``, with the collector's hooks off."""
+    kwargs, batch = head.inputs(batch, device)
+    collector.counting = False
+    try:
+        with torch.enable_grad():
+            outputs = model(**kwargs)
+            for i in range(backwards):
+                loss, _ = head.loss(outputs, batch, last=i == backwards - 1)
+                if not loss.requires_grad:  # no label in this batch: the same backward, of a zero
+                    loss = 0 * next(v for v in outputs.values()
+                                    if isinstance(v, torch.Tensor) and v.requires_grad).sum()
+                loss.backward(retain_graph=i < backwards - 1)
+    finally:
+        collector.counting = True
 
 
 def check_totals(totals: dict) -> dict:

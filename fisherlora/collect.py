@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fisherlora import distributed, ops
+from fisherlora import distributed, ops, sharded
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.heads import TokenMasks, input_embeddings
@@ -132,6 +132,7 @@ class StatisticsCollector:
         self._handles: list = []
         self._state: ModelState | None = None
         self._normalised = False
+        self.counting = True  # False: hooks add nothing (a sharded model's lock-step passes, §7)
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> StatisticsCollector:
@@ -225,6 +226,8 @@ class StatisticsCollector:
         if self._normalised:
             raise RuntimeError(f"layer {name!r} ran after statistics() normalised this collector's factors in "
                                "place; use a new StatisticsCollector for more passes")
+        if not self.counting:  # a lock-step pass of a sharded model (distributed.shard_batches)
+            return
         x = args[0]
         mask, count = self._rows_mask(name, x)
         if not _in_backward():
@@ -392,13 +395,11 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
         batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask",
             "labels"}``).
         config: fisher type, label draws, seed, statistics dtype and backend.
-        mode, bases: the memory mode and, for ``projected``, the singular bases
-            (see :class:`fisherlora.StatisticsCollector`); the projected mode, the memory-lean
-            one, also recomputes the decoder layers in the backward pass (activation
-            checkpointing).
-        process_group: inside an initialised ``torch.distributed`` (or with this group), every
-            rank passes the SAME ``batches``, runs its share of the sequences and gets the
-            statistics of all of them (:mod:`fisherlora.distributed`, docs/DESIGN.md §7).
+        mode, bases: the memory mode and, for ``projected``, the singular bases (see
+            :class:`fisherlora.StatisticsCollector`); projected also recomputes the decoder layers
+            in the backward pass (activation checkpointing).
+        process_group: inside an initialised ``torch.distributed`` (or with this group), every rank
+            passes the SAME ``batches``, runs its share and gets the statistics of all (§7).
 
     Raises:
         ValueError: empty data. RuntimeError/FloatingPointError: as
@@ -410,10 +411,10 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
                                     bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
-        totals = run_calibration(model, batches if ctx is None else distributed.shard_batches(batches, ctx),
-                                 fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
+        shares = batches if ctx is None else distributed.shard_batches(batches, ctx, sharded.model_is_sharded(model))
+        totals = run_calibration(model, shares, fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
                                  seed=config.seed + (ctx.rank if ctx else 0), progress=bar, head=head,
-                                 check=ctx is None)
+                                 check=ctx is None, collector=col)
     if ctx is not None:
         totals = distributed.reduce_collector(col, totals, ctx)
     return col.statistics(info={"calibration": totals, "fisher_type": config.fisher_type.value})

@@ -253,7 +253,7 @@ def _warn_rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics)
 @keeps_global_rng
 def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, lora_config,
                            config: FisherLoraConfig, *, bases: dict | None = None, progress: bool = True,
-                           svd_seconds: dict | None = None):
+                           svd_seconds: dict | None = None, weights=None):
     """Decompose every layer of ``modules`` (no change to the model).
 
     Args:
@@ -263,6 +263,9 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             only meaningful on the bases they were accumulated on); else computed here, batched
             one matrix at a time (:func:`fisherlora.svd.iter_thin_svd`).
         svd_seconds: if given, solver seconds per weight shape are added to it.
+        weights: layer name -> its ``(d_out, d_in)`` weight, already read (a sharded layer's gathered
+            by :func:`fisherlora.spread.owned_weights`); default: each read here, in turn, by
+            :func:`fisherlora.layers.weight_view`.
 
     Returns:
         ``(inits, selections)``: layer name -> :class:`LayerInit`, and -> :class:`LayerSelection`.
@@ -287,7 +290,8 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
     with tqdm(total=len(modules), desc="decomposition (SVD+energy)", unit="layer", disable=not progress,
               dynamic_ncols=True) as bar:
         for name, module in modules.items():
-            W = weight_view(module)  # one layer at a time: a quantised layer's is a float32 copy (§8)
+            # one layer at a time: a quantised layer's is a float32 copy (§8); a sharded one's given, gathered (§7)
+            W = weights[name] if weights is not None else weight_view(module)
             svds = [(name, bases[name])] if bases is not None else iter_thin_svd({name: W}, seconds=svd_seconds)
             for _, svd in svds:
                 r, s = plan[name]

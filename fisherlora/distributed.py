@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from fisherlora.calibration import check_totals
+from fisherlora.calibration import NOT_COUNTED, check_totals
 from fisherlora.config import MemoryMode
 
 __all__ = ["Dist", "RankFailedError", "context", "shard_batches", "together", "reduce_collector",
@@ -71,25 +71,43 @@ class shard_batches:  # noqa: N801 (a re-iterable view, used like a function)
 
     The split is by sequence, so it is the same whatever the batch size; a batch in which this
     rank owns no sequence is skipped, so a rank may see no batch at all (fewer sequences than
-    ranks). Re-iterable when ``batches`` is (each layer group makes its own pass). Every tensor
-    whose first dim is the batch size is split; anything else is passed on as it is.
+    ranks). With ``lockstep`` (a sharded model, whose forwards and backwards are collectives)
+    such a batch is not skipped but given as its first sequence marked
+    :data:`fisherlora.calibration.NOT_COUNTED`: the rank runs it and counts nothing, so every
+    rank makes one pass per batch. Re-iterable when ``batches`` is (each layer group makes its
+    own pass). Every tensor whose first dim is the batch size is split; anything else is passed
+    on as it is.
     """
 
-    def __init__(self, batches, ctx: Dist):
-        self.batches, self.ctx = batches, ctx
+    def __init__(self, batches, ctx: Dist, lockstep: bool = False):
+        self.batches, self.ctx, self.lockstep = batches, ctx, lockstep
 
     def __iter__(self):
         offset = 0
         rank, world = self.ctx.rank, self.ctx.world
-        for batch in self.batches:
+        for batch in (self._agreed() if self.lockstep else self.batches):
             n = batch["input_ids"].shape[0] if "input_ids" in batch else 0
             rows = [i for i in range(n) if (offset + i) % world == rank]
             offset += n
+            extra = {}
             if n and not rows:
-                continue
+                if not self.lockstep:
+                    continue
+                rows, extra = [0], {NOT_COUNTED: True}
             index = torch.tensor(rows, dtype=torch.long)
-            yield {k: v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) and v.dim()
-                   and v.shape[0] == n else v for k, v in batch.items()}
+            yield {**{k: v.index_select(0, index.to(v.device)) if isinstance(v, torch.Tensor) and v.dim()
+                      and v.shape[0] == n else v for k, v in batch.items()}, **extra}
+
+    def _agreed(self):
+        """The batches, each fetched under :func:`together`: a rank whose data fails makes every
+        rank fail before the next pass, whose collectives it would otherwise leave waiting."""
+        it, end = iter(self.batches), object()
+        while True:
+            with together(self.ctx, "the calibration data"):
+                batch = next(it, end)
+            if batch is end:
+                return
+            yield batch
 
 
 @contextlib.contextmanager
@@ -109,6 +127,8 @@ def together(ctx: Dist | None, what: str):
     error = None
     try:
         yield
+    except RankFailedError:  # agreed already, by every rank at once: no second agreement
+        raise
     except BaseException as exc:  # noqa: BLE001 (re-raised below, after the agreement)
         error = exc
     reports = [None] * ctx.world

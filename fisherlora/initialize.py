@@ -75,7 +75,10 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         process_group: inside an initialised ``torch.distributed`` (or with this group) call this on
             every rank with the same model and the SAME data: each rank runs its share of the
             sequences, the SVDs are spread over the ranks, and every rank ends with bit-identical
-            adapters (docs/DESIGN.md §7). Without a group nothing of this happens.
+            adapters (docs/DESIGN.md §7). Without a group nothing of this happens. The model may
+            be sharded with FSDP2 (``fully_shard``): it is initialised in place, each whole weight
+            gathered one layer at a time, the residual written into each rank's shard, and the
+            LoRA factors sharded like their base layers (:mod:`fisherlora.sharded`).
 
     Returns:
         :class:`FisherLoraResult` whose ``.model`` is the initialised ``peft.PeftModel``; right
@@ -86,7 +89,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     Raises:
         ValueError: bad config, empty data, a rank larger than a layer allows, targets that match
             nothing, target weights that are neither plain float parameters nor bitsandbytes
-            4-/8-bit layers (other quantisations, meta, sharded placeholders) or that share storage
+            4-/8-bit layers or FSDP2 row shards (other quantisations, meta, ZeRO-3 placeholders,
+            tensor-parallel DTensors) or that share storage
             with another module (tied weights), one-shot data with several layer groups.
             FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
             layer). All raised before the model is changed.
@@ -138,9 +142,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             if mode is MemoryMode.PROJECTED:  # the SVD first: the hooks project on the bases
                 t0 = time.perf_counter()
                 with phase(f"the singular value decompositions {where}"):
-                    weights = weight_views(group)  # read (a quantised one dequantised) as each SVD reaches it
-                    bases = (spread.spread_svd(ctx, weights, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
-                             else dict(iter_thin_svd(weights, out_dtype=bases_dtype, seconds=svd_seconds)))
+                    # each weight read (a quantised one dequantised, a sharded one gathered) as its SVD reaches it
+                    bases = (spread.spread_svd(ctx, group, out_dtype=bases_dtype, seconds=svd_seconds) if ctx
+                             else dict(iter_thin_svd(weight_views(group), out_dtype=bases_dtype, seconds=svd_seconds)))
                 timings["svd"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             desc = "calibration (fwd+bwd)" + (f" group {gi + 1}/{len(groups)}" if len(groups) > 1 else "")

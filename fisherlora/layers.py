@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fisherlora import quant
+from fisherlora import quant, sharded
 from fisherlora.memory import all_finite
 
 __all__ = [
@@ -50,18 +50,25 @@ def is_conv1d(module: nn.Module) -> bool:
 def weight_view(module: nn.Module) -> torch.Tensor:
     """The ``(d_out, d_in)`` view of a Linear/Conv1D weight (no copy); for a quantised layer a new
     float32 tensor, its weight dequantised (:func:`fisherlora.quant.dequantise`): read it once
-    per use and drop it, it is one layer's full-precision weight."""
+    per use and drop it, it is one layer's full-precision weight; for an FSDP2-sharded layer the
+    whole weight gathered (:func:`fisherlora.sharded.gather`, a collective: every rank reads the
+    same layers in the same order), to drop as soon as it is used."""
     if quant.is_quantised(module):
         return quant.dequantise(module)
-    return module.weight.T if is_conv1d(module) else module.weight
+    w = sharded.gather(module) if sharded.is_sharded(module) else module.weight
+    return w.T if is_conv1d(module) else w
 
 
 def write_weight(module: nn.Module, W: torch.Tensor) -> None:
     """Copy the ``(d_out, d_in)`` matrix ``W`` into the module's weight, in its own dtype and
     orientation (no autograd); a quantised layer's weight is requantised in place with its own
-    settings (:func:`fisherlora.quant.requantise_`)."""
+    settings (:func:`fisherlora.quant.requantise_`); a sharded layer's local shard is overwritten
+    with its rows of ``W`` (:func:`fisherlora.sharded.write_`)."""
     if quant.is_quantised(module):
         quant.requantise_(module, W)
+        return
+    if sharded.is_sharded(module):  # this rank's rows of W into its shard (no communication)
+        sharded.write_(module, W.T if is_conv1d(module) else W)
         return
     with torch.no_grad():
         weight_view(module).copy_(W)
@@ -69,8 +76,10 @@ def write_weight(module: nn.Module, W: torch.Tensor) -> None:
 
 def weight_storage(module: nn.Module) -> list[torch.Tensor]:
     """The tensors :func:`write_weight` overwrites (to stash before writing): the weight, or a
-    quantised layer's packed data and scales."""
-    return quant.storage(module) if quant.is_quantised(module) else [module.weight]
+    quantised layer's packed data and scales, a sharded layer's local shard."""
+    if quant.is_quantised(module):
+        return quant.storage(module)
+    return sharded.storage(module) if sharded.is_sharded(module) else [module.weight]
 
 
 class _WeightViews(Mapping):
@@ -96,8 +105,11 @@ def weight_views(modules: dict[str, nn.Module]) -> Mapping[str, torch.Tensor]:
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a Linear, Conv1D or quantised layer (nothing dequantised)."""
-    return quant.shape(module) if quant.is_quantised(module) else tuple(weight_view(module).shape)
+    """``(d_out, d_in)`` of a Linear, Conv1D or quantised layer (nothing dequantised, nothing gathered)."""
+    if quant.is_quantised(module):
+        return quant.shape(module)
+    shape = tuple(module.weight.shape)  # a DTensor's is the whole weight's
+    return shape[::-1] if is_conv1d(module) else shape
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -270,11 +282,11 @@ def _weight_problem(module: nn.Module) -> str | None:
                 "weights this way), which fisherlora cannot write back; load the model whole on every rank "
                 "(outside deepspeed.zero.Init, before deepspeed.initialize) for the initialisation, with "
                 "torchrun splitting the calibration data over the ranks, and shard it for training afterwards")
-    if type(w).__name__ == "DTensor" or type(getattr(w, "data", None)).__name__ == "DTensor":
-        return (f"is {what}, a sharded DTensor (FSDP2 fully_shard or tensor parallel), which fisherlora does not "
-                "gather and write back; initialise the unsharded model (under torchrun every rank holds it whole "
-                "and calibrates its share of the data), then apply fully_shard to the PeftModel for training")
-    if type(w) is not nn.Parameter and type(w) is not torch.Tensor:
+    if sharded.is_dtensor(w):  # FSDP2: gathered one layer at a time and written back as shards
+        problem = sharded.placement_problem(w)
+        if problem is not None:
+            return f"is {what}, {problem}"
+    elif type(w) is not nn.Parameter and type(w) is not torch.Tensor:
         kind = quant.unsupported_kind(module)
         return f"is {what}: " + (f"{kind} quantisation" if kind else "a quantised or wrapped weight type")
     if w.dtype not in FLOAT_DTYPES:
@@ -288,11 +300,12 @@ def check_target_weights(modules: dict[str, nn.Module]) -> None:
     """Refuse, by kind, every target whose weight fisherlora cannot decompose and write back.
 
     Supported: a plain ``torch.nn.Parameter`` (or tensor) of dtype float16, bfloat16, float32 or
-    float64 with the layer's own shape, and the quantised layers of :data:`fisherlora.quant.SUPPORTED`.
+    float64 with the layer's own shape, the same as an FSDP2 ``DTensor`` of row shards
+    (:mod:`fisherlora.sharded`), and the quantised layers of :data:`fisherlora.quant.SUPPORTED`.
     Refused, naming the layer and the weight's type, dtype and shape: other quantised weights
     (torchao tensor subclasses, GGUF weights kept quantised, any other tensor subclass), integer
-    weights, meta tensors, empty or 1-D placeholders (DeepSpeed ZeRO-3) and sharded ``DTensor``
-    weights. (Quantised layers that are not ``nn.Linear``, GPTQ and AWQ, are refused by
+    weights, meta tensors, empty or 1-D placeholders (DeepSpeed ZeRO-3) and ``DTensor`` weights
+    with tensor-parallel placements. (Quantised layers that are not ``nn.Linear``, GPTQ and AWQ, are refused by
     :func:`find_target_modules`.)
 
     Raises:
@@ -319,12 +332,12 @@ def check_not_shared(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for tname, t in tensors:
         if t.numel() and not t.is_meta:
-            owners.setdefault(t.untyped_storage().data_ptr(), []).append(tname)
+            owners.setdefault(sharded.local(t).untyped_storage().data_ptr(), []).append(tname)
     for name, module in modules.items():
         w = module.weight
         if not w.numel() or w.is_meta:
             continue
-        others = [o for o in owners.get(w.untyped_storage().data_ptr(), []) if o != f"{name}.weight"]
+        others = [o for o in owners.get(sharded.local(w).untyped_storage().data_ptr(), []) if o != f"{name}.weight"]
         if others:
             raise ValueError(
                 f"target {name!r} shares its weight with {others} (tied weights, e.g. tie_word_embeddings): "
@@ -342,9 +355,14 @@ def check_finite(model: nn.Module) -> None:
     packed = {id(m.weight) for m in model.modules() if quant.is_quantised(m)}
     with torch.no_grad():
         for tname, t in [*model.named_parameters(), *model.named_buffers()]:
+            if sharded.is_dtensor(t):  # counted over all shards (a collective), so every rank agrees
+                bad = sharded.count_nonfinite(t) if t.is_floating_point() else 0
             # all_finite: nothing of the tensor's size (an embedding's isfinite mask is the run's peak)
-            if t.is_floating_point() and id(t) not in packed and not t.is_meta and not all_finite(t):
+            elif t.is_floating_point() and id(t) not in packed and not t.is_meta and not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
+            else:
+                bad = 0
+            if bad:
                 raise FloatingPointError(f"{tname} holds {bad} non-finite value(s) (NaN or inf): the calibration "
                                          "passes would spread them into every statistic; fix the weights first")
 

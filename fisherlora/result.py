@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
-from fisherlora import __version__
+from fisherlora import __version__, sharded
 from fisherlora.adapter import save_residual_model
 from fisherlora.card import finish_adapter_config, model_card
 from fisherlora.config import FisherLoraConfig
@@ -129,13 +130,20 @@ class FisherLoraResult:
             :class:`fisherlora.distributed.RankFailedError`: in a distributed run, on every rank,
                 when rank 0 (the only one that writes) failed.
         """
+        adapter_state = None
+        if sharded.model_is_sharded(self.model):  # FSDP2: the factors gathered on every rank (§7)
+            if residual:
+                raise ValueError("residual=True (--save-residual) would gather the whole sharded model on rank 0; "
+                                 "save the residual with the model's own sharded checkpointing "
+                                 "(torch.distributed.checkpoint) instead")
+            adapter_state = sharded.full_state_dict({k: v for k, v in self.model.state_dict().items() if "lora_" in k})
+        write = partial(self._write, out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual,
+                        tokenizer=tokenizer, adapter_state=adapter_state)
         if self.process_group is not None:  # rank 0 writes, the others wait and share its outcome (§7)
-            return on_rank0(self.process_group, f"saving {str(out_dir)!r} on rank 0", lambda: self._write(
-                out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual, tokenizer=tokenizer))
-        return self._write(out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual,
-                           tokenizer=tokenizer)
+            return on_rank0(self.process_group, f"saving {str(out_dir)!r} on rank 0", write)
+        return write()
 
-    def _write(self, out_dir, *, overwrite, save_statistics, residual, tokenizer) -> Path:
+    def _write(self, out_dir, *, overwrite, save_statistics, residual, tokenizer, adapter_state=None) -> Path:
         from fisherlora.report import write_report
 
         if save_statistics and not self.statistics.G:
@@ -144,7 +152,7 @@ class FisherLoraResult:
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             # the adapter only: PEFT's default would also save a targeted output head's BASE weight
             # (save_embedding_layers="auto"), which then overwrites the base when loaded
-            self.model.save_pretrained(tmp, save_embedding_layers=False)
+            self.model.save_pretrained(tmp, save_embedding_layers=False, state_dict=adapter_state)
             names = self.names()
             finish_adapter_config(tmp, names["model"])
             meta = {"fisherlora_version": __version__, "config": self.applied_config(),

@@ -8,12 +8,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fisherlora import sharded
 from fisherlora.decompose import LayerInit, LayerSelection, compute_initialization
 from fisherlora.distributed import BUCKET_BYTES, Dist, together
-from fisherlora.layers import layer_shape, ranks_and_scalings
+from fisherlora.layers import layer_shape, ranks_and_scalings, weight_view, weight_views
 from fisherlora.svd import iter_thin_svd
 
-__all__ = ["assign_by_cost", "svd_cost", "broadcast_from_owners", "spread_svd", "spread_initialization"]
+__all__ = ["assign_by_cost", "svd_cost", "broadcast_from_owners", "owned_weights", "spread_svd",
+           "spread_initialization"]
 
 
 def assign_by_cost(costs: dict[str, float], world: int) -> dict[str, int]:
@@ -76,43 +78,77 @@ def broadcast_from_owners(ctx: Dist, owner: dict[str, int], local: dict[str, lis
     return out
 
 
-def spread_svd(ctx: Dist, weights: dict[str, torch.Tensor], *, out_dtype: torch.dtype = torch.float32,
+def owned_weights(ctx: Dist, modules: dict, owner: dict[str, int], what: str):
+    """This rank's layers with their whole weights, in rounds: yields ``{name: W}`` (one layer, or
+    none in a round where this rank owns nothing left), each inside :func:`together`.
+
+    Unsharded layers are read locally (:func:`fisherlora.layers.weight_view`, one at a time, as
+    the caller uses them) and come in one round. When any layer is sharded (FSDP2,
+    :mod:`fisherlora.sharded`), reading a weight is a collective that every rank joins: round
+    ``t`` gathers the ``t``-th layer of each rank in turn, each rank keeps its own and drops the
+    others', so a rank holds one gathered layer (plus the one passing through) at a time while
+    all ranks decompose in parallel. A rank that fails in its round makes every rank fail at the
+    end of that round (no rank is left waiting in the next gather)."""
+    mine = [n for n in modules if owner[n] == ctx.rank]
+    if not any(sharded.is_sharded(m) for m in modules.values()):
+        with together(ctx, what):
+            yield weight_views({n: modules[n] for n in mine})
+        return
+    queues = [[n for n in modules if owner[n] == r] for r in range(ctx.world)]
+    for t in range(max(len(q) for q in queues)):
+        kept = {}
+        for q in queues:  # every rank gathers every layer of the round, in the same order
+            if t < len(q):
+                W = weight_view(modules[q[t]])
+                if owner[q[t]] == ctx.rank:
+                    kept[q[t]] = W
+                del W
+        with together(ctx, what):
+            yield kept
+        kept.clear()  # the caller's reference to this round's dict must not keep its weight alive
+
+
+def spread_svd(ctx: Dist, modules: dict, *, out_dtype: torch.dtype = torch.float32,
                seconds: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`fisherlora.svd.iter_thin_svd` of ``weights`` (the same on every rank) spread over
-    the ranks by :func:`assign_by_cost`: each SVD runs once, on its owner, and every rank gets
-    every ``(U, S, Vh)`` (the projected mode needs all bases on every rank, for its hooks)."""
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    """:func:`fisherlora.svd.iter_thin_svd` of the weights of ``modules`` (the same on every rank)
+    spread over the ranks by :func:`assign_by_cost`: each SVD runs once, on its owner (its weight
+    read through :func:`owned_weights`), and every rank gets every ``(U, S, Vh)`` (the projected
+    mode needs all bases on every rank, for its hooks)."""
+    shapes = {n: layer_shape(m) for n, m in modules.items()}
     owner = assign_by_cost({n: svd_cost(s) for n, s in shapes.items()}, ctx.world)
     local = {}
-    with together(ctx, "the singular value decompositions"):
-        for name, usv in iter_thin_svd({n: w for n, w in weights.items() if owner[n] == ctx.rank},
-                                       out_dtype=out_dtype, seconds=seconds):
+    for weights in owned_weights(ctx, modules, owner, "the singular value decompositions"):
+        for name, usv in iter_thin_svd(weights, out_dtype=out_dtype, seconds=seconds):
             local[name] = list(usv)
     spec = {n: [((d_out, min(d_out, d_in)), out_dtype), ((min(d_out, d_in),), torch.float32),
                 ((min(d_out, d_in), d_in), out_dtype)] for n, (d_out, d_in) in shapes.items()}
     got = broadcast_from_owners(ctx, owner, local, spec)
-    return {n: tuple(t.to(weights[n].device) for t in got[n]) for n in weights}
+    return {n: tuple(t.to(_device_of(m)) for t in got[n]) for n, m in modules.items()}
+
+
+def _device_of(module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def spread_initialization(ctx: Dist, modules: dict, stats, lora_config, config, *, bases: dict | None = None,
                           progress: bool = True, svd_seconds: dict | None = None):
     """:func:`fisherlora.decompose.compute_initialization` spread over the ranks: each layer is
     decomposed (SVD, energy, selection, factors) once, by the rank :func:`assign_by_cost` gives
-    it, and its factors and selection are broadcast, so every rank holds bit-identical adapters.
-    ``stats`` (and ``bases``) must be the same on every rank. Returns what
-    ``compute_initialization`` returns, in the order of ``modules``."""
+    it (its weight read through :func:`owned_weights`), and its factors and selection are
+    broadcast, so every rank holds bit-identical adapters. ``stats`` (and ``bases``) must be the
+    same on every rank. Returns what ``compute_initialization`` returns, in the order of ``modules``."""
     shapes = {n: layer_shape(m) for n, m in modules.items()}
     owner = assign_by_cost({n: svd_cost(s) for n, s in shapes.items()}, ctx.world)
-    mine = {n: m for n, m in modules.items() if owner[n] == ctx.rank}
     plan = ranks_and_scalings(lora_config, list(modules))
     local = {}
-    with together(ctx, "the decomposition"):
-        if mine:
-            inits, sels = compute_initialization(mine, stats, lora_config, config, progress=progress,
-                                                 bases={n: bases[n] for n in mine} if bases is not None else None,
-                                                 svd_seconds=svd_seconds)
-            local = {n: [inits[n].B, inits[n].A, sels[n].indices, sels[n].sigma, sels[n].energy, sels[n].score,
-                         sels[n].magnitudes] for n in mine}
+    for weights in owned_weights(ctx, modules, owner, "the decomposition"):
+        if weights:
+            part = {n: modules[n] for n in weights}
+            inits, sels = compute_initialization(part, stats, lora_config, config, progress=progress,
+                                                 bases={n: bases[n] for n in part} if bases is not None else None,
+                                                 svd_seconds=svd_seconds, weights=weights)
+            local.update({n: [inits[n].B, inits[n].A, sels[n].indices, sels[n].sigma, sels[n].energy,
+                              sels[n].score, sels[n].magnitudes] for n in part})
     f32, f64 = torch.float32, torch.float64
     spec = {}
     for n, (d_out, d_in) in shapes.items():
@@ -123,7 +159,7 @@ def spread_initialization(ctx: Dist, modules: dict, stats, lora_config, config, 
     inits, selections = {}, {}
     for n, module in modules.items():
         B, A, idx, sigma, energy, score, mags = got[n]
-        device = next(module.parameters()).device
+        device = _device_of(module)
         inits[n] = LayerInit(B.to(device), A.to(device), plan[n][1])
         selections[n] = LayerSelection(n, shapes[n], plan[n][0], idx.cpu(), sigma.cpu(), energy.cpu(), score.cpu(),
                                        mags.cpu())
