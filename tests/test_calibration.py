@@ -75,3 +75,35 @@ def test_empty_data_is_a_clear_error(llama):
     names = target_names(llama)
     with pytest.raises(ValueError, match="calibration data is empty"):
         collect(llama, names, [])
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_a_not_counted_batch_runs_its_passes_and_adds_nothing(llama, data, fisher_type, with_labels):
+    """A lock-step batch (docs/DESIGN.md §7) makes one forward and one backward per label draw,
+    even without a label token, and leaves every factor, count and total as without it."""
+    from fisherlora.calibration import NOT_COUNTED, run_calibration
+    from fisherlora.collect import StatisticsCollector
+
+    seqs, labels = data
+    names = target_names(llama)[:3]
+    batch = pad_batch(seqs, labels)
+    spare = pad_batch(seqs[:1], labels[:1] if with_labels else [[-100] * len(seqs[0])])
+    kw = dict(fisher_type=fisher_type, mc_samples=2, seed=3)
+    ref = collect(llama, names, [batch], **kw)
+    modules = {n: llama.get_submodule(n) for n in names}
+    backwards = []
+    layer = llama.get_submodule(names[0])
+    handle = layer.register_full_backward_hook(lambda *a: backwards.append(1))
+    try:
+        with StatisticsCollector(llama, modules, stats_dtype=torch.float64, backend="torch") as col:
+            totals = run_calibration(llama, [{**spare, NOT_COUNTED: True}, batch], collector=col, **kw)
+    finally:
+        handle.remove()
+    got = col.statistics()
+    assert len(backwards) == (2 if fisher_type == "true" else 1) * 2  # the spare batch's, then the batch's
+    assert totals["batches"] == 1 and totals["sequences"] == len(seqs)
+    for name in names:
+        assert got.a_count[got.a_key[name]] == ref.a_count[ref.a_key[name]] and got.g_count[name] == ref.g_count[name]
+        torch.testing.assert_close(got.factors(name)[0], ref.factors(name)[0], rtol=0, atol=0)
+        torch.testing.assert_close(got.factors(name)[1], ref.factors(name)[1], rtol=0, atol=0)
