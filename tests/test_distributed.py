@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fisherlora import FisherLoraConfig, initialize_fisher_lora
+from fisherlora import FisherLoraConfig, initialize_fisher_lora, sharded
 from fisherlora.adapter import lora_layers
 from fisherlora.spread import assign_by_cost, svd_cost
 from fisherlora.testing import pad_batches, tiny_data
@@ -140,10 +140,13 @@ class _FailsOnRank1:
             yield b
 
 
-def _job_fail(rank, world, tmp):
-    model = tiny_llama(torch.float64)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+def _job_fail(rank, world, tmp, model=None):
+    """A rank that raises mid-calibration, on ``model`` (default: a fresh tiny Llama; the FSDP2
+    tests pass a sharded one, whose local shards and FSDP2 hooks must come back as they were)."""
+    model = tiny_llama(torch.float64) if model is None else model
+    before = {k: sharded.local(v).clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
     t0 = time.monotonic()
     try:
         res = initialize_fisher_lora(model, data=_FailsOnRank1(list(pad_batches(tiny_data(12, 10), 1))),
@@ -152,9 +155,9 @@ def _job_fail(rank, world, tmp):
         error = None
     except Exception as exc:  # noqa: BLE001
         error = f"{type(exc).__name__}: {exc}"
-    restored = (all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    restored = (all(torch.equal(v, sharded.local(model.state_dict()[k])) for k, v in before.items())
                 and flags == [p.requires_grad for p in model.parameters()]
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
+                and hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
     return {"error": error, "seconds": time.monotonic() - t0, "restored": restored,
             "written": (tmp / "never").exists(), "wrapped": hasattr(model, "peft_config")}
 

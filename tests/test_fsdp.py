@@ -7,7 +7,6 @@ the refusal of tensor-parallel placements.
 
 Every multi-process test runs under a deadline that fails it instead of hanging the suite."""
 
-import time
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ import torch
 from fisherlora import FisherLoraConfig, initialize_fisher_lora, load, sharded
 from fisherlora.adapter import lora_layers
 from fisherlora.layers import find_target_modules, layer_shape
-from fisherlora.testing import pad_batches, tiny_data
 from tests.models import tiny_llama
-from tests.test_distributed import _close, _data, _FailsOnRank1, _probe, _run, single, spawn  # noqa: F401
+from tests.test_distributed import _close, _data, _job_fail, _probe, _run, single, spawn  # noqa: F401
 
 #: the memory modes checked at each world size (the packed mode's reduction is the unsharded one's)
 MODES = {2: ("full",), 3: ("projected", "few")}
@@ -102,29 +100,9 @@ def _job_sharded(rank, world, tmp):
         out["true"] = {"logit_change": got["logit_change"], "finite": all(torch.isfinite(g).all()
                                                                           for g in got["G"].values())}
     if world == 2:
-        out["fail"] = _job_fail_sharded(rank, world, tmp)
+        out["fail"] = _job_fail(rank, world, tmp, _shard(tiny_llama(torch.float64)))
         out["tensor_parallel"] = _job_tensor_parallel(rank, world, tmp)
     return out
-
-
-def _job_fail_sharded(rank, world, tmp):
-    model = _shard(tiny_llama(torch.float64))
-    before = {k: sharded.local(v).clone() for k, v in model.state_dict().items()}
-    flags = [p.requires_grad for p in model.parameters()]
-    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
-    t0 = time.monotonic()
-    try:
-        res = initialize_fisher_lora(model, data=_FailsOnRank1(list(pad_batches(tiny_data(12, 10), 1))),
-                                     fisher_config=FisherLoraConfig(rank=4, stats_dtype="float64"), progress=False)
-        res.save(tmp / "never")
-        error = None
-    except Exception as exc:  # noqa: BLE001
-        error = f"{type(exc).__name__}: {exc}"
-    restored = (all(torch.equal(v, sharded.local(model.state_dict()[k])) for k, v in before.items())
-                and flags == [p.requires_grad for p in model.parameters()]
-                and hooks == [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()])
-    return {"error": error, "seconds": time.monotonic() - t0, "restored": restored,
-            "written": (tmp / "never").exists(), "wrapped": hasattr(model, "peft_config")}
 
 
 def _job_tensor_parallel(rank, world, tmp):
