@@ -29,8 +29,9 @@ Settings (:data:`SETTINGS`; any field can be overridden by its flag):
 - ``--model toy``: a random 2-layer Llama (hidden 32) with the embedded tokenizer, for the smoke
   tests of every setting (seconds).
 
-Resumable: each finished run is appended to ``<out>/<stem>_runs.jsonl`` and skipped when the
-command runs again. Outputs ``<out>/<stem>.{md,json,png}`` with ``<stem> = quality_<setting>``.
+Resumable: each finished run is appended to ``<out>/<stem>_runs.jsonl`` (or ``--runs``) and
+skipped when the command runs again; ``bench/runs/`` is tracked, so a run that spans sessions
+keeps its log there and commits it as it goes. Outputs ``<out>/<stem>.{md,json,png}`` with ``<stem> = quality_<setting>``.
 
 Run: ``python -m bench.quality --setting standard`` (``--device cuda`` on a GPU), ``--quick``.
 """
@@ -234,6 +235,10 @@ def add_common_flags(p, settings: dict) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/out")
+    p.add_argument("--runs", default=None,
+                   help="the resumable log of finished runs (default <out>/<stem>_runs.jsonl); a tracked path "
+                        "such as bench/runs/quality_cpu_runs.jsonl, committed as the run goes, carries a run of "
+                        "several hours across fresh checkouts")
 
 
 def finish_args(args, settings: dict):

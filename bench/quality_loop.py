@@ -114,10 +114,12 @@ def settings_of(args) -> dict:
 
 def run_benchmark(task, base_model, args, methods: dict, reference: str, stem: str) -> dict:
     """Sweep, extend, seed and summarise every method of ``methods`` (name -> Spec); writes
-    ``<out>/<stem>_runs.jsonl`` (resumable), ``<stem>.md``, ``<stem>.json`` and ``<stem>.png``."""
+    ``<out>/<stem>_runs.jsonl`` or ``args.runs`` (resumable), ``<stem>.md``, ``<stem>.json`` and ``<stem>.png``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    store = RunStore(out / f"{stem}_runs.jsonl", settings_of(args))
+    runs = Path(args.runs) if getattr(args, "runs", None) else out / f"{stem}_runs.jsonl"
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    store = RunStore(runs, settings_of(args))
     t_start = time.perf_counter()
     base_key = store.key({"kind": "base"}, 0.0, 0)
     if store.get(base_key) is None:

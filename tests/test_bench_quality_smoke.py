@@ -33,9 +33,14 @@ def test_every_setting_runs_end_to_end_and_resumes(tmp_path, setting):
     methods = ["lora", "fisherlora"] if setting == "standard" else ["fisherlora"]
     steps = ["--steps", "2"] if setting == "quick" else []  # quick counts steps, the others epochs
     argv = TOY + steps + ["--setting", setting, "--methods", ",".join(methods), "--out", str(tmp_path)]
-    assert quality.main(argv) == 0
     stem = tmp_path / f"quality_{setting}_toy"
-    runs = (tmp_path / f"{stem.name}_runs.jsonl").read_text().splitlines()
+    log = tmp_path / f"{stem.name}_runs.jsonl"
+    if setting == "quick":  # a run log kept elsewhere (a tracked folder) is where runs go and resume from
+        log = tmp_path / "tracked" / "log.jsonl"
+        argv += ["--runs", str(log)]
+    assert quality.main(argv) == 0
+    assert not (setting == "quick" and (tmp_path / f"{stem.name}_runs.jsonl").exists())
+    runs = log.read_text().splitlines()
     report = json.loads(stem.with_suffix(".json").read_text())
     for m in methods:
         s = report["summary"][m]
@@ -46,7 +51,7 @@ def test_every_setting_runs_end_to_end_and_resumes(tmp_path, setting):
         assert [p[0] for p in s["curves"]["0"]] == [0, 2]  # 2 steps, or one epoch of 8 pairs at batch 4
     assert report["meta"]["base_metric"] is not None and stem.with_suffix(".png").stat().st_size > 0
     assert quality.main(argv) == 0  # resumed: every run skipped, nothing appended
-    assert len((tmp_path / f"{stem.name}_runs.jsonl").read_text().splitlines()) == len(runs)
+    assert len(log.read_text().splitlines()) == len(runs)
 
 
 def test_exact_match_needs_no_tensors_from_the_tokenizer(toy_task, monkeypatch):
