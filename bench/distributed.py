@@ -4,8 +4,8 @@ Each world size runs in its own group of freshly spawned ranks (gloo on the CPU,
 rank; ``--backend nccl`` puts rank r on ``cuda:r``), on the same random-weight Llama and the
 same calibration batches. Reported per world size and rank: wall time per phase (``collect``,
 ``svd``, ``decompose``, ``initialize``, as ``FisherLoraResult.timings``), the payload bytes the
-rank sent into reductions and broadcasts, the number of collectives, and the rank's peak memory
-(RSS on the CPU, the CUDA allocator's peak on a GPU).
+rank sent into reductions and broadcasts, the number of collectives, and the rank's memory in
+use before the job and its peak during it, in MiB (RSS on the CPU, the CUDA allocator on a GPU).
 
 ``--sharding none,fsdp2`` also runs each world size on the same model sharded with FSDP2
 (``fully_shard`` per decoder layer and the root), side by side with the unsharded run: the
@@ -141,10 +141,10 @@ def main(argv=None) -> int:
               *(f"{r['timings_s'].get(k, 0.0):.2f}" for k in phases),
               f"{(r['bytes_reduced'] + r['bytes_broadcast']) / 2**20:.2f}", r["collectives"],
               f"{r['params_mb']:.1f}", f"{r['gathered_peak_mb']:.2f}",
-              "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"] for r in rows]
+              *("" if r[k] is None else f"{r[k]:.0f}" for k in ("base_mb", "peak_mb"))] for r in rows]
     print(common.write_markdown_table(out / "distributed.md", [
         "ranks", "sharding", "rank", "sequences", "wall s", *(f"{k} s" for k in phases), "sent MiB", "collectives",
-        "params MB", "gathered peak MB", "peak MB"], table))
+        "weights held MiB", "gathered peak MiB", "memory before MiB", "peak MiB"], table))
     return 0
 
 
