@@ -31,7 +31,8 @@ Settings (:data:`SETTINGS`; any field can be overridden by its flag):
 
 Resumable: each finished run is appended to ``<out>/<stem>_runs.jsonl`` (or ``--runs``) and
 skipped when the command runs again; ``bench/runs/`` is tracked, so a run that spans sessions
-keeps its log there and commits it as it goes. Outputs ``<out>/<stem>.{md,json,png}`` with ``<stem> = quality_<setting>``.
+keeps its log there and commits it as it goes. Outputs ``<out>/<stem>.{md,json,png}`` with
+``<stem> = quality_<setting>``.
 
 Run: ``python -m bench.quality --setting standard`` (``--device cuda`` on a GPU), ``--quick``.
 """
