@@ -32,7 +32,8 @@ from fisherlora.layers import (
 from fisherlora.outdir import MARKER_FILE
 from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
-__all__ = ["lora_layers", "is_causal_lm", "wrap_and_write", "save_residual_model", "save_plain_model", "load"]
+__all__ = ["lora_layers", "is_causal_lm", "wrap_and_write", "residual_refusal", "residual_refusal_for",
+           "save_residual_model", "save_plain_model", "load"]
 
 
 def lora_layers(peft_model, adapter_name: str = "default"):
@@ -99,6 +100,34 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], e
                 del W_res
         sharded.shard_adapters(peft_model)  # an FSDP2 base: the factors sharded like it (§7)
     return peft_model
+
+
+def residual_refusal(*, quantised: str | None = None, sharded_model: bool = False) -> str | None:
+    """Why the residual base cannot be saved as a model folder (``residual=True``,
+    ``--save-residual``), or None. One rule for :meth:`FisherLoraResult.save` (facts from the
+    model) and for ``fisherlora init`` (facts from its flags, before any work).
+
+    Args:
+        quantised: the name of a bitsandbytes-quantised target layer (or the flag that will
+            quantise them); its residual lives requantised in the layer and has no plain
+            ``transformers`` folder form here.
+        sharded_model: the model is sharded with FSDP2 (saving would gather it whole on rank 0).
+    """
+    if quantised:
+        return (f"residual=True (--save-residual) with a bitsandbytes-quantised base ({quantised}): the residual is "
+                "requantised inside the quantised layers and cannot be saved as a plain model folder. Save without "
+                "it: fisherlora.load(base, out_dir) rebuilds the same requantised residual bit for bit on the "
+                "same quantised base")
+    if sharded_model:
+        return ("residual=True (--save-residual) would gather the whole sharded model on rank 0; save the residual "
+                "with the model's own sharded checkpointing (torch.distributed.checkpoint) instead")
+    return None
+
+
+def residual_refusal_for(model: nn.Module) -> str | None:
+    """:func:`residual_refusal` for ``model`` (a PEFT model or a bare one)."""
+    quantised = next((n for n, m in model.named_modules() if quant.is_quantised(m)), None)
+    return residual_refusal(quantised=quantised, sharded_model=sharded.model_is_sharded(model))
 
 
 def save_residual_model(peft_model, path: Path, tokenizer=None) -> None:

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace an output directory that fisherlora wrote (it holds fisherlora.json); any "
                           "other non-empty directory, or one holding the working directory, is refused")
     out.add_argument("--save-residual", action="store_true",
-                     help="also write the residual base model to <output>/residual (for plain PEFT users)")
+                     help="also write the residual base model to <output>/residual (for plain PEFT users; "
+                          "not with --load-in-4bit/--load-in-8bit: fisherlora.load rebuilds that residual)")
     out.add_argument("--save-statistics", action="store_true",
                      help="also write the K-FAC factors to <output>/statistics.safetensors")
     out.add_argument("--statistics", default=None,

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from fisherlora import __version__, sharded
-from fisherlora.adapter import save_residual_model
+from fisherlora.adapter import residual_refusal_for, save_residual_model
 from fisherlora.card import finish_adapter_config, model_card
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection
@@ -127,15 +127,16 @@ class FisherLoraResult:
             FileExistsError: ``out_dir`` exists and is not empty, without ``overwrite``; with
                 ``overwrite``, it was not written by fisherlora; it is a file, holds the working
                 directory, or is a symbolic link to nothing (checked before anything is written).
+            ValueError: ``residual=True`` for a bitsandbytes-quantised or an FSDP2-sharded model
+                (:func:`fisherlora.adapter.residual_refusal`), before anything is written.
             :class:`fisherlora.distributed.RankFailedError`: in a distributed run, on every rank,
                 when rank 0 (the only one that writes) failed.
         """
         adapter_state = None
+        refusal = residual_refusal_for(self.model) if residual else None
+        if refusal:
+            raise ValueError(refusal)
         if sharded.model_is_sharded(self.model):  # FSDP2: the factors gathered on every rank (§7)
-            if residual:
-                raise ValueError("residual=True (--save-residual) would gather the whole sharded model on rank 0; "
-                                 "save the residual with the model's own sharded checkpointing "
-                                 "(torch.distributed.checkpoint) instead")
             adapter_state = sharded.full_state_dict({k: v for k, v in self.model.state_dict().items() if "lora_" in k})
         write = partial(self._write, out_dir, overwrite=overwrite, save_statistics=save_statistics, residual=residual,
                         tokenizer=tokenizer, adapter_state=adapter_state)

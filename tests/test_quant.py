@@ -252,6 +252,14 @@ def test_load_rebuilds_the_requantised_residual_bit_for_bit_and_converts_to_plai
         torch.testing.assert_close(delta(conv[name]), delta(layer) - delta(init[name]), rtol=1e-4, atol=1e-5)
 
 
+def test_saving_the_residual_of_a_quantised_base_is_refused_before_anything_is_written(saved, nf4_init, tmp_path):
+    result = nf4_init[0]
+    bits = _bits(result.model)
+    with pytest.raises(ValueError, match=r"residual=True.*quantised.*q_proj.*fisherlora\.load"):
+        result.save(tmp_path / "out", residual=True)
+    assert not (tmp_path / "out").exists() and _same_bits(bits, _bits(result.model))
+
+
 def test_load_refuses_a_base_of_another_quantisation_or_precision(saved, nf4_init):
     folder, fp = saved
     for other in (_load(folder, "nf4"), _load(folder, "int8"), copy.deepcopy(fp)):
@@ -415,3 +423,10 @@ def test_plan_and_init_commands_take_the_quantisation_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):  # one of the two
         cli.main([*argv, "-o", str(tmp_path / "q8"), "--load-in-4bit", "--load-in-8bit"])
     assert "not allowed with" in capsys.readouterr().err
+    # the residual of a quantised base cannot be saved as a model folder: refused before any work
+    # (it used to fail in load_state_dict after the whole calibration)
+    for bits in ("--load-in-4bit", "--load-in-8bit"):
+        assert cli.main([*argv, "-o", str(tmp_path / "res"), bits, "--save-residual"]) == 2
+        err = capsys.readouterr().err
+        assert "--save-residual" in err and "quantised" in err and "fisherlora.load" in err, err
+        assert not (tmp_path / "res").exists()

@@ -30,6 +30,7 @@ def run(args) -> int:
 
     from fisherlora import data as fdata
     from fisherlora import distributed
+    from fisherlora.adapter import residual_refusal
     from fisherlora.initialize import initialize_fisher_lora
     from fisherlora.memory import peak_memory_mb
     from fisherlora.outdir import check_output_dir
@@ -55,6 +56,8 @@ def run(args) -> int:
     auto_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto_dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     bnb_config = bitsandbytes_config(args, dtype)  # a GGUF model refused here, before any work (§8)
+    if args.save_residual and bnb_config is not None:
+        raise ValueError(residual_refusal(quantised=f"--load-in-{8 if bnb_config.load_in_8bit else 4}bit"))
     timings = {}
     t0 = time.perf_counter()
     stats, records, batches, n_seq = None, None, None, None
