@@ -108,9 +108,9 @@ def residual_refusal(*, quantised: str | None = None, sharded_model: bool = Fals
     model) and for ``fisherlora init`` (facts from its flags, before any work).
 
     Args:
-        quantised: the name of a bitsandbytes-quantised target layer (or the flag that will
-            quantise them); its residual lives requantised in the layer and has no plain
-            ``transformers`` folder form here.
+        quantised: the name of a bitsandbytes-quantised layer of the model (or the flag that
+            will quantise its layers): a target's residual lives requantised in the layer, and
+            :func:`save_plain_model` rebuilds only float layers.
         sharded_model: the model is sharded with FSDP2 (saving would gather it whole on rank 0).
     """
     if quantised:
