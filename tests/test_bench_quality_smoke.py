@@ -141,6 +141,31 @@ def test_classification_labels_count_solution_steps():
     assert steps_label("a\n\nb\nc\nd\n#### 7") == 1  # 4 non-empty steps
 
 
+def test_match_pairs_pair_each_question_once_with_its_own_or_another_solution():
+    from bench.quality_cls import match_pairs
+
+    partner, label = match_pairs(1000, seed=0)
+    assert len(partner) == len(label) == 1000 and set(partner) <= set(range(1000))
+    assert all((p == i) == bool(y) for i, (p, y) in enumerate(zip(partner, label)))
+    assert 450 <= sum(label) <= 550  # a fair coin: 500 +- 3.2 standard deviations
+    assert match_pairs(1000, seed=0) == (partner, label) and match_pairs(1000, seed=1) != (partner, label)
+
+
+@pytest.mark.parametrize("label", ["match", "steps"])
+def test_classification_labels_build_the_pairs_they_describe(tmp_path, label):
+    from bench import quality_cls
+
+    args = quality_cls.parse(CLS_TOY + ["--setting", "quick", "--label", label, "--out", str(tmp_path)])
+    task = quality_cls.StepsTask(args)
+    ids, labels = task.train
+    sep = task.tok.sep_token_id
+    assert len(ids) == len(labels) == 8 and set(labels) <= {0, 1}
+    assert all(len(x) <= 48 for x in ids)
+    # a pair is two segments, a question alone is one
+    assert all(x.count(sep) == (2 if label == "match" else 1) for x in ids)
+    assert task.name == f"gsm8k-{label}" and args.task == task.name
+
+
 @pytest.mark.parametrize("setting", ["standard", "quick"])
 def test_classification_task_runs_its_baselines_in_every_setting(tmp_path, setting):
     from bench import quality_cls
