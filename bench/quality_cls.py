@@ -10,10 +10,9 @@ text from another. The pair is one input, ``[CLS] question [SEP] solution [SEP]`
 passage re-ranking): the encoder has to relate the quantities and entities of the two segments.
 
 ``--label steps`` is the first construction, kept to reproduce its log: from the question alone,
-predict whether its solution takes at least ``STEPS`` = 4 steps (622 of the 1,319 do). A linear
-probe on frozen mean-pooled MiniLM features reaches 0.66 held-out accuracy against a 0.51
-majority, and fine-tuned runs mostly stayed at chance (loss near ln 2), so it could not separate
-the methods (bench/RESULTS.md).
+predict whether its solution takes at least ``STEPS`` = 4 steps (622 of the 1,319 do). 19 of its
+26 fine-tuning runs ended at or next to a constant prediction (held-out accuracy 0.49-0.50, loss
+near ln 2), so it could not separate the methods (bench/RESULTS.md).
 
 Both are built from the shipped ``data/gsm8k/test.jsonl`` only, with the same ranges as the GSM8K
 task: pairs ``[0, train_pairs)`` train, the last ``val_pairs`` of ``[0, 1000)`` validate (lr
