@@ -70,9 +70,10 @@ METHODS: dict[str, Spec] = {
     "fisher:sigma": Spec("fisherlora", score="fisher", magnitude="sigma", note="Fisher directions, own σ"),
     "fisher:top_sigma": Spec("fisherlora", score="fisher", magnitude="top_sigma",
                              note="Fisher directions, the r largest σ of W"),
-    "fisher:global": Spec("fisherlora", score=_fisher_default("score"), magnitude=_fisher_default("magnitude"),
-                          allocation="global", note="fisherlora defaults, the same budget of rank x layers "
-                          "directions shared across layers by Fisher energy (rank_allocation='global')"),
+    "fisher:global": Spec("fisherlora", score="fisher", magnitude="unit", allocation="global",
+                          note="fisher:unit with the same budget of rank x layers directions shared across "
+                          "layers by Fisher energy (rank_allocation='global'); unit magnitudes keep ‖ΔW₀‖ equal "
+                          "to fisher:unit's, so only the allocation differs"),
     "sigma:unit": Spec("svd", pick="top", magnitude="unit", note="σ-ranked (PiSSA) directions, magnitude 1"),
     "fisher:zero": Spec("fisher_zero", score="fisher",
                         note="Fisher directions in A (PEFT-default row norm), B = 0, W untouched"),
