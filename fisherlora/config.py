@@ -106,10 +106,10 @@ class FisherLoraConfig:
     magnitude: Magnitude = _help(
         "size of each chosen direction in the adapter: 'unit' (1), 'sigma' (its own σ_i, PiSSA on the chosen "
         "directions), 'top_sigma' (the r largest σ of the weight, handed out in score order) or 'energy' (the "
-        "'sigma' adapter's norm shared out in proportion to Fisher energy); 'unit' fine-tuned best of the "
-        "fisherlora magnitudes in bench/quality.py --quick, 'top_sigma' better than 'unit' in --setting cpu "
+        "'sigma' adapter's norm shared out in proportion to Fisher energy); 'top_sigma' (the default) had the "
+        "lowest validation loss of 'unit', 'sigma' and 'top_sigma' in bench/quality.py --setting cpu "
         "(bench/RESULTS.md)",
-        default=Magnitude.UNIT)
+        default=Magnitude.TOP_SIGMA)
     damping: float = _help(
         "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G",
         default=0.0,

@@ -170,8 +170,8 @@ def lora_factors(U_I: torch.Tensor, Vh_I: torch.Tensor, magnitudes: torch.Tensor
 
 
 def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor, *, rank: int,
-                    scaling: float, score: Score | str = Score.FISHER,
-                    magnitude: Magnitude | str = Magnitude.UNIT, damping: float = 0.0,
+                    scaling: float, score: Score | str | None = None,
+                    magnitude: Magnitude | str | None = None, damping: float = 0.0,
                     backend: str = "auto", projected: bool = False,
                     svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                     ) -> tuple[LayerSelection, torch.Tensor, torch.Tensor]:
@@ -184,7 +184,7 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
             packed); with ``projected=True`` their projections ``diag(VᵀAV)`` and
             ``diag(UᵀGU)``, ``(k,)`` each, on the singular bases ``svd``.
         rank: ``r``. scaling: ``s``. score, magnitude, damping, backend: see
-            :class:`fisherlora.FisherLoraConfig`.
+            :class:`fisherlora.FisherLoraConfig` (``None``: its default).
         svd: ``(U, S, Vh)`` of ``W`` if already computed (required to interpret projected
             statistics consistently), else computed here by :func:`thin_svd`.
 
@@ -197,6 +197,9 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
     """
     d_out, d_in = W.shape
     check_ranks({name: (d_out, d_in)}, {name: rank})
+    defaults = FisherLoraConfig()
+    score = Score(score if score is not None else defaults.score)
+    magnitude = Magnitude(magnitude if magnitude is not None else defaults.magnitude)
     U, S, Vh = svd if svd is not None else thin_svd(W)
     U, S, Vh = U.to(W.device, torch.float32), S.to(W.device, torch.float32), Vh.to(W.device, torch.float32)
     if projected:
@@ -205,7 +208,7 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
         e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)[2]
     e = e.to(torch.float64)
     s64 = S.to(torch.float64)
-    sc = e if Score(score) is Score.FISHER else e * s64.square()
+    sc = e if score is Score.FISHER else e * s64.square()
     idx = select_directions(sc, s64, rank)
     mags = adapter_magnitudes(s64, e, idx, magnitude)
     B, A_lora = lora_factors(*canonical_signs(U[:, idx], Vh[idx]), mags, scaling)

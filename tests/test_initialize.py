@@ -35,7 +35,7 @@ def test_logits_unchanged_right_after_init(magnitude):
         assert (logits(result.model, ids) - before).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("magnitude", ["unit", "sigma"])
+@pytest.mark.parametrize("magnitude", ["top_sigma", "unit", "sigma"])
 def test_written_factors_are_the_chosen_singular_directions(magnitude):
     model = tiny_llama(torch.float32)
     W = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
@@ -51,8 +51,9 @@ def test_written_factors_are_the_chosen_singular_directions(magnitude):
     torch.testing.assert_close((Bn * U[:, idx]).sum(0).abs(), torch.ones(4, dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(Bn.T @ Bn, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     s = layer.scaling["default"]
-    # s·|b_i|·|a_i| is the direction's magnitude: 1 (the default, unit) or its own σ_i
-    expected = torch.ones(4) if magnitude == "unit" else S[idx].float()
+    # s·|b_i|·|a_i| is the direction's magnitude: the weight's 4 largest σ in score order (the
+    # default, top_sigma), 1 (unit) or the direction's own σ_i (sigma)
+    expected = {"top_sigma": S[:4].float(), "unit": torch.ones(4), "sigma": S[idx].float()}[magnitude]
     torch.testing.assert_close(s * B.norm(dim=0) * A.norm(dim=1), expected, rtol=1e-5, atol=1e-6)
 
 
