@@ -100,12 +100,16 @@ def test_every_design_reference_resolves_inside_the_repository():
 
 # Run from the repository root, as tests, CI and examples do: there `sys.path[0]` is the root.
 _KERNELS_FROM_THE_ROOT = r'''
-import importlib, os, sys
+import importlib, os, site, sys
 root = os.getcwd()
 
 def ours(module):
-    """Whether a module is code of this repository (a namespace package holds no code)."""
-    return (getattr(module, "__file__", None) or "").startswith(root + os.sep)
+    """Whether a module is code of this repository (a namespace package holds no code). An
+    environment created inside the root (CI's .venv/) is not: Hugging Face's `kernels`, a
+    dependency of transformers, is installed there."""
+    path = os.path.realpath(getattr(module, "__file__", None) or "")
+    installed = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, *site.getsitepackages())}
+    return path.startswith(os.path.realpath(root) + os.sep) and not any(path.startswith(p) for p in installed)
 
 # 1. a plain `import kernels` is never our Triton code: not found, or Hugging Face's package
 try:
