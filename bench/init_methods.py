@@ -9,7 +9,8 @@ every fisherlora variant):
   does) plus PEFT PiSSA's full SVD of every target weight. No Fisher-guided method can be faster.
 - ``fisherlora[<backend>]`` (and ``fisherlora[<backend>,<memory_mode>]`` when
   ``FisherLoraConfig`` has a ``memory_mode`` field): every backend
-  ``fisherlora.ops.available_backends(device)`` reports.
+  ``fisherlora.ops.available_backends(device)`` reports. Further ``field=value`` items set
+  ``FisherLoraConfig`` fields of that run, e.g. ``fisherlora[ext,projected,magnitude=unit]``.
 - ``naive``: the naive baseline of ``bench/naive.py`` (statistics and selection only).
 - PEFT's own initialisers through PEFT's public API: ``lora`` (default, Kaiming A and B = 0),
   ``gaussian``, ``pissa`` (full SVD), ``pissa_niter_4``, ``olora``, ``corda`` (IPM),
@@ -92,6 +93,12 @@ def select_methods(spec: str | None, device: str) -> list[str]:
         return everything
     chosen = []
     for name in (s.strip() for s in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", spec) if s.strip()):
+        if name.startswith("fisherlora[") and "=" in name:  # a variant with FisherLoraConfig fields
+            backend, mode, options = _parse_variant(name)
+            plain = f"fisherlora[{backend},{mode}]" if mode else f"fisherlora[{backend}]"
+            if plain in everything and _valid_options(name, options):
+                chosen += [name] if name not in chosen else []
+                continue
         matches = [m for m in everything
                    if m == name or (name == "fisherlora" and m.startswith("fisherlora["))]
         if not matches:
@@ -108,9 +115,24 @@ def lora_config(rank: int, alpha: float, init=True, **kw):
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights=init, **kw)
 
 
-def _parse_variant(name: str) -> tuple[str, str | None]:
-    inner = name[len("fisherlora["):-1].split(",")
-    return inner[0], (inner[1] if len(inner) > 1 else None)
+def _parse_variant(name: str) -> tuple[str, str | None, dict[str, str]]:
+    """``fisherlora[backend,mode,field=value,...]`` -> ``(backend, mode or None, {field: value})``."""
+    inner = [item.strip() for item in name[len("fisherlora["):-1].split(",")]
+    plain = [item for item in inner if "=" not in item]
+    options = dict(item.split("=", 1) for item in inner if "=" in item)
+    return plain[0], (plain[1] if len(plain) > 1 else None), options
+
+
+def _valid_options(name: str, options: dict[str, str]) -> bool:
+    """Whether ``options`` are fields of :class:`fisherlora.FisherLoraConfig` with valid values;
+    an invalid one exits with the config's own message before any method runs."""
+    import fisherlora
+
+    try:
+        fisherlora.FisherLoraConfig(**options)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"method {name!r}: {exc}") from None
+    return True
 
 
 def _tensor_mb(obj) -> float:
@@ -237,8 +259,8 @@ def initialize(method: str, model, batches, *, rank: int = 16, alpha: float = 16
     if method == "fisherlora" or method.startswith("fisherlora["):
         import fisherlora
 
-        backend, mode = _parse_variant(method) if method != "fisherlora" else ("auto", None)
-        opts = dict(rank=rank, alpha=alpha, backend=backend, **(fisher_options or {}))
+        backend, mode, options = _parse_variant(method) if method != "fisherlora" else ("auto", None, {})
+        opts = dict(rank=rank, alpha=alpha, backend=backend, **options, **(fisher_options or {}))
         if mode is not None:
             opts["memory_mode"] = mode
         with timer("total_call"):

@@ -25,3 +25,22 @@ def test_init_methods_on_a_4bit_base(tmp_path):
         assert "error" not in results[m], results[m].get("error")
         assert 0 < results[m]["step0_output_change"] < 10, m  # requantised: no longer exactly zero
         assert "step-0 output change" in results[m]["notes"]
+
+
+def test_fisherlora_variants_take_config_fields_and_refuse_bad_ones(tmp_path):
+    """``fisherlora[backend,mode,field=value]`` sets FisherLoraConfig fields of that run (the
+    magnitude comparison on an NF4 base in bench/RESULTS.md); a bad field or value exits first."""
+    from bench import init_methods
+
+    unit, top = "fisherlora[torch,full,magnitude=unit]", "fisherlora[torch,full,magnitude=top_sigma]"
+    assert init_methods.select_methods(f"{unit},{top},pissa", "cpu") == [unit, top, "pissa"]
+    for bad in ("fisherlora[torch,full,magnitude=huge]", "fisherlora[torch,full,no_such_field=1]",
+                "fisherlora[nosuch,full,magnitude=unit]"):
+        with pytest.raises(SystemExit):
+            init_methods.select_methods(bad, "cpu")
+    init_methods.main(["--tiny", "--in-process", "--load-in-4bit", "--num-samples", "4", "--max-length", "12",
+                       "--rank", "2", "--methods", f"{unit},{top}", "--out", str(tmp_path)])
+    results = {r["method"]: r for r in json.loads((tmp_path / "init_methods.json").read_text())["results"]}
+    assert list(results) == [unit, top]
+    changes = [results[m]["step0_output_change"] for m in (unit, top)]
+    assert all(0 < c < 10 for c in changes) and changes[0] != changes[1], changes  # the magnitude reached the run
