@@ -202,3 +202,24 @@ def test_calibration_comes_from_the_train_split_only(toy_task):
     calib = [tuple(int(t) for t, m in zip(row, mask, strict=True) if m)
              for b in toy_task.calib for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True)]
     assert len(calib) == 4 and all(c in train and c not in others for c in calib)
+
+
+def test_every_method_starts_on_the_classifier_with_its_outputs_unchanged(tmp_path):
+    """The second task's table lists every method, PEFT's data-driven initialisers (EVA, CorDA,
+    LoRA-GA) and OLoRA included: each builds on the sequence classifier from the calibration
+    batches (one label per sequence) and computes the same logits at step 0."""
+    from bench import quality_cls
+    from bench.quality_methods import METHODS, Initialisers
+
+    args = quality_cls.parse(CLS_TOY + ["--setting", "quick", "--out", str(tmp_path)])
+    task = quality_cls.Gsm8kClsTask(args)
+    task.model.requires_grad_(False)
+    batch = task.calib[0]
+    with torch.no_grad():
+        ref = task.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    inits = Initialisers(task.model, task, rank=2, alpha=2.0)
+    for name, spec in METHODS.items():
+        pm = inits.get(spec, seed=0).eval()  # BERT's dropout: the builders leave the model in train mode
+        with torch.no_grad():
+            out = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3, msg=name)
