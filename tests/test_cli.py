@@ -1,37 +1,22 @@
 """The `fisherlora` command: the real embedded model end to end, and errors that leave nothing behind."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fisherlora import cli
+from tests.no_network import no_network_env
 
 pytestmark = pytest.mark.slow
-
-NO_NETWORK = Path(__file__).parent / "no_network"
-
 
 def run(*args, check_rc=0, env=None):
     proc = subprocess.run([sys.executable, "-m", "fisherlora.cli", *args], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == check_rc, proc.stderr[-3000:]
     return proc
-
-
-def no_network_env(log: Path) -> dict:
-    """The environment of a process whose every connection and name lookup fails and is logged
-    to ``log`` (tests/no_network/sitecustomize.py), with none of the Hugging Face offline switches
-    set: the command must keep itself offline."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(NO_NETWORK), *filter(None, [env.get("PYTHONPATH")])])
-    env["NO_NETWORK_LOG"] = str(log)
-    return env
 
 
 @pytest.fixture(scope="module")
