@@ -223,3 +223,21 @@ def test_every_method_starts_on_the_classifier_with_its_outputs_unchanged(tmp_pa
         with torch.no_grad():
             out = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3, msg=name)
+
+
+def test_a_benchmark_makes_no_network_request(tmp_path):
+    """Every model and data set of bench/ is local, as for the command: a benchmark keeps itself
+    offline even where PEFT's import of bitsandbytes would ask the Hub for a kernel."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.no_network import no_network_env
+
+    log = tmp_path / "network.log"
+    argv = TOY + ["--quick", "--steps", "1", "--seeds", "0", "--max-extend", "0", "--methods", "lora",
+                  "--reference", "lora", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, "-m", "bench.quality", *argv], cwd=Path(__file__).resolve().parents[1],
+                          env=no_network_env(log), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not log.exists(), log.read_text()[:3000]
