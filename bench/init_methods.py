@@ -119,8 +119,18 @@ def _parse_variant(name: str) -> tuple[str, str | None, dict[str, str]]:
     """``fisherlora[backend,mode,field=value,...]`` -> ``(backend, mode or None, {field: value})``."""
     inner = [item.strip() for item in name[len("fisherlora["):-1].split(",")]
     plain = [item for item in inner if "=" not in item]
-    options = dict(item.split("=", 1) for item in inner if "=" in item)
+    options = {k: _literal(v) for k, v in (item.split("=", 1) for item in inner if "=" in item)}
     return plain[0], (plain[1] if len(plain) > 1 else None), options
+
+
+def _literal(text: str):
+    """A ``field=value`` value: a Python literal (``8``, ``1e-3``, ``True``) or else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _valid_options(name: str, options: dict[str, str]) -> bool:

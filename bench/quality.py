@@ -119,8 +119,6 @@ class Gsm8kTask:
             tok.chat_template = None  # prompt + "\n" + answer + eos: the CPU budget goes to answer tokens
         self.model, self.tok = model.to(args.device), tok
         lo, hi = POOL_RANGE
-        if args.train_pairs + args.val_pairs > hi - lo:
-            raise SystemExit(f"--train-pairs + --val-pairs must be at most {hi - lo} (the pool before the held-out)")
         rec = {"train": fdata.load_records("gsm8k", split_range=(lo, lo + args.train_pairs), shuffle=False),
                "val": fdata.load_records("gsm8k", split_range=(hi - args.val_pairs, hi), shuffle=False),
                "held": fdata.load_records("gsm8k", split_range=HELD_OUT_RANGE, shuffle=False)}
@@ -252,8 +250,16 @@ def finish_args(args, settings: dict):
             setattr(args, k, v)
     if args.steps:
         args.epochs = None
-    args.lrs = [float(x) for x in str(args.lrs).split(",")]
-    args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    try:
+        args.lrs = [float(x) for x in str(args.lrs).split(",")]
+        args.seeds = [int(x) for x in str(args.seeds).split(",")]
+    except ValueError as exc:
+        raise SystemExit(f"--lrs takes a comma list of numbers and --seeds one of integers: {exc}") from None
+    if not all(0 < lr < 1 for lr in args.lrs):
+        raise SystemExit(f"--lrs must lie in (0, 1), got {args.lrs}")
+    lo, hi = POOL_RANGE
+    if args.train_pairs + args.val_pairs > hi - lo:
+        raise SystemExit(f"--train-pairs + --val-pairs must be at most {hi - lo} (the pool before the held-out)")
     args.per_decade = PER_DECADE
     everything = CORE + [m for m in METHODS if m not in CORE]  # a partial background run has the core first
     names = CORE if args.methods == "core" else everything if args.methods == "all" else args.methods.split(",")

@@ -241,3 +241,15 @@ def test_a_benchmark_makes_no_network_request(tmp_path):
                           env=no_network_env(log), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not log.exists(), log.read_text()[:3000]
+
+
+@pytest.mark.parametrize("bad", [["--lrs", "abc"], ["--lrs", "0"], ["--seeds", "x"],
+                                 ["--train-pairs", "990", "--val-pairs", "20"]])
+def test_bad_flags_exit_with_one_line_before_any_model_loads(bad):
+    """Both tasks parse their flags completely before building the task (which loads the model)."""
+    from bench import quality, quality_cls
+
+    for module in (quality, quality_cls):
+        with pytest.raises(SystemExit) as exc:
+            module.parse(["--setting", "quick", *bad])
+        assert isinstance(exc.value.code, str) and "\n" not in exc.value.code, exc.value.code

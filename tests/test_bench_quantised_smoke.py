@@ -34,6 +34,9 @@ def test_fisherlora_variants_take_config_fields_and_refuse_bad_ones(tmp_path):
 
     unit, top = "fisherlora[torch,full,magnitude=unit]", "fisherlora[torch,full,magnitude=top_sigma]"
     assert init_methods.select_methods(f"{unit},{top},pissa", "cpu") == [unit, top, "pissa"]
+    damped = "fisherlora[torch,full,damping=1e-3,rank=8]"  # values are Python literals, else strings
+    assert init_methods.select_methods(damped, "cpu") == [damped]
+    assert init_methods._parse_variant(damped) == ("torch", "full", {"damping": 1e-3, "rank": 8})
     for bad in ("fisherlora[torch,full,magnitude=huge]", "fisherlora[torch,full,no_such_field=1]",
                 "fisherlora[nosuch,full,magnitude=unit]"):
         with pytest.raises(SystemExit):
