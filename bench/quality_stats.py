@@ -95,7 +95,7 @@ def summarise(records: list[dict], methods: list[str], reference: str, selection
         if best is not None:
             runs = sorted((r for r in mine if r["lr"] == best), key=lambda r: r["seed"])
             lo, hi = (min(sweep), max(sweep))
-            s.update(best_at_grid_edge=best in (lo, hi), n=len(runs),
+            s.update(best_at_grid_edge=best in (lo, hi), n=len(runs), run_keys=sorted(r.get("key") or "" for r in runs),
                      seeds={r["seed"]: r["final_loss"] for r in runs},
                      curves={r["seed"]: r["curve"] for r in runs}, size=runs[0].get("size"),
                      wall_s=mean_std([r.get("wall_s") for r in runs])[0])
@@ -109,7 +109,8 @@ def summarise(records: list[dict], methods: list[str], reference: str, selection
         diffs = [s["seeds"][sd] - ref["seeds"][sd] for sd in s["seeds"] if sd in ref["seeds"]]
         dm, dsd = mean_std(diffs)
         s["paired_diff"] = {"per_seed": diffs, "mean": dm, "std": dsd}
-        s["verdict"] = "reference" if m == reference else verdict(diffs)
+        # another name for the reference's spec shares its runs (a run's key holds the spec, not the name)
+        s["verdict"] = "reference" if m == reference or s["run_keys"] == ref["run_keys"] else verdict(diffs)
     return summary
 
 

@@ -83,6 +83,13 @@ def test_verdict_is_a_paired_t_test():
     assert qs.verdict([0.10, 0.11, 0.09]) == "worse"
     assert qs.verdict([-0.10, 0.12, 0.01]) == "within noise"
     assert qs.verdict([-0.5]) == "n/a"
+    # a second name for the reference's spec (fisher:top_sigma while it is the default) shares its
+    # runs: it is the reference, not a method "within noise" of itself
+    runs = [{"key": f"k{sd}", "method": m, "lr": 1e-3, "seed": sd, "val_loss": 1.0, "final_loss": 1.0 + sd / 10,
+             "curve": [], "metric": None} for m in ("fisherlora", "fisher:top_sigma") for sd in (0, 1, 2)]
+    other = [{**r, "key": "o" + r["key"], "method": "lora", "final_loss": r["final_loss"] - 0.1} for r in runs[:3]]
+    summary = qs.summarise(runs + other, ["fisherlora", "fisher:top_sigma", "lora"], "fisherlora", 0)
+    assert [summary[m]["verdict"] for m in summary] == ["reference", "reference", "better"]
 
 
 def test_schedule_warms_up_then_decays_to_zero():
