@@ -177,6 +177,6 @@ def run_benchmark(task, base_model, args, methods: dict, reference: str, stem: s
     (out / f"{stem}.md").write_text(md)
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": records}, indent=1,
                                                  default=str))
-    qs.plot(summary, out / f"{stem}.png", ylabel=f"held-out {task.loss_name}")
+    qs.plot(summary, out / f"{stem}.png", ylabel=f"held-out {task.loss_name}", reference=reference)
     print(md, flush=True)
     return {"summary": summary, "meta": meta, "records": records}

@@ -155,26 +155,51 @@ def markdown(summary: dict, meta: dict, reference: str, metric_name: str, metric
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path, ylabel: str = "held-out loss") -> None:
-    """Held-out loss over training steps: mean over seeds, band = min..max."""
+def plot(summary: dict, path: Path, ylabel: str = "held-out loss", reference: str | None = None) -> None:
+    """Two panels. Left: held-out loss over training steps, mean over seeds, band = min..max.
+    Right: the final held-out loss of each method, one dot per seed and the mean, best first, with
+    the reference's mean as a vertical line. A name that shares another's runs (the same spec) is
+    drawn once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    done, drawn = set(), []
     for m, s in summary.items():
-        curves = list((s.get("curves") or {}).values())
-        if not curves:
-            continue
+        key = tuple(s.get("run_keys") or (m,))
+        if s.get("curves") and key not in done:
+            done.add(key)
+            drawn.append(m)
+    colours = plt.get_cmap("tab20").colors
+    colour = {m: colours[i % len(colours)] for i, m in enumerate(drawn)}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, max(5, 0.32 * len(drawn) + 1.5)),
+                                 gridspec_kw={"width_ratios": [3, 2]})
+    for i, m in enumerate(drawn):
+        s = summary[m]
+        curves = list(s["curves"].values())
         steps = [p[0] for p in curves[0]]
-        ys = [[c[i][1] if i < len(c) else float("nan") for c in curves] for i in range(len(steps))]
-        (line,) = ax.plot(steps, [statistics.fmean(y) for y in ys], marker="o", label=f"{m} (lr {s['best_lr']:g})")
-        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.2)
+        ys = [[c[k][1] if k < len(c) else float("nan") for c in curves] for k in range(len(steps))]
+        ax.plot(steps, [statistics.fmean(y) for y in ys], marker="o", color=colour[m],
+                lw=2.2 if m == reference else 1.2, ls=("-", "--", ":")[i // len(colours) % 3],
+                label=f"{m} (lr {s['best_lr']:g})")
+        ax.fill_between(steps, [min(y) for y in ys], [max(y) for y in ys], color=colour[m], alpha=0.12)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title("mean over seeds at the lr chosen on validation; band = min..max")
+    ax.set_title("over training: mean over seeds, band = min..max")
     ax.legend(fontsize=7)
+    ranked = sorted(drawn, key=lambda m: summary[m]["final_mean"], reverse=True)  # best at the top
+    for y, m in enumerate(ranked):
+        finals = list(summary[m]["seeds"].values())
+        bx.scatter(finals, [y] * len(finals), color=colour[m], s=18, alpha=0.7)
+        bx.errorbar(summary[m]["final_mean"], y, xerr=summary[m].get("final_std") or 0, fmt="D", color=colour[m],
+                    capsize=3, markersize=6)
+    if reference in summary and summary[reference].get("final_mean") is not None:
+        bx.axvline(summary[reference]["final_mean"], color="grey", ls="--", lw=1)
+    bx.set_yticks(range(len(ranked)), [f"{m} ({summary[m].get('verdict', '')})" for m in ranked], fontsize=8)
+    bx.set_xlabel(f"final {ylabel}\ndots: seeds; diamond: mean ± std; dashed: {reference}")
+    bx.set_title("at the end, best at the top")
+    bx.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
