@@ -192,12 +192,15 @@ def exact_match(model, tok, questions: list[str], answers: list[str | None], max
 
     Prompts are rendered as in training and left-padded here into tensors (``testing.pad_batches``),
     so no tokenizer's ``pad`` return type is relied on."""
+    from tqdm.auto import tqdm
+
     from fisherlora.data import CalibrationData, render_pair
 
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     correct = 0
+    bar = tqdm(total=len(questions), desc="exact match (greedy generation)", unit="question", leave=False)
     for start in range(0, len(questions), batch_size):
         prompts = []
         for q in questions[start:start + batch_size]:
@@ -209,6 +212,8 @@ def exact_match(model, tok, questions: list[str], answers: list[str | None], max
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for row, ref in zip(out[:, enc["input_ids"].shape[1]:], answers[start:start + batch_size], strict=True):
             correct += int(final_number(tok.decode(row, skip_special_tokens=True)) == ref)
+        bar.update(len(prompts))
+    bar.close()
     model.train(was)
     return correct / len(questions)
 
