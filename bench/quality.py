@@ -221,19 +221,32 @@ def exact_match(model, tok, questions: list[str], answers: list[str | None], max
 # ----------------------------------------------------------------------------- command line
 def add_common_flags(p, settings: dict) -> None:
     """Flags shared by the quality tasks; every setting field defaults to None (the setting's value)."""
-    p.add_argument("--setting", choices=sorted(settings), default="standard")
+    p.add_argument("--setting", choices=sorted(settings), default="standard",
+                   help="the sizes below, as one named set (default: standard); each flag below overrides one")
     p.add_argument("--quick", action="store_true", help="same as --setting quick")
+
+    def per_setting(field: str) -> str:
+        return "; ".join(f"{name}: {values.get(field)}" for name, values in sorted(settings.items()))
+
     p.add_argument("--methods", default=None, help=f"'core' ({','.join(CORE)}), 'all' ({','.join(METHODS)}) "
-                   "or a comma list of those names")
+                   f"or a comma list of those names ({per_setting('methods')})")
     p.add_argument("--reference", default="fisherlora", help="the method paired differences are taken to")
+    helps = {"train_pairs": "training pairs (one epoch over them unless --steps)",
+             "val_pairs": "validation pairs, carved from the training pool, that choose the lr",
+             "eval_pairs": "held-out pairs whose loss is reported",
+             "steps": "optimizer steps (overrides --epochs)", "batch_size": "pairs per step",
+             "max_length": "tokens per pair at most", "calib_pairs": "calibration pairs, drawn from the train split",
+             "eval_points": "held-out evaluations over training (the curve)",
+             "em_pairs": "held-out questions for exact match by greedy generation (0: none)",
+             "max_new_tokens": "generation limit for exact match", "epochs": "passes over the train split",
+             "warmup": "warm-up fraction of the steps, then cosine decay"}
     for field in ("train_pairs", "val_pairs", "eval_pairs", "steps", "batch_size", "max_length", "calib_pairs",
-                  "eval_points", "em_pairs", "max_new_tokens"):
-        p.add_argument("--" + field.replace("_", "-"), type=int, default=None)
-    for field in ("epochs", "warmup"):
-        p.add_argument("--" + field, type=float, default=None)
-    p.add_argument("--lrs", default=None, help="initial learning-rate grid (log-spaced)")
+                  "eval_points", "em_pairs", "max_new_tokens", "epochs", "warmup"):
+        p.add_argument("--" + field.replace("_", "-"), type=float if field in ("epochs", "warmup") else int,
+                       default=None, help=f"{helps[field]} ({per_setting(field)})")
+    p.add_argument("--lrs", default=None, help=f"initial learning-rate grid, log-spaced ({per_setting('lrs')})")
     p.add_argument("--max-extend", type=int, default=4, help="grid points added at most while the best is at an edge")
-    p.add_argument("--seeds", default=None, help="comma list; the first picks the lr")
+    p.add_argument("--seeds", default=None, help=f"comma list; the first picks the lr ({per_setting('seeds')})")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--device", default="cpu")
@@ -277,7 +290,14 @@ def finish_args(args, settings: dict):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  python -m bench.quality --quick                      # the small setting: 20 steps per run\n"
+               "  python -m bench.quality --setting cpu --methods core \\\n"
+               "      --runs bench/runs/quality_cpu_runs.jsonl --out bench/runs   # about 2.5 h, resumable\n"
+               "  python -m bench.quality --setting standard --device cuda       # the GPU-sized setting\n"
+               "A finished run is appended to the --runs log and skipped when the command is run again.")
     add_common_flags(p, SETTINGS)
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder, or 'toy'")
     p.add_argument("--chat-template", action="store_true", help="render pairs with the chat template")

@@ -260,3 +260,18 @@ def test_bad_flags_exit_with_one_line_before_any_model_loads(bad):
         with pytest.raises(SystemExit) as exc:
             module.parse(["--setting", "quick", *bad])
         assert isinstance(exc.value.code, str) and "\n" not in exc.value.code, exc.value.code
+
+
+def test_help_gives_each_settings_value_for_every_size_flag(capsys):
+    """``--help`` names what each size flag means and its value under every setting, from the
+    settings table itself (so the help cannot drift from the runs)."""
+    from bench import quality, quality_cls
+
+    for module in (quality, quality_cls):
+        with pytest.raises(SystemExit) as exc:
+            module.parse(["--help"])
+        assert exc.value.code == 0
+        text = "".join(capsys.readouterr().out.split())  # argparse wraps to the terminal, at hyphens too
+        for name, values in module.SETTINGS.items():
+            assert f"{name}:{values['train_pairs']}" in text and f"{name}:{values['lrs']}" in text
+        assert "examples:" in text
