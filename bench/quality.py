@@ -289,16 +289,23 @@ def finish_args(args, settings: dict):
     return args
 
 
-def parse(argv=None):
+def make_parser(doc: str, settings: dict, examples: str) -> argparse.ArgumentParser:
+    """The parser of a quality task: its docstring's first line, the flags of ``add_common_flags`` and
+    ``examples`` (lines of ``command  # what it does``) under the flags."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  python -m bench.quality --quick                      # the small setting: 20 steps per run\n"
-               "  python -m bench.quality --setting cpu --methods core \\\n"
-               "      --runs bench/runs/quality_cpu_runs.jsonl --out bench/runs   # about 2.5 h, resumable\n"
-               "  python -m bench.quality --setting standard --device cuda       # the GPU-sized setting\n"
-               "A finished run is appended to the --runs log and skipped when the command is run again.")
-    add_common_flags(p, SETTINGS)
+        description=doc.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"examples:\n{examples}A finished run is appended to the --runs log and skipped when the command "
+               "is run again.")
+    add_common_flags(p, settings)
+    return p
+
+
+def parse(argv=None):
+    p = make_parser(__doc__, SETTINGS,
+                    "  python -m bench.quality --quick                      # the small setting: 20 steps per run\n"
+                    "  python -m bench.quality --setting cpu --methods core \\\n"
+                    "      --runs bench/runs/quality_cpu_runs.jsonl --out bench/runs   # about 2.5 h, resumable\n"
+                    "  python -m bench.quality --setting standard --device cuda       # the GPU-sized setting\n")
     p.add_argument("--model", default="smollm2-135m", help="'smollm2-135m' (embedded), a local folder, or 'toy'")
     p.add_argument("--chat-template", action="store_true", help="render pairs with the chat template")
     args = finish_args(p.parse_args(argv), SETTINGS)

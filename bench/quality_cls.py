@@ -33,7 +33,6 @@ tests: a random 2-layer BERT with the MiniLM tokenizer). Outputs ``<out>/quality
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -193,14 +192,11 @@ class Gsm8kClsTask:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  python -m bench.quality_cls --quick                  # the small setting: 10 steps per run\n"
-               "  python -m bench.quality_cls --setting standard --methods core \\\n"
-               "      --runs bench/runs/quality_cls_standard_runs.jsonl --out bench/runs   # resumable\n"
-               "A finished run is appended to the --runs log and skipped when the command is run again.")
-    quality.add_common_flags(p, SETTINGS)
+    p = quality.make_parser(
+        __doc__, SETTINGS,
+        "  python -m bench.quality_cls --quick                  # the small setting: 10 steps per run\n"
+        "  python -m bench.quality_cls --setting standard --methods core \\\n"
+        "      --runs bench/runs/quality_cls_standard_runs.jsonl --out bench/runs   # resumable\n")
     p.add_argument("--model", default="minilm", help="'minilm' (embedded all-MiniLM-L6-v2), a local folder, or 'toy'")
     p.add_argument("--label", choices=sorted(LABELS), default="match",
                    help="the task: 'match' (default) classifies (question, solution) pairs as matched or not; "
