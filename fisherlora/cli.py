@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -139,11 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
 #: them for its run (before those libraries are imported), whatever the caller's environment says
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
+#: loggers that warn only because of that switch: importing PEFT imports bitsandbytes, which (on a
+#: CPU with AVX512-BF16) asks the Hub for an optional CPU 4-bit kernel through ``kernels``; offline,
+#: ``kernels`` warns that it skipped a trust check and bitsandbytes that it fell back to its own
+#: kernel. The command chose offline mode, so those two warnings are not the user's news.
+OFFLINE_NOISE = ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops")
+
 
 @contextlib.contextmanager
 def _offline():
     saved = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    levels = {name: logging.getLogger(name).level for name in OFFLINE_NOISE}
     os.environ.update(OFFLINE_ENV)
+    for name in OFFLINE_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -152,6 +162,8 @@ def _offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 #: errors in what the user gave (exit status 2, as for a bad flag); any other failure exits with 1

@@ -45,6 +45,29 @@ def test_quiet_draws_no_progress_bar(embedded_out):
     assert "it/s" not in stderr and "de-quantizing" not in stderr, stderr[-2000:]
 
 
+def test_offline_mode_brings_no_library_warnings_about_the_hub(embedded_out):
+    """The command turns the Hub off; bitsandbytes (importing PEFT) then fails to fetch an optional
+    CPU kernel and says so, and ``kernels`` says it skipped a trust check: noise the command's own
+    switch causes, so the command keeps it out of the user's output."""
+    stderr = (embedded_out.parent / "stderr.txt").read_text()
+    assert "kernels-community" not in stderr and "offline mode" not in stderr, stderr[-2000:]
+
+
+def test_the_command_gives_back_the_callers_environment_and_loggers(monkeypatch, capsys):
+    """``cli.main`` called from Python sets offline mode and quiets its noise for its own run only."""
+    import logging
+    import os
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    logging.getLogger(cli.OFFLINE_NOISE[0]).setLevel(logging.DEBUG)
+    before = {name: logging.getLogger(name).level for name in cli.OFFLINE_NOISE}
+    assert cli.main(["plan", "--model", "llama-3-8b"]) == 0
+    assert "HF_HUB_OFFLINE" not in os.environ and os.environ["HF_DATASETS_OFFLINE"] == "0"
+    assert {name: logging.getLogger(name).level for name in cli.OFFLINE_NOISE} == before
+    logging.getLogger(cli.OFFLINE_NOISE[0]).setLevel(logging.NOTSET)
+
+
 def test_init_on_the_embedded_model_and_gsm8k(embedded_out):
     report = json.loads((embedded_out / "report.json").read_text())
     assert report["num_layers"] == 90  # 30 decoder layers × 3 target types
