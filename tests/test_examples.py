@@ -57,3 +57,14 @@ def test_the_readme_walkthrough_runs_as_written_at_tiny_size(tmp_path):
         run(prefix + rest + ["--model", model] + TINY[key], cwd=tmp_path)
     cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["task_type"] == "CAUSAL_LM"
+
+
+def test_the_readme_classifier_snippet_runs_as_written(tmp_path):
+    """The README's classifier example, pasted on its own into a fresh interpreter (it once used
+    ``fisherlora.`` without importing it)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Classifiers, encoder-decoders and other models"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code += "\nprint(type(peft_clf).__name__, peft_clf.peft_config['default'].r)\n"
+    out = run([sys.executable, "-c", code], cwd=tmp_path).stdout
+    assert out.split()[-2:] == ["PeftModelForSequenceClassification", "8"], out[-2000:]
