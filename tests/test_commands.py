@@ -76,8 +76,25 @@ def test_plan_shares_init_defaults_and_prints_the_init_flags_of_its_choice(capsy
     assert cli.main(["plan", "--model", "llama-3-8b", "--free-gb", "24", "--rank", "8"]) == 0
     out = capsys.readouterr().out
     assert "with 24 GB free: projected, 8 layer group(s)" in out  # float32 bases, as init holds them
-    assert ("the same plan with fisherlora init: fisherlora init --model llama-3-8b --memory-mode projected "
+    assert ("the same plan with fisherlora init: fisherlora init --model MODEL_DIR --memory-mode projected "
             "--layer-groups 8 --dtype bfloat16 --rank 8\n") in out
+    assert "(MODEL_DIR: the folder of your llama-3-8b model; 'llama-3-8b' is a config without weights" in out
+
+
+def test_plans_printed_init_command_keeps_a_model_that_init_can_load(capsys, tmp_path):
+    """A model folder or the embedded model is kept as given; a config file alone is not a model."""
+    import shutil
+
+    from fisherlora.models import CONFIGS_DIR
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    shutil.copy(CONFIGS_DIR / "llama-3.2-1b.json", folder / "config.json")
+    for model, word in ((str(folder), str(folder)), ("smollm2-135m", "smollm2-135m"),
+                        (str(folder / "config.json"), "MODEL_DIR")):
+        assert cli.main(["plan", "--model", model, "--free-gb", "24"]) == 0
+        out = capsys.readouterr().out
+        assert f"fisherlora init --model {word} --memory-mode" in out, out[-1500:]
 
 
 def test_every_fixed_choice_flag_lists_its_choices_and_magnitude_explains_its_values():

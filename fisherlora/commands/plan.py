@@ -52,8 +52,26 @@ def run(args) -> int:
             print(f"memory_mode=auto with {args.free_gb:g} GB free: {pick.label}, {pick.layer_groups} layer group(s), "
                   f"planned peak {pick.total / GB:.1f} GB" + ("" if fits else " — NOTHING FITS: this is the smallest "
                                                                "plan; lower --batch-size or --max-length"))
-            print("the same plan with fisherlora init: " + " ".join(init_flags(args, cfg, pick)))
+            words = init_flags(args, cfg, pick)
+            print("the same plan with fisherlora init: " + " ".join(words))
+            if MODEL_DIR in words:
+                print(f"  ({MODEL_DIR}: the folder of your {args.model} model; {args.model!r} is a config without "
+                      "weights, enough to plan but not to initialise)")
     return 0
+
+
+#: what the printed ``init`` command says in place of a model that ``plan`` knew by its config alone
+MODEL_DIR = "MODEL_DIR"
+
+
+def model_word(model) -> str:
+    """``--model`` for ``init``: the embedded model, a model folder or a ``.gguf`` file as given;
+    a bundled config's name or a ``config.json`` (weights absent) becomes :data:`MODEL_DIR`."""
+    from fisherlora.models import EMBEDDED_MODEL
+
+    path = Path(model)
+    has_weights = str(model) == EMBEDDED_MODEL or path.is_dir() or (path.suffix == ".gguf" and path.is_file())
+    return str(model) if has_weights else MODEL_DIR
 
 
 def init_flags(args, cfg, pick) -> list[str]:
@@ -66,7 +84,7 @@ def init_flags(args, cfg, pick) -> list[str]:
     from fisherlora.flags import PLAN_FIELDS
 
     default = FisherLoraConfig()
-    words = ["fisherlora", "init", "--model", str(args.model), "--memory-mode", pick.label,
+    words = ["fisherlora", "init", "--model", model_word(args.model), "--memory-mode", pick.label,
              "--layer-groups", str(pick.layer_groups), "--dtype", args.dtype]
     for f in dataclasses.fields(FisherLoraConfig):
         value = getattr(cfg, f.name)
