@@ -14,7 +14,8 @@ exact match of the final number after ``####`` in a greedy generation on the fir
 ``em_pairs`` held-out questions (reported only above its noise floor), wall time per run, the
 initial adapter's size. Methods: ``bench/quality_methods.py`` (``--methods core|all|a,b,...``).
 
-Settings (:data:`SETTINGS`; any field can be overridden by its flag):
+Settings (:data:`SETTINGS`; any field can be overridden by its flag; without ``--setting``,
+``cpu`` on the CPU and ``standard`` with ``--device cuda``):
 
 - ``standard``: one epoch over 900 train pairs at batch 8 (113 steps), max 256 tokens, warm-up
   10 % then cosine decay, 100 validation pairs, 319 held-out pairs, 128 calibration pairs, grid
@@ -221,8 +222,9 @@ def exact_match(model, tok, questions: list[str], answers: list[str | None], max
 # ----------------------------------------------------------------------------- command line
 def add_common_flags(p, settings: dict) -> None:
     """Flags shared by the quality tasks; every setting field defaults to None (the setting's value)."""
-    p.add_argument("--setting", choices=sorted(settings), default="standard",
-                   help="the sizes below, as one named set (default: standard); each flag below overrides one")
+    p.add_argument("--setting", choices=sorted(settings), default=None,
+                   help="the sizes below, as one named set; each flag below overrides one (default: "
+                        f"{default_setting_text(settings)})")
     p.add_argument("--quick", action="store_true", help="same as --setting quick")
 
     def per_setting(field: str) -> str:
@@ -242,6 +244,8 @@ def add_common_flags(p, settings: dict) -> None:
              "warmup": "warm-up fraction of the steps, then cosine decay"}
     for field in ("train_pairs", "val_pairs", "eval_pairs", "steps", "batch_size", "max_length", "calib_pairs",
                   "eval_points", "em_pairs", "max_new_tokens", "epochs", "warmup"):
+        if not any(values[field] for values in settings.values()):
+            continue  # a size the task never uses (exact match for a classifier): no flag, the setting's value
         p.add_argument("--" + field.replace("_", "-"), type=float if field in ("epochs", "warmup") else int,
                        default=None, help=f"{helps[field]} ({per_setting(field)})")
     p.add_argument("--lrs", default=None, help=f"initial learning-rate grid, log-spaced ({per_setting('lrs')})")
@@ -249,7 +253,7 @@ def add_common_flags(p, settings: dict) -> None:
     p.add_argument("--seeds", default=None, help=f"comma list; the first picks the lr ({per_setting('seeds')})")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda; also picks the default --setting")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--runs", default=None,
@@ -258,10 +262,20 @@ def add_common_flags(p, settings: dict) -> None:
                         "several hours across fresh checkouts")
 
 
+def default_setting(settings: dict, device: str) -> str:
+    """``cpu`` where the task has that setting and the device is the CPU, else ``standard``."""
+    return "cpu" if "cpu" in settings and str(device).startswith("cpu") else "standard"
+
+
+def default_setting_text(settings: dict) -> str:
+    return "cpu on --device cpu, standard on a GPU" if "cpu" in settings else "standard"
+
+
 def finish_args(args, settings: dict):
     """Fill the setting's values, parse the lists, expand ``--methods``."""
     if args.quick:
         args.setting = "quick"
+    args.setting = args.setting or default_setting(settings, args.device)
     setting = settings[args.setting]
     for k, v in setting.items():
         if getattr(args, k, None) is None:

@@ -275,3 +275,19 @@ def test_help_gives_each_settings_value_for_every_size_flag(capsys):
         for name, values in module.SETTINGS.items():
             assert f"{name}:{values['train_pairs']}" in text and f"{name}:{values['lrs']}" in text
         assert "examples:" in text
+
+
+def test_the_default_setting_fits_the_device_and_a_classifier_has_no_generation_flags(capsys):
+    """Without --setting, the GSM8K task runs the CPU-sized setting on the CPU (the GPU-sized one
+    would take about 12 h there) and the standard one on a GPU; the classifier has one size for both."""
+    from bench import quality, quality_cls
+
+    assert quality.parse([]).setting == "cpu"
+    assert quality.parse(["--device", "cuda"]).setting == "standard"
+    assert quality.parse(["--device", "cuda", "--quick"]).setting == "quick"
+    assert quality_cls.parse([]).setting == "standard"
+    args = quality_cls.parse([])
+    assert args.em_pairs == 0 and args.max_new_tokens == 0  # still in the run keys, as before
+    with pytest.raises(SystemExit) as exc:
+        quality_cls.parse(["--em-pairs", "3"])
+    assert exc.value.code == 2 and "unrecognized arguments: --em-pairs 3" in capsys.readouterr().err
