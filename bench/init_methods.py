@@ -105,6 +105,8 @@ def select_methods(spec: str | None, device: str) -> list[str]:
             raise SystemExit(f"unknown method {name!r}; choose from {', '.join(everything)} "
                              "(or 'fisherlora')")
         chosen += [m for m in matches if m not in chosen]
+    if not chosen:
+        raise SystemExit(f"--methods {spec!r} names no method; choose from {', '.join(everything)} (or 'fisherlora')")
     return chosen
 
 
@@ -115,11 +117,29 @@ def lora_config(rank: int, alpha: float, init=True, **kw):
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", init_lora_weights=init, **kw)
 
 
+#: ``FisherLoraConfig`` fields a variant's ``field=value`` may not set: the bracket's backend and
+#: mode, and the ``--rank``/``--alpha`` every method of a run shares
+_SET_ELSEWHERE = {"backend": "the bracket's first item", "memory_mode": "the bracket's second item",
+                  "rank": "--rank", "alpha": "--alpha"}
+
+
 def _parse_variant(name: str) -> tuple[str, str | None, dict[str, str]]:
-    """``fisherlora[backend,mode,field=value,...]`` -> ``(backend, mode or None, {field: value})``."""
+    """``fisherlora[backend,mode,field=value,...]`` -> ``(backend, mode or None, {field: value})``.
+
+    Raises:
+        SystemExit: no backend, more than a backend and a mode before the fields, or a field set
+            elsewhere (:data:`_SET_ELSEWHERE`).
+    """
     inner = [item.strip() for item in name[len("fisherlora["):-1].split(",")]
     plain = [item for item in inner if "=" not in item]
-    options = {k: _literal(v) for k, v in (item.split("=", 1) for item in inner if "=" in item)}
+    options = {k.strip(): _literal(v.strip()) for k, v in (item.split("=", 1) for item in inner if "=" in item)}
+    if not 1 <= len(plain) <= 2 or inner[:len(plain)] != plain:
+        raise SystemExit(f"method {name!r}: write fisherlora[<backend>], fisherlora[<backend>,<memory mode>], then "
+                         "any field=value items, e.g. fisherlora[ext,projected,magnitude=unit]")
+    clash = sorted(set(options) & set(_SET_ELSEWHERE))
+    if clash:
+        raise SystemExit(f"method {name!r}: {', '.join(clash)} cannot be a field=value item; set it with "
+                         + ", ".join(_SET_ELSEWHERE[k] for k in clash))
     return plain[0], (plain[1] if len(plain) > 1 else None), options
 
 

@@ -34,13 +34,16 @@ def test_fisherlora_variants_take_config_fields_and_refuse_bad_ones(tmp_path):
 
     unit, top = "fisherlora[torch,full,magnitude=unit]", "fisherlora[torch,full,magnitude=top_sigma]"
     assert init_methods.select_methods(f"{unit},{top},pissa", "cpu") == [unit, top, "pissa"]
-    damped = "fisherlora[torch,full,damping=1e-3,rank=8]"  # values are Python literals, else strings
+    damped = "fisherlora[torch,full,damping=1e-3,score=fisher_sigma]"  # values are Python literals, else strings
     assert init_methods.select_methods(damped, "cpu") == [damped]
-    assert init_methods._parse_variant(damped) == ("torch", "full", {"damping": 1e-3, "rank": 8})
+    assert init_methods._parse_variant(damped) == ("torch", "full", {"damping": 1e-3, "score": "fisher_sigma"})
     for bad in ("fisherlora[torch,full,magnitude=huge]", "fisherlora[torch,full,no_such_field=1]",
-                "fisherlora[nosuch,full,magnitude=unit]"):
-        with pytest.raises(SystemExit):
+                "fisherlora[nosuch,full,magnitude=unit]", "fisherlora[magnitude=unit]",  # no backend
+                "fisherlora[torch,full,extra,magnitude=unit]", "fisherlora[torch,magnitude=unit,full]",
+                "fisherlora[torch,full,rank=4]", "fisherlora[torch,full,memory_mode=projected]", ",", " , "):
+        with pytest.raises(SystemExit) as exc:  # each set elsewhere, or silently dropped or relabelled before
             init_methods.select_methods(bad, "cpu")
+        assert isinstance(exc.value.code, str) and "\n" not in exc.value.code, (bad, exc.value.code)
     init_methods.main(["--tiny", "--in-process", "--load-in-4bit", "--num-samples", "4", "--max-length", "12",
                        "--rank", "2", "--methods", f"{unit},{top}", "--out", str(tmp_path)])
     results = {r["method"]: r for r in json.loads((tmp_path / "init_methods.json").read_text())["results"]}
