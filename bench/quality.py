@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 import torch
 
@@ -232,7 +233,8 @@ def add_common_flags(p, settings: dict) -> None:
 
     p.add_argument("--methods", default=None, help=f"'core' ({','.join(CORE)}), 'all' ({','.join(METHODS)}) "
                    f"or a comma list of those names ({per_setting('methods')})")
-    p.add_argument("--reference", default="fisherlora", help="the method paired differences are taken to")
+    p.add_argument("--reference", default="fisherlora",
+                   help="the method paired differences are taken to (run too when --methods leaves it out)")
     helps = {"train_pairs": "training pairs (one epoch over them unless --steps)",
              "val_pairs": "validation pairs, carved from the training pool, that choose the lr",
              "eval_pairs": "held-out pairs whose loss is reported",
@@ -271,27 +273,68 @@ def default_setting_text(settings: dict) -> str:
     return "cpu on --device cpu, standard on a GPU" if "cpu" in settings else "standard"
 
 
+def check_sizes(args) -> None:
+    """Every size and path of a quality run, checked before any model loads.
+
+    Raises:
+        SystemExit: one line naming the flag and what it takes.
+    """
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise SystemExit(message)
+
+    for field in ("train_pairs", "val_pairs", "eval_pairs", "batch_size", "max_length", "calib_pairs", "eval_points",
+                  "rank"):
+        need(getattr(args, field) >= 1, f"--{field.replace('_', '-')} must be at least 1, got {getattr(args, field)}")
+    need(args.steps is None or args.steps >= 1, f"--steps must be at least 1, got {args.steps}")
+    need(args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
+    need(0 <= args.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
+    need(args.max_extend >= 0, f"--max-extend must be at least 0, got {args.max_extend}")
+    need(args.alpha > 0, f"--alpha must be positive, got {args.alpha}")
+    need(all(0 < lr < 1 for lr in args.lrs), f"--lrs must lie in (0, 1), got {args.lrs}")
+    for flag, values in (("--lrs", args.lrs), ("--seeds", args.seeds)):
+        need(len(set(values)) == len(values), f"{flag} repeats a value ({values}): each run would count twice")
+    lo, hi = POOL_RANGE
+    need(args.train_pairs + args.val_pairs <= hi - lo,
+         f"--train-pairs + --val-pairs must be at most {hi - lo} (the pool before the held-out)")
+    need(args.calib_pairs <= args.train_pairs,
+         f"--calib-pairs ({args.calib_pairs}) must be at most --train-pairs ({args.train_pairs}): calibration is "
+         "drawn from the train split")
+    held = HELD_OUT_RANGE[1] - HELD_OUT_RANGE[0]
+    need(args.eval_pairs <= held, f"--eval-pairs must be at most {held} (the held-out split), got {args.eval_pairs}")
+    need(0 <= args.em_pairs <= args.eval_pairs,
+         f"--em-pairs must lie in [0, --eval-pairs = {args.eval_pairs}], got {args.em_pairs}")
+    need(args.em_pairs == 0 or args.max_new_tokens >= 1, "--max-new-tokens must be at least 1 for exact match")
+    need(not str(args.device).startswith("cuda") or torch.cuda.is_available(),
+         f"--device {args.device}: torch sees no CUDA device here")
+    need(not Path(args.out).is_file(), f"--out {args.out} is a file; give a folder")
+    need(not (args.runs and Path(args.runs).is_dir()), f"--runs {args.runs} is a folder; give the log file's path")
+
+
 def finish_args(args, settings: dict):
     """Fill the setting's values, parse the lists, expand ``--methods``."""
+    if args.quick and args.setting not in (None, "quick"):
+        raise SystemExit(f"--quick is --setting quick; it contradicts --setting {args.setting}")
     if args.quick:
         args.setting = "quick"
     args.setting = args.setting or default_setting(settings, args.device)
     setting = settings[args.setting]
+    given = {k for k in setting if getattr(args, k, None) is not None}
+    if {"steps", "epochs"} <= given:
+        raise SystemExit("give --steps or --epochs, not both")
     for k, v in setting.items():
-        if getattr(args, k, None) is None:
+        if k not in given:
             setattr(args, k, v)
-    if args.steps:
+    if "epochs" in given:
+        args.steps = None  # the user's epochs replace the setting's fixed step count
+    elif args.steps:
         args.epochs = None
     try:
         args.lrs = [float(x) for x in str(args.lrs).split(",")]
         args.seeds = [int(x) for x in str(args.seeds).split(",")]
     except ValueError as exc:
         raise SystemExit(f"--lrs takes a comma list of numbers and --seeds one of integers: {exc}") from None
-    if not all(0 < lr < 1 for lr in args.lrs):
-        raise SystemExit(f"--lrs must lie in (0, 1), got {args.lrs}")
-    lo, hi = POOL_RANGE
-    if args.train_pairs + args.val_pairs > hi - lo:
-        raise SystemExit(f"--train-pairs + --val-pairs must be at most {hi - lo} (the pool before the held-out)")
+    check_sizes(args)
     args.per_decade = PER_DECADE
     everything = CORE + [m for m in METHODS if m not in CORE]  # a partial background run has the core first
     names = CORE if args.methods == "core" else everything if args.methods == "all" else args.methods.split(",")
@@ -329,10 +372,11 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    stem = f"quality_{args.setting}" + ("_toy" if args.model == "toy" else "")
+    store = quality_loop.open_store(args, stem)  # a broken log stops the command before the model loads
     task = Gsm8kTask(args)
     task.model.requires_grad_(False)
-    stem = f"quality_{args.setting}" + ("_toy" if args.model == "toy" else "")
-    quality_loop.run_benchmark(task, task.model, args, args.method_specs, args.reference, stem)
+    quality_loop.run_benchmark(task, task.model, args, args.method_specs, args.reference, stem, store)
     return 0
 
 

@@ -209,11 +209,12 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    task = Gsm8kClsTask(args)
-    task.model.requires_grad_(False)
     stem = (f"quality_cls_{args.setting}" + ("_steps" if args.label == "steps" else "")
             + ("_toy" if args.model == "toy" else ""))
-    quality_loop.run_benchmark(task, task.model, args, args.method_specs, args.reference, stem)
+    store = quality_loop.open_store(args, stem)  # a broken log stops the command before the model loads
+    task = Gsm8kClsTask(args)
+    task.model.requires_grad_(False)
+    quality_loop.run_benchmark(task, task.model, args, args.method_specs, args.reference, stem, store)
     return 0
 
 

@@ -88,12 +88,33 @@ class RunStore:
     """Finished runs, one JSON line each, keyed by spec, lr, seed and settings; appended as they end."""
 
     def __init__(self, path: Path, settings: dict):
+        """Read the log at ``path`` (absent: empty).
+
+        A last line cut short (no newline: the process died while writing it) is dropped from the
+        file with a note on stderr, so that its run is done again and later lines start clean.
+
+        Raises:
+            SystemExit: any other line that is not a run record, naming the file and line.
+        """
         self.path, self.settings, self.done = path, settings, {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    self.done[rec["key"]] = rec
+        if not path.exists():
+            return
+        text = path.read_text()
+        lines = text.splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                self.done[rec["key"]] = rec
+            except (ValueError, KeyError, TypeError) as exc:
+                if number == len(lines) and not text.endswith("\n"):
+                    path.write_text(text[: len(text) - len(line)])
+                    print(f"{path}:{number}: a run record cut short (its run was killed while writing); dropped, "
+                          "that run will be done again", file=sys.stderr, flush=True)
+                    break
+                raise SystemExit(f"{path}:{number}: not a run record ({type(exc).__name__}: {exc}); "
+                                 "remove or fix that line") from None
 
     def key(self, spec_key: dict, lr: float, seed: int) -> str:
         blob = json.dumps({"spec": spec_key, "lr": lr, "seed": seed, **self.settings}, sort_keys=True, default=str)
@@ -112,14 +133,23 @@ def settings_of(args) -> dict:
     return {k: getattr(args, k, None) for k in KEY_FIELDS}
 
 
-def run_benchmark(task, base_model, args, methods: dict, reference: str, stem: str) -> dict:
-    """Sweep, extend, seed and summarise every method of ``methods`` (name -> Spec); writes
-    ``<out>/<stem>_runs.jsonl`` or ``args.runs`` (resumable), ``<stem>.md``, ``<stem>.json`` and ``<stem>.png``."""
+def open_store(args, stem: str) -> RunStore:
+    """The run log ``args.runs`` or ``<out>/<stem>_runs.jsonl``, read (folders made): called before
+    the model loads, so that a broken log stops the command first."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs) if getattr(args, "runs", None) else out / f"{stem}_runs.jsonl"
     runs.parent.mkdir(parents=True, exist_ok=True)
-    store = RunStore(runs, settings_of(args))
+    return RunStore(runs, settings_of(args))
+
+
+def run_benchmark(task, base_model, args, methods: dict, reference: str, stem: str,
+                  store: RunStore | None = None) -> dict:
+    """Sweep, extend, seed and summarise every method of ``methods`` (name -> Spec); writes
+    ``<out>/<stem>_runs.jsonl`` or ``args.runs`` (resumable, :func:`open_store` unless ``store`` is
+    given), ``<stem>.md``, ``<stem>.json`` and ``<stem>.png``."""
+    out = Path(args.out)
+    store = store or open_store(args, stem)
     t_start = time.perf_counter()
     base_key = store.key({"kind": "base"}, 0.0, 0)
     if store.get(base_key) is None:

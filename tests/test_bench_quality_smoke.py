@@ -250,16 +250,65 @@ def test_a_benchmark_makes_no_network_request(tmp_path):
     assert not log.exists(), log.read_text()[:3000]
 
 
-@pytest.mark.parametrize("bad", [["--lrs", "abc"], ["--lrs", "0"], ["--seeds", "x"],
-                                 ["--train-pairs", "990", "--val-pairs", "20"]])
+BAD_FLAGS = [["--lrs", "abc"], ["--lrs", "0"], ["--seeds", "x"], ["--train-pairs", "990", "--val-pairs", "20"],
+             ["--lrs", "1e-3,1e-3"], ["--seeds", "0,1,0"], ["--batch-size", "0"], ["--train-pairs", "0"],
+             ["--val-pairs", "0"], ["--eval-pairs", "0"], ["--eval-pairs", "400"], ["--calib-pairs", "0"],
+             ["--calib-pairs", "100"], ["--max-length", "0"], ["--eval-points", "0"], ["--rank", "0"],
+             ["--alpha", "0"], ["--steps", "0"], ["--epochs", "0"], ["--steps", "5", "--epochs", "1"],
+             ["--warmup", "1.5"], ["--warmup", "-0.1"], ["--max-extend", "-1"], ["--setting", "cpu"],
+             ["--out", "README.md"], ["--runs", "bench"]]
+
+
+@pytest.mark.parametrize("bad", BAD_FLAGS, ids=[" ".join(b) for b in BAD_FLAGS])
 def test_bad_flags_exit_with_one_line_before_any_model_loads(bad):
-    """Both tasks parse their flags completely before building the task (which loads the model)."""
+    """Both tasks check their flags completely before building the task (which loads the model):
+    sizes of 0, repeated lrs or seeds (a run counted twice), contradictions, paths of the wrong kind."""
+    from pathlib import Path
+
     from bench import quality, quality_cls
 
+    root = Path(__file__).resolve().parents[1]
+    bad = [str(root / b) if b in ("README.md", "bench") else b for b in bad]
     for module in (quality, quality_cls):
+        if bad == ["--setting", "cpu"] and "cpu" not in module.SETTINGS:
+            continue
         with pytest.raises(SystemExit) as exc:
-            module.parse(["--setting", "quick", *bad])
+            module.parse(["--quick", *bad])  # --quick: with --setting cpu, a contradiction
         assert isinstance(exc.value.code, str) and "\n" not in exc.value.code, exc.value.code
+
+
+def test_cuda_is_refused_where_torch_sees_none():
+    from bench import quality
+
+    if torch.cuda.is_available():
+        assert quality.parse(["--device", "cuda"]).device == "cuda"
+    else:
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            quality.parse(["--device", "cuda"])
+
+
+def test_explicit_epochs_replace_the_settings_step_count():
+    from bench import quality
+
+    args = quality.parse(["--quick", "--epochs", "2"])
+    assert args.steps is None and args.epochs == 2.0
+    assert quality.parse(["--quick"]).steps == 20 and quality.parse(["--setting", "cpu"]).epochs == 1.0
+
+
+def test_a_run_log_cut_short_resumes_and_a_corrupt_line_stops_with_its_place(tmp_path, capsys):
+    from bench.quality_loop import RunStore
+
+    log = tmp_path / "runs.jsonl"
+    good = '{"key": "a", "final_loss": 1.0}\n'
+    log.write_text(good + '{"key": "b", "final_lo')  # killed while appending
+    store = RunStore(log, {})
+    assert set(store.done) == {"a"} and log.read_text() == good
+    assert "runs.jsonl:2: a run record cut short" in capsys.readouterr().err
+    store.add({"key": "b", "final_loss": 2.0})
+    assert set(RunStore(log, {}).done) == {"a", "b"}  # the next record starts on its own line
+    log.write_text(good + "not json\n" + good)
+    with pytest.raises(SystemExit, match=r"runs.jsonl:2: not a run record"):
+        RunStore(log, {})
 
 
 def test_help_gives_each_settings_value_for_every_size_flag(capsys):
@@ -283,8 +332,8 @@ def test_the_default_setting_fits_the_device_and_a_classifier_has_no_generation_
     from bench import quality, quality_cls
 
     assert quality.parse([]).setting == "cpu"
-    assert quality.parse(["--device", "cuda"]).setting == "standard"
-    assert quality.parse(["--device", "cuda", "--quick"]).setting == "quick"
+    assert quality.default_setting(quality.SETTINGS, "cuda") == "standard"  # parse refuses cuda on a CPU machine
+    assert quality.parse(["--quick"]).setting == "quick"
     assert quality_cls.parse([]).setting == "standard"
     args = quality_cls.parse([])
     assert args.em_pairs == 0 and args.max_new_tokens == 0  # still in the run keys, as before
