@@ -82,16 +82,20 @@ def test_plan_shares_init_defaults_and_prints_the_init_flags_of_its_choice(capsy
 
 
 def test_plans_printed_init_command_keeps_a_model_that_init_can_load(capsys, tmp_path):
-    """A model folder or the embedded model is kept as given; a config file alone is not a model."""
+    """A folder with weights or the embedded model is kept (shell-quoted); a config file, or a folder
+    holding only one, is not a model init could load."""
     import shutil
 
     from fisherlora.models import CONFIGS_DIR
 
-    folder = tmp_path / "my-model"
+    folder = tmp_path / "my model"  # a space, quoted in the printed command
     folder.mkdir()
     shutil.copy(CONFIGS_DIR / "llama-3.2-1b.json", folder / "config.json")
-    for model, word in ((str(folder), str(folder)), ("smollm2-135m", "smollm2-135m"),
-                        (str(folder / "config.json"), "MODEL_DIR")):
+    config_only = tmp_path / "config-only"
+    shutil.copytree(folder, config_only)
+    (folder / "model.safetensors").write_bytes(b"")
+    for model, word in ((str(folder), f"'{folder}'"), ("smollm2-135m", "smollm2-135m"),
+                        (str(folder / "config.json"), "MODEL_DIR"), (str(config_only), "MODEL_DIR")):
         assert cli.main(["plan", "--model", model, "--free-gb", "24"]) == 0
         out = capsys.readouterr().out
         assert f"fisherlora init --model {word} --memory-mode" in out, out[-1500:]

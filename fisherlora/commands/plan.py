@@ -64,14 +64,22 @@ def run(args) -> int:
 MODEL_DIR = "MODEL_DIR"
 
 
+#: weight files ``from_pretrained`` reads from a model folder (sharded ones too)
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json")
+
+
 def model_word(model) -> str:
-    """``--model`` for ``init``: the embedded model, a model folder or a ``.gguf`` file as given;
-    a bundled config's name or a ``config.json`` (weights absent) becomes :data:`MODEL_DIR`."""
+    """``--model`` for ``init``, shell-quoted: the embedded model, a folder holding weight files
+    (:data:`WEIGHT_PATTERNS`) or a ``.gguf`` file as given; anything known by its config alone (a
+    bundled config's name, a ``config.json``, a folder with no weights) becomes :data:`MODEL_DIR`."""
+    import shlex
+
     from fisherlora.models import EMBEDDED_MODEL
 
     path = Path(model)
-    has_weights = str(model) == EMBEDDED_MODEL or path.is_dir() or (path.suffix == ".gguf" and path.is_file())
-    return str(model) if has_weights else MODEL_DIR
+    has_weights = (str(model) == EMBEDDED_MODEL or (path.suffix == ".gguf" and path.is_file())
+                   or (path.is_dir() and any(next(path.glob(p), None) for p in WEIGHT_PATTERNS)))
+    return shlex.quote(str(model)) if has_weights else MODEL_DIR
 
 
 def init_flags(args, cfg, pick) -> list[str]:
