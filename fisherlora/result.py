@@ -75,10 +75,12 @@ class FisherLoraResult:
         base's ``name_or_path``; the data as given (``None`` for batches passed from Python); the
         base weights' dtype."""
         from fisherlora.card import portable_name
+        from fisherlora.models import loaded_from
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         dtype = self.extra.get("dtype") or str(next(base.parameters()).dtype).removeprefix("torch.")
-        return {"model": portable_name(self.extra.get("model") or getattr(base, "name_or_path", None)),
+        source = self.extra.get("model") or loaded_from(base) or getattr(base, "name_or_path", None)
+        return {"model": portable_name(source),
                 "data": portable_name(self.extra.get("data")), "dtype": dtype}
 
     def report(self) -> dict:

@@ -46,3 +46,23 @@ def test_a_missing_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model_and_tokenizer(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_the_embedded_model_loads_as_the_float_model_it_is():
+    """The GGUF file is de-quantised on load; the model must not keep the GGUF quantizer's
+    markers, which made the Trainer and TRL refuse to train it ("quantized with
+    QuantizationMethod.GGUF ... do not support training") and PEFT look its name up on the Hub."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from fisherlora.models import EMBEDDED_MODEL, embedded_model_path, load_model_and_tokenizer, loaded_from
+
+    model, _ = load_model_and_tokenizer(EMBEDDED_MODEL)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    assert getattr(model.config, "quantization_config", None) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert loaded_from(model) == EMBEDDED_MODEL and model.name_or_path == ""
+    validate_quantization_for_training(get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"])))
+    other, _ = load_model_and_tokenizer(embedded_model_path())
+    assert loaded_from(other) == str(embedded_model_path())
