@@ -227,6 +227,10 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                              f"quantisation? recorded: {fingerprint.get('quantisation', 'not quantised')})")
     with restore_on_error(base_model) as state:
         peft_model = PeftModel.from_pretrained(base_model, str(out), is_trainable=is_trainable)
+        # the saved config names the base portably (docs/DESIGN.md §9); in memory the adapter names
+        # this base as peft.get_peft_model does, so that PEFT's save_pretrained never looks the
+        # portable name up on the Hub (it does for any name that is not a local model folder)
+        peft_model.peft_config["default"].base_model_name_or_path = base_model.name_or_path or None
         with torch.no_grad():
             layers = dict(lora_layers(peft_model))
             trained = None
