@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 
 from fisherlora.commands import convert as convert_cmd
 from fisherlora.commands import init as init_cmd
@@ -166,6 +167,24 @@ def _offline():
             logging.getLogger(name).setLevel(level)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(command: str, debug: bool):
+    """For the command's run only (restored on exit): each warning is ONE line on stderr,
+    ``fisherlora <command>: warning: ...`` (not Python's file, line and source line), and the
+    libraries' deprecation notices (``FutureWarning``, ``DeprecationWarning``: about their own
+    APIs, nothing the command's user can act on) are not shown. ``--debug`` keeps Python's format."""
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+
+            def one_line(message, category, filename, lineno, file=None, line=None):
+                print(f"fisherlora {command}: warning: " + " ".join(str(message).split()), file=sys.stderr)
+
+            warnings.showwarning = one_line
+        yield
+
+
 #: errors in what the user gave (exit status 2, as for a bad flag); any other failure exits with 1
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                FloatingPointError)
@@ -226,7 +245,8 @@ def main(argv=None) -> int:
         handler = {"init": init_cmd.run, "plan": plan_cmd.run, "report": report_cmd.run, "convert": convert_cmd.run,
                    "merge": merge_cmd.run}[args.command]
         try:
-            return handler(args)
+            with _warnings_as_lines(args.command, args.debug):
+                return handler(args)
         except (Exception, KeyboardInterrupt) as exc:
             if args.debug:
                 raise

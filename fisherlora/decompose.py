@@ -239,24 +239,30 @@ class LayerInit:
 
 
 
-def _warn_rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics) -> None:
-    """One warning listing the layers whose ``A`` counted fewer tokens than ``d_in`` (rank ``< d_in``)."""
-    short = [(n, stats.a_count[stats.a_key[n]], layer_shape(m)[1]) for n, m in modules.items()
-             if stats.a_count[stats.a_key[n]] < layer_shape(m)[1]]
+def rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics) -> list[tuple[str, int, int]]:
+    """The layers whose ``A`` counted fewer tokens than ``d_in`` (so ``rank(A) < d_in``), as
+    ``(name, counted tokens, d_in)``, in model order."""
+    return [(n, stats.a_count[stats.a_key[n]], layer_shape(m)[1]) for n, m in modules.items()
+            if stats.a_count[stats.a_key[n]] < layer_shape(m)[1]]
+
+
+def warn_rank_deficient(short: list[tuple[str, int, int]], total: int) -> None:
+    """ONE warning for a whole run (docs/DESIGN.md §1 step 3): how many of the ``total`` layers
+    have a rank-deficient ``A`` (:func:`rank_deficient`), the worst of them, and the advice."""
     if not short:
         return
-    name, count, d_in = short[0]
+    name, count, d_in = min(short, key=lambda t: t[1] / t[2])
     warnings.warn(
-        f"the activation covariance A is rank-deficient in {len(short)} layer(s) (e.g. {name!r}: {count} counted "
-        f"tokens for d_in = {d_in}): directions outside A's range all get zero Fisher energy and are ranked by "
-        "sigma alone. Calibrate on more tokens (num_samples, max_length), or set damping > 0 so that they are "
-        "ranked by their gradient curvature u'Gu", UserWarning, stacklevel=4)
+        f"the activation covariance A is rank-deficient in {len(short)} of {total} layers (worst {name!r}: "
+        f"{count} counted tokens for d_in = {d_in}): directions outside A's range get zero Fisher energy and are "
+        "ranked by sigma alone; calibrate on more tokens (num_samples, max_length) or set damping > 0",
+        UserWarning, stacklevel=4)  # the caller of initialize_fisher_lora (through keeps_global_rng)
 
 
 @keeps_global_rng
 def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, lora_config,
                            config: FisherLoraConfig, *, bases: dict | None = None, progress: bool = True,
-                           svd_seconds: dict | None = None, weights=None):
+                           svd_seconds: dict | None = None, weights=None, warn: bool = True):
     """Decompose every layer of ``modules`` (no change to the model).
 
     Args:
@@ -266,6 +272,8 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             only meaningful on the bases they were accumulated on); else computed here, batched
             one matrix at a time (:func:`fisherlora.svd.iter_thin_svd`).
         svd_seconds: if given, solver seconds per weight shape are added to it.
+        warn: warn (``UserWarning``) when ``A`` is rank-deficient in some of these layers
+            (:func:`warn_rank_deficient`).
         weights: layer name -> its ``(d_out, d_in)`` weight, already read (a sharded layer's gathered
             by :func:`fisherlora.spread.owned_weights`); default: each read here, in turn, by
             :func:`fisherlora.layers.weight_view`.
@@ -286,7 +294,8 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         if tuple(stats.shapes[name]) != layer_shape(module):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
                              f"the layer is {layer_shape(module)}")
-    _warn_rank_deficient(modules, stats)
+    if warn:  # initialize_fisher_lora warns once for the whole run instead (warn=False)
+        warn_rank_deficient(rank_deficient(modules, stats), len(modules))
     if stats.kind is MemoryMode.PROJECTED and bases is None:
         raise ValueError("projected statistics need the singular bases they were accumulated on")
     inits, selections = {}, {}

@@ -15,7 +15,7 @@ from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
-from fisherlora.decompose import compute_initialization
+from fisherlora.decompose import compute_initialization, rank_deficient, warn_rank_deficient
 from fisherlora.heads import default_lora_config, resolve_head
 from fisherlora.layers import (
     check_model,
@@ -134,6 +134,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     svd_seconds: dict[str, float] = {}
     bases_dtype = torch.float32 if config.bases_dtype == "float32" else next(model.parameters()).dtype
     inits, selections, parts = {}, {}, []
+    short = []  # layers with a rank-deficient A, over every group: one warning per run
     for gi, group in enumerate(groups):
         where = f"(memory_mode={mode.value}, layer group {gi + 1}/{len(groups)})"
         bases = None
@@ -166,7 +167,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         with phase(f"the decomposition {where}"):
             decompose = partial(spread.spread_initialization, ctx) if ctx else compute_initialization
             inits_g, sels_g = decompose(group, stats, lc_decompose, cfg_decompose, bases=bases,
-                                        progress=progress, svd_seconds=svd_seconds)
+                                        progress=progress, svd_seconds=svd_seconds, warn=False)
+            short += rank_deficient(group, stats)
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
         selections.update(sels_g)
@@ -175,6 +177,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             if not keep_statistics:
                 stats.drop_tensors()
             parts.append(stats)
+    warn_rank_deficient(short, len(modules))
     if statistics is None:
         statistics = FisherStatistics.merge(parts)
     if by_energy:

@@ -131,7 +131,7 @@ def _device_of(module) -> torch.device:
 
 
 def spread_initialization(ctx: Dist, modules: dict, stats, lora_config, config, *, bases: dict | None = None,
-                          progress: bool = True, svd_seconds: dict | None = None):
+                          progress: bool = True, svd_seconds: dict | None = None, warn: bool = True):
     """:func:`fisherlora.decompose.compute_initialization` spread over the ranks: each layer is
     decomposed (SVD, energy, selection, factors) once, by the rank :func:`assign_by_cost` gives
     it (its weight read through :func:`owned_weights`), and its factors and selection are
@@ -146,7 +146,7 @@ def spread_initialization(ctx: Dist, modules: dict, stats, lora_config, config, 
             part = {n: modules[n] for n in weights}
             inits, sels = compute_initialization(part, stats, lora_config, config, progress=progress,
                                                  bases={n: bases[n] for n in part} if bases is not None else None,
-                                                 svd_seconds=svd_seconds, weights=weights)
+                                                 svd_seconds=svd_seconds, weights=weights, warn=warn)
             local.update({n: [inits[n].B, inits[n].A, sels[n].indices, sels[n].sigma, sels[n].energy,
                               sels[n].score, sels[n].magnitudes] for n in part})
     f32, f64 = torch.float32, torch.float64

@@ -114,11 +114,18 @@ def test_fewer_counted_tokens_than_d_in_warns_with_damping_advice_and_ranks_dete
     for backend in available_backends("cpu")[:2]:
         for stats_dtype in ("float32", "float64"):
             cfg = FisherLoraConfig(rank=8, alpha=8, backend=backend, stats_dtype=stats_dtype)
-            with pytest.warns(UserWarning, match=r"rank-deficient.*6 counted tokens.*d_in = 32.*damping") as rec:
+            with pytest.warns(UserWarning, match=r"rank-deficient in 14 of 14 layers \(worst .*: 6 counted tokens for "
+                                                     r"d_in = 48\).*damping") as rec:
                 result = fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, data, cfg, progress=False)
             assert sum("rank-deficient" in str(w.message) for w in rec) == 1, "one warning listing the layers"
             chosen.append({n: s.indices.tolist() for n, s in result.selections.items()})
     assert all(c == chosen[0] for c in chosen[1:]), "the ranking depends on the backend or the statistics dtype"
+    # one warning for the whole run, also when each layer group decomposes on its own
+    with pytest.warns(UserWarning, match="rank-deficient") as rec:
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, data,
+                                          FisherLoraConfig(rank=8, alpha=8, layer_groups=2), progress=False)
+    found = [str(w.message) for w in rec if "rank-deficient" in str(w.message)]
+    assert len(found) == 1 and "in 14 of 14 layers (worst " in found[0], found
     with warnings.catch_warnings():  # enough tokens: no warning
         warnings.simplefilter("error", UserWarning)
         seqs, labels = random_sequences(8, vocab=101, seed=4, min_len=9, max_len=9)

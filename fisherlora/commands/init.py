@@ -16,13 +16,8 @@ SUMMARY_PHASE = "printing the summary"
 
 
 def run(args) -> int:
-    import warnings
-
     import torch
 
-    # library deprecation chatter that users cannot act on
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message="Could not find a config file in")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
