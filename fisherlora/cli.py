@@ -232,6 +232,23 @@ def error_line(command: str, exc: BaseException, args) -> str:
             + " (--debug shows the traceback)")
 
 
+def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that an unknown flag after a command is reported by that
+    command's parser (its usage, not the top-level one) with the closest flag it has."""
+    import difflib
+
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        command = commands[args.command]
+        flags = [s for a in command._actions for s in a.option_strings if s.startswith("--")]
+        hints = [close[0] for word in extra if word.startswith("-")
+                 for close in [difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)] if close]
+        command.error(f"unrecognized arguments: {' '.join(extra)}"
+                      + (f" (did you mean {', '.join(dict.fromkeys(hints))}?)" if hints else ""))
+    return args
+
+
 def main(argv=None) -> int:
     """The command's entry point: sets :data:`OFFLINE_ENV` for the run (restored on return).
 
@@ -241,7 +258,7 @@ def main(argv=None) -> int:
     """
     with _offline():
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
         handler = {"init": init_cmd.run, "plan": plan_cmd.run, "report": report_cmd.run, "convert": convert_cmd.run,
                    "merge": merge_cmd.run}[args.command]
         try:

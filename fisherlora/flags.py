@@ -8,17 +8,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import re
 from collections.abc import Iterable
 
 from fisherlora.config import FisherLoraConfig
 
-__all__ = ["PLAN_FIELDS", "add_config_flags", "config_from_args", "parse_target_modules"]
+__all__ = ["PLAN_FIELDS", "add_config_flags", "config_from_args", "flag_name", "parse_target_modules"]
 
 _REGEX_CHARS = set("*+?[]()|\\^$")
 
 #: the config fields ``fisherlora plan`` reads (with ``init``'s defaults)
 PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
                "fisher_type", "mc_samples")
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a ``FisherLoraConfig`` field: ``rank_allocation`` -> ``--rank-allocation``."""
+    return "--" + field.replace("_", "-")
 
 
 def parse_target_modules(text: str) -> str | list[str]:
@@ -50,7 +56,7 @@ def add_config_flags(parser: argparse.ArgumentParser, fields: Iterable[str] | No
     group = parser.add_argument_group(title)
     for name in wanted:
         f = known[name]
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         default = (defaults or {}).get(name, f.default)
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
@@ -70,8 +76,16 @@ def config_from_args(args: argparse.Namespace, **overrides) -> FisherLoraConfig:
     defaults; ``overrides`` win).
 
     Raises:
-        ValueError: an invalid value, naming the field (the config's own validation).
+        ValueError: an invalid value, in the command's words: the config's own validation with each
+            field that came from a flag named by that flag (``--rank must be a positive integer``).
     """
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(FisherLoraConfig) if hasattr(args, f.name)}
     kwargs.update(overrides)
-    return FisherLoraConfig(**kwargs)
+    try:
+        return FisherLoraConfig(**kwargs)
+    except ValueError as exc:
+        def as_flag(m: re.Match) -> str:
+            name = m.group(1)
+            return flag_name(name) if hasattr(args, name) and name not in overrides else m.group(0)
+
+        raise ValueError(re.sub(r"FisherLoraConfig\.(\w+)", as_flag, str(exc))) from None

@@ -84,9 +84,27 @@ def record_format(columns, prompt_field: str | None, response_field: str | None,
     if "text" in columns:
         return TEXT, ["text"]
     missing = [f for f in (prompt_field, response_field) if f and f not in columns]
-    raise ValueError(f"field {missing[0]!r} not in the calibration data; its columns are {columns} (fisherlora reads "
-                     "a prompt/response pair, 'messages', 'prompt'/'completion' or 'text')" if missing else
-                     f"no calibration format matches the columns {columns}")
+    pair = likely_pair(columns)
+    hint = (f"; they look like a prompt/response pair: pass --prompt-field {pair[0]} --response-field {pair[1]} "
+            f"(prompt_field={pair[0]!r}, response_field={pair[1]!r} in Python)" if pair else
+            " (fisherlora reads a prompt/response pair, 'messages', 'prompt'/'completion' or 'text')")
+    raise ValueError(f"field {missing[0]!r} not in the calibration data; its columns are {columns}{hint}" if missing
+                     else f"no calibration format matches the columns {columns}{hint}")
+
+
+#: column names that common instruction data sets give the prompt and the response (Alpaca's
+#: instruction/output, Dolly's instruction/response, question/answer, query/response, ...), best first
+PROMPT_NAMES = ("instruction", "question", "prompt", "query", "problem", "input")
+RESPONSE_NAMES = ("output", "response", "answer", "completion", "solution", "target")
+
+
+def likely_pair(columns) -> tuple[str, str] | None:
+    """The ``(prompt, response)`` columns among ``columns`` that look like a prompt/response pair
+    (:data:`PROMPT_NAMES`, :data:`RESPONSE_NAMES`, case as in the data), or ``None``."""
+    by_lower = {str(c).lower(): c for c in columns}
+    prompt = next((by_lower[n] for n in PROMPT_NAMES if n in by_lower), None)
+    response = next((by_lower[n] for n in RESPONSE_NAMES if n in by_lower and by_lower[n] != prompt), None)
+    return (prompt, response) if prompt is not None and response is not None else None
 
 
 def check_messages(values, where, need_assistant: bool = True) -> None:

@@ -108,7 +108,7 @@ def test_report_command(embedded_out):
     [
         (["--rank", "200", "--target-modules", "k_proj"], "rank 200 exceeds"),  # checked on the GGUF's config
         (["--data", "/does/not/exist.jsonl"], "does not exist"),
-        (["--rank", "0"], "rank must be a positive integer"),
+        (["--rank", "0"], "--rank must be a positive integer"),
         (["--score", "loud"], "invalid choice"),
     ],
 )

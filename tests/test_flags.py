@@ -41,9 +41,24 @@ def test_values_are_validated_by_the_config_naming_the_field():
     add_config_flags(p, ["batch_size", "memory_mode"], defaults={"memory_mode": "projected"})
     args = p.parse_args([])
     assert config_from_args(args).memory_mode.value == "projected"
-    with pytest.raises(ValueError, match="FisherLoraConfig.batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="^--batch-size must be a positive integer, got -4$"):
         config_from_args(p.parse_args(["--batch-size", "-4"]))
+    # a field set from Python (not from a flag) keeps the config's own name
+    with pytest.raises(ValueError, match="^FisherLoraConfig.rank must be a positive integer"):
+        config_from_args(args, rank=0)
     with pytest.raises(SystemExit):
         p.parse_args(["--memory-mode", "tiny"])
     with pytest.raises(ValueError, match="not FisherLoraConfig fields"):
         add_config_flags(argparse.ArgumentParser(), ["batch"])
+
+
+def test_an_unknown_flag_gets_the_commands_usage_and_the_closest_flag(capsys):
+    """``fisherlora init --rnak 8`` printed the top-level usage; it is ``init``'s, with ``--rank``."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["init", "--rnak", "8"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "usage: fisherlora init" in err and "unrecognized arguments: --rnak 8 (did you mean --rank?)" in err, err
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--free-gbs", "12"])
+    assert "usage: fisherlora plan" in capsys.readouterr().err

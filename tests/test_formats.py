@@ -108,3 +108,16 @@ def test_init_reads_a_saved_conversational_dataset(chat_model, tmp_path):
     cal = tokenize_records(Dataset.from_list(rows), tok)
     assert report["calibration"]["label_tokens"] == cal.num_label_tokens == 2 + 4 + 2
     assert report["data"] == "my-chats" and report["model"] == "chat-model"
+
+
+@pytest.mark.parametrize("columns, hint", [
+    (["instruction", "input", "output"], "--prompt-field instruction --response-field output"),
+    (["Query", "Response"], "--prompt-field Query --response-field Response"),
+    (["body", "title"], "fisherlora reads a prompt/response pair"),
+])
+def test_columns_that_look_like_a_pair_get_the_flags_that_read_them(tmp_path, columns, hint):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text(json.dumps({c: "x" for c in columns}) + "\n")
+    with pytest.raises(ValueError, match="field 'question' not in the calibration data") as info:
+        load_records(path, prompt_field="question", response_field="answer")
+    assert hint in str(info.value), str(info.value)
