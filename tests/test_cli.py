@@ -205,6 +205,31 @@ def test_a_warning_is_one_line_in_the_commands_words_and_the_callers_filters_are
     assert "UserWarning" not in err and "warnings.warn" not in err and ".py:" not in err, err
 
 
+def test_statistics_are_checked_against_the_targets_before_the_model_loads(tmp_path, tiny_model, monkeypatch, capsys):
+    """Statistics saved for q_proj,v_proj and reused with the default targets: refused before the
+    model loads, naming what the file holds and the flags that select it; a re-selection within the
+    file names the calibration data the statistics came from, not the statistics file."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    assert cli.main(tiny_init(saved, tiny_model, "--target-modules", "q_proj,v_proj", "--save-statistics")) == 0
+    stats = saved / "out" / "statistics.safetensors"
+    from fisherlora import data as fdata
+
+    real_load = fdata.load_model_and_tokenizer
+    monkeypatch.setattr(fdata, "load_model_and_tokenizer", _raise(AssertionError("the model was loaded")))
+    out = tmp_path / "reuse"
+    assert cli.main(["init", "--model", str(tiny_model), "--statistics", str(stats), "--output", str(out),
+                     "--rank", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds factors for 4 layers (q_proj,v_proj; memory mode full)" in err, err
+    assert "--target-modules q_proj,v_proj" in err and not out.exists()
+    monkeypatch.setattr(fdata, "load_model_and_tokenizer", real_load)
+    assert cli.main(["init", "--model", str(tiny_model), "--statistics", str(stats), "--output", str(out),
+                     "--rank", "1", "--target-modules", "q_proj,v_proj", "--quiet"]) == 0
+    card = (out / "README.md").read_text()
+    assert "data.jsonl" in card and "statistics.safetensors" not in card.split("## How it was made")[1][:600], card
+
+
 def _raise(exc):
     def raiser(*args, **kwargs):
         raise exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import time
+from pathlib import Path
 
 from fisherlora.commands.report import print_summary
 from fisherlora.flags import config_from_args
@@ -26,6 +27,7 @@ def run(args) -> int:
     from fisherlora import data as fdata
     from fisherlora import distributed
     from fisherlora.adapter import residual_refusal
+    from fisherlora.card import portable_name
     from fisherlora.initialize import initialize_fisher_lora
     from fisherlora.memory import peak_memory_mb
     from fisherlora.outdir import check_output_dir
@@ -65,7 +67,9 @@ def run(args) -> int:
                                          text_field=args.text_field)
     timings["data"] = time.perf_counter() - t0
     with phase("checking the targets on the model's config"):
-        _check_targets_on_config(args.model, config)
+        targets = _check_targets_on_config(args.model, config)
+        if stats is not None:
+            _check_statistics_cover(stats, targets, args.statistics)
     t0 = time.perf_counter()
     # --quiet also hides the bars that libraries draw with tqdm directly (GGUF de-quantisation);
     # errors still raise
@@ -88,8 +92,11 @@ def run(args) -> int:
         result = initialize_fisher_lora(model, None, batches, config, statistics=stats, num_batches=n_seq,
                                         progress=not args.quiet and distributed.is_rank0())
     result.timings = {**timings, **result.timings}
-    result.extra.update({"model": str(args.model), "data": str(args.statistics or args.data), "device": str(device),
-                    "dtype": str(dtype).removeprefix("torch.")})
+    # the calibration data, also when re-selecting from saved statistics (they record it)
+    data = stats.info.get("data") if stats is not None else portable_name(args.data)
+    result.statistics.info["data"] = data
+    result.extra.update({"model": str(args.model), "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                         "data": data or f"{Path(args.statistics).name} (calibration data not recorded)"})
     result.peak_memory_mb = peak_memory_mb(device)
     with phase(f"writing the output directory {str(out_dir)!r}"):
         result.save(out_dir, overwrite=args.overwrite, save_statistics=args.save_statistics,
@@ -100,11 +107,33 @@ def run(args) -> int:
     return 0
 
 
-def _check_targets_on_config(model: str, config) -> None:
+def _check_statistics_cover(stats, targets: list[str] | None, path: str) -> None:
+    """Refuse, before the model is loaded, statistics that hold no factors for some of the targets
+    (found on the model's config), naming what the file holds and the flags that select it.
+
+    Raises:
+        ValueError: targets without factors in ``stats``.
+    """
+    if targets is None:  # no meta model: the initialisation checks the layers it gets
+        return
+    missing = [n for n in targets if n not in stats.G]
+    if not missing:
+        return
+    held = sorted({n.rsplit(".", 1)[-1] for n in stats.layers})
+    raise ValueError(f"--statistics {path}: the file holds factors for {len(stats.layers)} layers ({','.join(held)}; "
+                     f"memory mode {stats.kind.value}) and none for {len(missing)} of the {len(targets)} targets, "
+                     f"e.g. {missing[0]!r}; select within it with --target-modules {','.join(held)}, or collect new "
+                     "statistics for these targets (without --statistics)")
+
+
+def _check_targets_on_config(model: str, config) -> list[str] | None:
     """Refuse bad targets and ranks before the weights are loaded: the target discovery and the
     rank check that the initialisation runs, on the model built from its config on the meta device
     (:func:`fisherlora.models.meta_model_from_config`: no weights, about a second). A model whose
     config cannot be built that way is left to the load, which reports its own error.
+
+    Returns:
+        the names of the target layers, or ``None`` when the config cannot be built that way.
 
     Raises:
         ValueError: the targets match nothing (or a non-linear layer), or a rank exceeds a layer's.
@@ -115,10 +144,11 @@ def _check_targets_on_config(model: str, config) -> None:
     try:
         meta = meta_model_from_config(model)
     except Exception:  # a missing path, a config transformers cannot build without its code: the load says
-        return
+        return None
     lora_config = config.to_lora_config()
     modules = find_target_modules(meta, lora_config)
     check_ranks({n: layer_shape(m) for n, m in modules.items()},
                 {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    return list(modules)
 
 
