@@ -105,10 +105,11 @@ def model_card(report: dict, base_model: str | None, data: str | None, dtype: st
     if base_model:
         front.insert(1, f"base_model: {base_model}")
     lines = front + ["---", "", "# fisherlora initial adapter", "",
-        "An initial LoRA adapter made by [fisherlora](https://github.com/) (FILet, arXiv 2605.01046): each target "
-        "weight's singular directions were ranked by their Fisher energy (uᵀGu)(vᵀAv) on the calibration data, "
-        "the top r became the LoRA factors, and the rest stays in a residual base weight W − s·BA that "
-        "`fisherlora.load` rebuilds from the original base. At step 0 the model computes what the base computes.",
+        "An initial LoRA adapter made by fisherlora (the Python package `fisherlora`; FILet, arXiv 2605.01046): "
+        "each target weight's singular directions were ranked by their Fisher energy (uᵀGu)(vᵀAv) on the "
+        "calibration data, the top r became the LoRA factors, and the rest stays in a residual base weight "
+        "W − s·BA that `fisherlora.load` rebuilds from the original base. At step 0 the model computes what the "
+        "base computes.",
         "", "## How it was made", "",
         f"- model: `{base_model}` ({dtype})",
         f"- data: `{data or 'calibration batches passed from Python'}`",

@@ -201,7 +201,8 @@ def format_plan(plans: list[ModePlan]) -> list[list[str]]:
     """Table rows (GB) for printing: the components, the total and the phase that sets it."""
     rows = []
     for p in plans:
-        rows.append([p.label, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
+        label = p.label if p.mode is not None else "baseline (naive)"  # a yardstick, not a --memory-mode value
+        rows.append([label, str(p.layer_groups)] + [f"{v / GB:.2f}" for v in
                     (p.weights, p.activations, p.statistics, p.svd_workspace, p.total)] + [p.peak_phase])
     return rows
 
