@@ -120,13 +120,13 @@ def _plot_ranks(ax, selections: dict) -> None:
     ax.figure.colorbar(im, ax=ax, fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
 
 
-def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
-    """σ versus Fisher energy per layer (log-log), chosen directions marked; below them, when the
-    layers' ranks differ (``rank_allocation="global"``), a heat map of the rank per layer and
-    projection kind.
+def plot_energy(selections: dict, path: Path, max_panels: int = 16) -> None:
+    """σ versus Fisher energy per layer (log-log), chosen directions marked, PiSSA's top-r band
+    shaded, one legend for the figure; below, when the layers' ranks differ
+    (``rank_allocation="global"``), a heat map of the rank per layer and projection kind.
 
-    With many layers, each projection type is shown at its first, middle and last decoder layer
-    (at most ``max_panels`` panels).
+    Up to ``max_panels`` layers every layer has a panel; beyond that each projection kind is shown
+    at its middle decoder layer (``report.md`` lists every layer).
     """
     import matplotlib
     import matplotlib.ticker
@@ -138,15 +138,13 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
     groups: dict[str, list] = {}
     for name, sel in selections.items():
         groups.setdefault(layer_kind(name), []).append(sel)
-    chosen = []
-    for sels in groups.values():
-        picks = sels if len(sels) <= 3 else [sels[0], sels[len(sels) // 2], sels[-1]]
-        chosen.extend(picks)
+    sampled = len(selections) > max_panels
+    chosen = [sels[len(sels) // 2] for sels in groups.values()] if sampled else list(selections.values())
     chosen = chosen[:max_panels]
-    ncol = min(len(chosen), 3) or 1
+    ncol = min(len(chosen), 4) or 1
     nrow = -(-len(chosen) // ncol)
     heat = len({s.rank for s in selections.values()}) > 1
-    fig = plt.figure(figsize=(4.2 * ncol, 3.3 * (nrow + heat)))
+    fig = plt.figure(figsize=(4.6 * ncol, 3.8 * (nrow + heat) + 0.8))
     gs = fig.add_gridspec(nrow + heat, ncol)
     axes = np.array([[fig.add_subplot(gs[i, j]) for j in range(ncol)] for i in range(nrow)])
     if heat:
@@ -156,25 +154,26 @@ def plot_energy(selections: dict, path: Path, max_panels: int = 21) -> None:
         energy = sel.energy.clamp_min(1e-30).numpy()
         idx = sel.indices.numpy()
         top = sorted(sigma)[-sel.rank]  # PiSSA keeps the r largest σ: this region
-        ax.axvspan(top, sigma.max() * 1.15, color="tab:blue", alpha=0.1, label=f"PiSSA's top-{sel.rank} σ")
-        ax.scatter(sigma, energy, s=4, c="0.6", label="all directions")
-        ax.scatter(sigma[idx], energy[idx], s=12, c="tab:red", label=f"chosen (r={sel.rank})")
+        ax.axvspan(top, sigma.max() * 1.15, color="tab:blue", alpha=0.12, label="PiSSA's top-r σ")
+        ax.scatter(sigma, energy, s=5, c="0.6", label="all singular directions")
+        ax.scatter(sigma[idx], energy[idx], s=16, c="tab:red", label="chosen by Fisher energy (in the adapter)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{sel.name}\ncaptured {sel.energy_captured:.0%} of the Fisher energy, "
-                     f"PiSSA overlap {sel.pissa_overlap:.0%}", fontsize=7)
-        ax.set_xlabel("singular value σ_i", fontsize=7)
-        ax.set_ylabel("Fisher energy e_i", fontsize=7)
-        ax.tick_params(labelsize=6)
+                     f"PiSSA overlap {sel.pissa_overlap:.0%}", fontsize=9)
+        ax.set_xlabel("singular value σ_i", fontsize=9)
+        ax.set_ylabel("Fisher energy e_i", fontsize=9)
+        ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
-    for ax in list(axes.flat)[: len(chosen)]:
-        ax.legend(fontsize=5, loc="best")
-    sampled = " (first, middle and last decoder layer of each projection)" if len(chosen) < len(selections) else ""
-    fig.suptitle(f"Fisher energy (uᵀGu)(vᵀAv) against σ{sampled}: red = directions in the adapter, "
-                 "blue band = PiSSA's top-r σ", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, frameon=False,
+               markerscale=2)
+    where = " (each projection at its middle decoder layer)" if sampled else ""
+    fig.suptitle(f"Fisher energy (uᵀGu)(vᵀAv) against σ{where}, rank r = "
+                 f"{'/'.join(str(r) for r in sorted({s.rank for s in chosen}))}", fontsize=12)
+    fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
