@@ -241,7 +241,8 @@ class LayerInit:
 
 def rank_deficient(modules: dict[str, nn.Module], stats: FisherStatistics) -> list[tuple[str, int, int]]:
     """The layers whose ``A`` counted fewer tokens than ``d_in`` (so ``rank(A) < d_in``), as
-    ``(name, counted tokens, d_in)``, in model order."""
+    ``(name, counted tokens, d_in)``, in model order. It matters only without damping: with
+    ``damping > 0`` the directions outside ``A``'s range are ranked by ``(uᵀGu + λ)·λ``."""
     return [(n, stats.a_count[stats.a_key[n]], layer_shape(m)[1]) for n, m in modules.items()
             if stats.a_count[stats.a_key[n]] < layer_shape(m)[1]]
 
@@ -294,7 +295,7 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
         if tuple(stats.shapes[name]) != layer_shape(module):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
                              f"the layer is {layer_shape(module)}")
-    if warn:  # initialize_fisher_lora warns once for the whole run instead (warn=False)
+    if warn and not config.damping:  # initialize_fisher_lora warns once for the whole run instead (warn=False)
         warn_rank_deficient(rank_deficient(modules, stats), len(modules))
     if stats.kind is MemoryMode.PROJECTED and bases is None:
         raise ValueError("projected statistics need the singular bases they were accumulated on")

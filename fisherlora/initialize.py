@@ -168,7 +168,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             decompose = partial(spread.spread_initialization, ctx) if ctx else compute_initialization
             inits_g, sels_g = decompose(group, stats, lc_decompose, cfg_decompose, bases=bases,
                                         progress=progress, svd_seconds=svd_seconds, warn=False)
-            short += rank_deficient(group, stats)
+            short += rank_deficient(group, stats) if not config.damping else []
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
         selections.update(sels_g)

@@ -126,6 +126,10 @@ def test_fewer_counted_tokens_than_d_in_warns_with_damping_advice_and_ranks_dete
                                           FisherLoraConfig(rank=8, alpha=8, layer_groups=2), progress=False)
     found = [str(w.message) for w in rec if "rank-deficient" in str(w.message)]
     assert len(found) == 1 and "in 14 of 14 layers (worst " in found[0], found
+    with warnings.catch_warnings():  # damping ranks those directions by their gradient curvature: no warning
+        warnings.filterwarnings("error", message=".*rank-deficient")
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, data,
+                                          FisherLoraConfig(rank=8, alpha=8, damping=1e-3), progress=False)
     with warnings.catch_warnings():  # enough tokens: no warning
         warnings.simplefilter("error", UserWarning)
         seqs, labels = random_sequences(8, vocab=101, seed=4, min_len=9, max_len=9)
