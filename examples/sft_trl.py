@@ -1,10 +1,10 @@
 """fisherlora, then TRL's SFTTrainer: initialise from Fisher information, fine-tune, convert.
 
-    fisherlora init --output fisherlora-out                      # or let this script run it (--init-args)
-    python examples/sft_trl.py --init fisherlora-out --trained trained --max-steps 20
-    fisherlora convert fisherlora-out trained -o plain           # a plain LoRA (rank 2r) for the original base
+    .venv/bin/fisherlora init                                    # the quick start (or let this script run it)
+    .venv/bin/python examples/sft_trl.py --init fisherlora-out --trained trained --max-steps 20
+    .venv/bin/fisherlora convert fisherlora-out trained -o plain # a plain LoRA (rank 2r) for the original base
 
-    python examples/sft_trl.py --tiny --max-steps 2              # all of it on a tiny random model (CI)
+    .venv/bin/python examples/sft_trl.py --tiny --max-steps 2              # all of it on a tiny random model (CI)
 
 The adapter is loaded trainable on the ORIGINAL base (`fisherlora.load(..., is_trainable=True)`)
 before the trainer builds its optimizer; nothing else is needed (no callback). The training data
@@ -14,6 +14,7 @@ here is GSM8K as TRL's prompt-completion format (the loss on the completion only
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--trained", default="trained", help="where the trained adapter is saved")
     p.add_argument("--max-steps", type=int, default=20, help="training steps (default: %(default)s)")
     p.add_argument("--train-samples", type=int, default=64, help="training pairs (default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=128,
+                   help="calibration pairs, when this script runs `fisherlora init` itself (default: %(default)s)")
     p.add_argument("--tiny", action="store_true",
                    help="a tiny random chat model and 8 calibration pairs, in a temporary folder removed at the end "
                         "(CI size)")
@@ -36,6 +39,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # This program reads local files only (the embedded model and data): it says so to the Hugging
+    # Face libraries, so that none of them tries the Hub (bitsandbytes, imported by PEFT, would ask
+    # it for an optional CPU kernel). A program of yours that needs the Hub leaves this out.
+    for switch in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(switch, "1")
     with tempfile.TemporaryDirectory(prefix="fisherlora-sft-") as scratch:
         return run(args, Path(scratch) if args.tiny else Path("."))
 
@@ -48,7 +56,7 @@ def run(args, work: Path) -> int:
     from fisherlora import cli
     from fisherlora.data import load_model_and_tokenizer, load_records
 
-    init_flags = []
+    init_flags = ["--num-samples", str(args.num_samples)]
     if args.tiny:
         from fisherlora.testing import save_tiny_chat_model
 
