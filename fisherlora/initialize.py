@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from fisherlora import allocation, distributed, spread
+from fisherlora import allocation, digest, distributed, spread
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -97,9 +97,15 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     """
     config = fisher_config or FisherLoraConfig()
     ctx = distributed.context(process_group)
-    model = unwrap_model(model)
-    head = resolve_head(model, loss_fn, config.fisher_type.value)
-    lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
+    # the ranks agree on the model, the configuration and the whole calibration set before any pass (§7)
+    with distributed.agree_before_passes(ctx, "the checks before the calibration passes") as agreed:
+        model = unwrap_model(model)
+        head = resolve_head(model, loss_fn, config.fisher_type.value)
+        lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
+        if ctx is not None and data is not None and iter(data) is data:
+            data = list(data)  # one-shot batches: read once here, for the digest and for the passes
+        inputs = digest.run_digest(model, config, lora_config, data if ctx is not None else None, head.kind)
+        agreed["digest"] = inputs
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass

@@ -1,0 +1,181 @@
+"""Digests of what a run reads: every tensor of the model, the effective configuration and the
+calibration set (docs/DESIGN.md §7). One mechanism, two uses: the ranks of a distributed run
+compare them before any pass (:func:`fisherlora.distributed.agree_before_passes`), and
+statistics carry the model's so that they are reused only on the model they describe.
+
+A tensor's digest is SHA-256 over its dtype, shape and bytes, read where the tensor lies on the
+host (no copy) or streamed from an accelerator in pieces of :data:`CHUNK_BYTES`: equality is
+exact (one flipped bit differs), and the cost is one read of the model at hashing speed (see
+bench/RESULTS.md for the measured figure on the embedded model).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fisherlora import quant, sharded
+
+__all__ = ["CHUNK_BYTES", "tensor_digest", "model_digest", "data_digest", "config_items", "run_digest",
+           "differences", "describe_differences"]
+
+#: bytes of an accelerator tensor brought to the host at a time while it is hashed
+CHUNK_BYTES = 64 << 20
+#: hex characters kept of each SHA-256 (128 bits)
+HEX = 32
+
+
+def _update(h, t: torch.Tensor) -> None:
+    """Feed ``t``'s dtype, shape and bytes into the hash ``h``."""
+    t = t.detach()
+    h.update(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)};".encode())
+    if t.numel() == 0:
+        return
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    if flat.device.type == "cpu":
+        h.update(flat.numpy().data)  # the tensor's own memory: no copy
+        return
+    for i in range(0, flat.numel(), CHUNK_BYTES):
+        h.update(flat[i:i + CHUNK_BYTES].cpu().numpy().data)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """The hex SHA-256 (:data:`HEX` characters) of a tensor's dtype, shape and bytes.
+
+    Args:
+        t: any tensor, on any device, of any dtype (bfloat16 and the float8 types included).
+    """
+    h = hashlib.sha256()
+    _update(h, t)
+    return h.hexdigest()[:HEX]
+
+
+def model_digest(model: nn.Module) -> dict:
+    """``{"class": <model class>, "tensors": {name: digest}}`` over every parameter and buffer of
+    ``model``, by the names ``named_parameters``/``named_buffers`` give.
+
+    A supported quantised layer's weight is digested over all the tensors that hold it (packed
+    data, scales, nested scales and offset: :func:`fisherlora.quant.storage`), which are not all
+    parameters. An FSDP2-sharded parameter is recorded by its global shape and dtype only: each
+    rank holds another piece of one tensor, which cannot differ between ranks.
+    """
+    quantised = {f"{n}.weight": m for n, m in model.named_modules() if quant.is_quantised(m)}
+    tensors = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in quantised:
+            h = hashlib.sha256()
+            for part in quant.storage(quantised[name]):
+                _update(h, part)
+            tensors[name] = h.hexdigest()[:HEX]
+        elif sharded.is_dtensor(t):
+            tensors[name] = f"sharded {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+        elif t.is_meta:
+            tensors[name] = f"meta {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+        else:
+            tensors[name] = tensor_digest(t)
+    return {"class": type(model).__name__, "tensors": tensors}
+
+
+def data_digest(batches: Iterable[dict]) -> dict:
+    """``{"digest", "batches", "sequences"}`` of a whole calibration set, read once in order:
+    every batch's keys (sorted), tensors (dtype, shape, bytes) and other values (``repr``)."""
+    h = hashlib.sha256()
+    n_batches = n_seqs = 0
+    for batch in batches:
+        n_batches += 1
+        if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+            n_seqs += int(batch["input_ids"].shape[0]) if batch["input_ids"].dim() else 1
+        items = sorted(batch.items()) if isinstance(batch, dict) else [("", batch)]
+        for key, value in items:
+            h.update(f"|{key}=".encode())
+            if isinstance(value, torch.Tensor):
+                _update(h, value)
+            else:
+                h.update(repr(value).encode())
+        h.update(b"\n")
+    return {"digest": h.hexdigest()[:HEX], "batches": n_batches, "sequences": n_seqs}
+
+
+def _plain(value):
+    """A JSON-like value, comparable by ``==`` (sets sorted, enums as their values)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def config_items(fisher_config, lora_config) -> dict:
+    """Every field of the effective configuration, by name: ``fisher.<field>`` of the
+    :class:`~fisherlora.config.FisherLoraConfig`, ``lora.<field>`` of the ``LoraConfig`` as
+    applied (its ``to_dict()``; ``peft_version`` and ``base_model_name_or_path`` left out:
+    they do not change what is computed)."""
+    out = {f"fisher.{k}": _plain(v) for k, v in fisher_config.to_dict().items()}
+    skip = {"peft_version", "base_model_name_or_path", "revision"}
+    out.update({f"lora.{k}": _plain(v) for k, v in lora_config.to_dict().items() if k not in skip})
+    return out
+
+
+def run_digest(model: nn.Module, fisher_config, lora_config, data, head_kind: str | None = None) -> dict:
+    """Everything a run's passes read: ``{"model": model_digest, "config": config_items (with
+    the head's kind), "data": data_digest or None}`` (no data when statistics are reused)."""
+    config = config_items(fisher_config, lora_config)
+    config["head"] = head_kind
+    return {"model": model_digest(model), "config": config,
+            "data": None if data is None else data_digest(data)}
+
+
+def _size(data: dict | None) -> str:
+    return "no data" if data is None else f"{data['sequences']} sequences in {data['batches']} batches"
+
+
+def _listed(names: list[str], n: int = 4) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return f"{names[:n]}{more}"
+
+
+def differences(ref: dict, other: dict, names: tuple[str, str] = ("one", "the other")) -> list[str]:
+    """What differs between two :func:`model_digest` s, in words: the class, the tensors whose
+    values (or dtype or shape) differ, the tensors only one has (``names`` say which is which).
+    Empty when they are equal."""
+    out = []
+    if ref.get("class") != other.get("class"):
+        out.append(f"the model class ({ref.get('class')} vs {other.get('class')})")
+    a, b = ref.get("tensors", {}), other.get("tensors", {})
+    changed = [n for n in a if n in b and a[n] != b[n]]
+    if changed:
+        out.append(f"the values, dtype or shape of {len(changed)} tensor(s) {_listed(changed)}")
+    for mine, theirs, who in ((a, b, names[0]), (b, a, names[1])):
+        only = [n for n in mine if n not in theirs]
+        if only:
+            out.append(f"{len(only)} tensor(s) {_listed(only)} only in {who}")
+    return out
+
+
+def describe_differences(ref: dict, other: dict, names: tuple[str, str] = ("one", "the other")) -> list[str]:
+    """What differs between two :func:`run_digest` s, in words (weights naming the tensors,
+    configuration naming each field with both values, data with both sizes). Empty when equal."""
+    out = []
+    weights = differences(ref["model"], other["model"], names)
+    if weights:
+        out.append("weights: " + "; ".join(weights))
+    fields = sorted(set(ref["config"]) | set(other["config"]))
+    changed = [f"{k}={ref['config'].get(k)!r} vs {other['config'].get(k)!r}" for k in fields
+               if ref["config"].get(k) != other["config"].get(k)]
+    if changed:
+        out.append("configuration: " + ", ".join(changed))
+    if ref["data"] != other["data"]:
+        a, b = ref["data"], other["data"]
+        out.append(f"calibration data: {_size(a)} vs {_size(b)}"
+                   + (", same sizes but other contents" if a and b and _size(a) == _size(b) else ""))
+    return out
