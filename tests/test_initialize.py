@@ -66,6 +66,52 @@ def test_statistics_of_another_model_are_refused(tmp_path):
                                           progress=False)
 
 
+def test_statistics_of_the_same_backbone_with_another_head_are_refused_naming_it(tmp_path):
+    """Issue 30 §2: statistics of a classifier whose head was drawn with seed 1, reused on the same
+    backbone with a head drawn with seed 2 (not a target): G depends on everything downstream of a
+    layer, so they are refused, naming the head's tensor; on the model they came from they are reused."""
+    from tests.models import classifier_batches, tiny_classifier
+
+    cfg = dataclasses.replace(CFG, stats_dtype="float64")
+    first = fisherlora.initialize_fisher_lora(tiny_classifier(head_seed=1), None, classifier_batches(), cfg,
+                                              progress=False)
+    first.statistics.save(tmp_path / "s.safetensors")
+    stats = fisherlora.FisherStatistics.load(tmp_path / "s.safetensors")
+    other = tiny_classifier(head_seed=2)
+    snap = model_snapshot(other)
+    with pytest.raises(ValueError, match="collected on another model") as err:
+        fisherlora.initialize_fisher_lora(other, None, None, cfg, statistics=stats, progress=False)
+    assert "1 tensor(s) ['score.weight']" in str(err.value), str(err.value)
+    assert_restored(other, snap)
+    again = fisherlora.initialize_fisher_lora(tiny_classifier(head_seed=1), None, None, cfg, statistics=stats,
+                                              progress=False)
+    assert again.selections.keys() == first.selections.keys()
+    for name, sel in first.selections.items():
+        assert torch.equal(sel.indices, again.selections[name].indices), name
+
+
+def test_statistics_written_before_the_whole_model_was_recorded_are_refused_clearly(tmp_path):
+    """A file that records only the target weights (fisherlora before issue 30) still loads, and its
+    reuse is refused saying why and what to do."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, result, _, _ = init_llama()
+    result.statistics.save(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["fisherlora"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["info"]["model_digest"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"fisherlora": json.dumps(meta)})
+    stats = fisherlora.FisherStatistics.load(tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="record only the target weights") as err:
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, None, CFG, statistics=stats,
+                                          progress=False)
+    assert "collect them again" in str(err.value)
+
+
 def test_a_model_already_wrapped_by_peft_is_a_clear_error():
     _, result, _, _ = init_llama()
     with pytest.raises(ValueError, match="already carries PEFT adapters"):
