@@ -118,6 +118,29 @@ def test_a_model_already_wrapped_by_peft_is_a_clear_error():
         fisherlora.initialize_fisher_lora(result.model.get_base_model(), None, batches(), CFG, progress=False)
 
 
+def test_a_model_holding_peft_adapters_outside_the_targets_is_refused_unchanged():
+    """Issue 30 §5: a model whose q_proj holds the user's adapter 'other', passed as
+    ``wrapper.base_model.model`` with v_proj as targets: refused by kind (any module holding PEFT
+    tuner layers), naming the module and the adapter; the user's adapter stays active, the model
+    and its outputs exactly as they were."""
+    import peft
+
+    wrapper = peft.get_peft_model(tiny_llama(torch.float32), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                        init_lora_weights=False),
+                                  adapter_name="other")
+    inner = wrapper.base_model.model
+    ids = probe()
+    before = logits(wrapper, ids)
+    snap = model_snapshot(inner)
+    with pytest.raises(ValueError, match="already carries PEFT adapters") as err:
+        fisherlora.initialize_fisher_lora(inner, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]), batches(),
+                                          CFG, progress=False)
+    assert "model.layers.0.self_attn.q_proj" in str(err.value) and "'other'" in str(err.value), str(err.value)
+    assert_restored(inner, snap)
+    assert wrapper.active_adapters == ["other"] and list(wrapper.peft_config) == ["other"]
+    assert torch.equal(logits(wrapper, ids), before)
+
+
 def test_gpt2_conv1d_initialises():
     model = tiny_gpt2(torch.float32)
     ids = probe(97)
