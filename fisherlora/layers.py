@@ -388,13 +388,15 @@ def check_finite(model: nn.Module) -> None:
 
 
 def check_model(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Every up-front check of the model's weights, before any pass: the targets' weight kind
+    """Every up-front check of the model's weights, before any pass: the layout of every quantised
+    layer (:func:`fisherlora.quant.check_layouts`), the targets' weight kind
     (:func:`check_target_weights`), shared storage (:func:`check_not_shared`) and non-finite
     values anywhere (:func:`check_finite`).
 
     Raises:
         ValueError, FloatingPointError: as those functions.
     """
+    quant.check_layouts(model)
     check_target_weights(modules)
     check_not_shared(model, modules)
     check_finite(model)
