@@ -141,6 +141,34 @@ def test_a_model_holding_peft_adapters_outside_the_targets_is_refused_unchanged(
     assert torch.equal(logits(wrapper, ids), before)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_adapter_does_not_depend_on_the_callers_rng_in_train_mode(checkpointing):
+    """Issue 30 §4: a model in train() mode with attention dropout 0.3 (and with transformers'
+    gradient checkpointing, which needs training mode): two global RNG states, one FisherLoraConfig,
+    the same adapter bit for bit; the passes run the deterministic network (eval mode, as PEFT's
+    EVA and CorDA do), and the model's training flags are as the caller set them afterwards."""
+    from fisherlora.adapter import lora_layers
+    from fisherlora.testing import random_llama
+
+    adapters = []
+    for global_seed in (1, 2):
+        model = random_llama(seed=0)
+        model.config.attention_dropout = 0.3
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        flags = {n: m.training for n, m in model.named_modules()}
+        torch.manual_seed(global_seed)
+        result = fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
+        assert {n: m.training for n, m in result.model.get_base_model().named_modules() if n in flags} == flags
+        adapters.append({n: (lay.lora_A["default"].weight.clone(), lay.lora_B["default"].weight.clone())
+                         for n, lay in lora_layers(result.model)})
+    for name, (A, B) in adapters[0].items():
+        assert torch.equal(A, adapters[1][name][0]) and torch.equal(B, adapters[1][name][1]), name
+
+
 def test_gpt2_conv1d_initialises():
     model = tiny_gpt2(torch.float32)
     ids = probe(97)
