@@ -20,7 +20,7 @@ from torch import nn
 
 from fisherlora import quant, sharded
 
-__all__ = ["CHUNK_BYTES", "tensor_digest", "model_digest", "data_digest", "config_items", "run_digest",
+__all__ = ["CHUNK_BYTES", "tensor_digest", "state_digest", "model_digest", "data_digest", "config_items", "run_digest",
            "differences", "describe_differences"]
 
 #: bytes of an accelerator tensor brought to the host at a time while it is hashed
@@ -51,6 +51,15 @@ def tensor_digest(t: torch.Tensor) -> str:
     """
     h = hashlib.sha256()
     _update(h, t)
+    return h.hexdigest()[:HEX]
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """One hex digest of a state dict: every name (sorted) with its :func:`tensor_digest`
+    (what identifies an initial adapter, docs/DESIGN.md §9)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(f"{name}={tensor_digest(state[name])};".encode())
     return h.hexdigest()[:HEX]
 
 
