@@ -108,7 +108,9 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], e
     if not sharded.model_is_sharded(model):  # a sharded adapter's id would need a gather: left untagged
         from peft.utils import get_peft_model_state_dict
 
-        mark_lineage(peft_model, digest.state_digest(get_peft_model_state_dict(peft_model)))
+        # the tensors result.save writes (save_embedding_layers=False), so the id of the file is this one
+        mark_lineage(peft_model, digest.state_digest(get_peft_model_state_dict(peft_model,
+                                                                               save_embedding_layers=False)))
     return peft_model
 
 

@@ -122,6 +122,8 @@ def test_a_trained_adapter_is_refused_against_another_initialisation(trained, ot
     with pytest.raises(ValueError, match="another initialisation"):
         fisherlora.convert(tiny_llama(torch.float32), other_init, trained_dir, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()
+    with pytest.raises(ValueError, match="another initialisation"):  # an init's own card names it too
+        fisherlora.load(tiny_llama(torch.float32), init_dir, adapter=other_init)
     with warnings.catch_warnings(record=True) as record:  # the adapter's own initialisation: no word
         warnings.simplefilter("always")
         assert_logits_close(want, logits(fisherlora.load(tiny_llama(torch.float32), init_dir, adapter=trained_dir),
