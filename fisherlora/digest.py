@@ -135,13 +135,27 @@ def config_items(fisher_config, lora_config) -> dict:
     return out
 
 
-def run_digest(model: nn.Module, fisher_config, lora_config, data, head_kind: str | None = None) -> dict:
-    """Everything a run's passes read: ``{"model": model_digest, "config": config_items (with
-    the head's kind), "data": data_digest or None}`` (no data when statistics are reused)."""
+def run_digest(model: nn.Module, fisher_config, lora_config, data, head=None, statistics=None) -> dict:
+    """Everything a run reads: ``{"model": model_digest, "config": config_items with the head,
+    "data": data_digest or None, "statistics": their digest or None}``.
+
+    Args:
+        data: the whole calibration set (None: not compared, e.g. statistics are reused).
+        head: a :class:`fisherlora.heads.Head`: its kind, and a custom ``loss_fn``'s qualified name.
+        statistics: reused :class:`~fisherlora.statistics.FisherStatistics` (their factors and
+            counts), or None.
+    """
     config = config_items(fisher_config, lora_config)
-    config["head"] = head_kind
+    if head is not None:
+        fn = getattr(head, "loss_fn", None)
+        config["head"] = head.kind + (f" ({getattr(fn, '__qualname__', type(fn).__name__)})" if fn else "")
+    stats = None
+    if statistics is not None:
+        tensors = {**{f"A.{k}": v for k, v in statistics.A.items()}, **{f"G.{k}": v for k, v in statistics.G.items()}}
+        counts = repr((sorted(statistics.a_count.items()), sorted(statistics.g_count.items()))).encode()
+        stats = state_digest(tensors) + hashlib.sha256(counts).hexdigest()[:8]
     return {"model": model_digest(model), "config": config,
-            "data": None if data is None else data_digest(data)}
+            "data": None if data is None else data_digest(data), "statistics": stats}
 
 
 def _size(data: dict | None) -> str:
@@ -183,6 +197,8 @@ def describe_differences(ref: dict, other: dict, names: tuple[str, str] = ("one"
                if ref["config"].get(k) != other["config"].get(k)]
     if changed:
         out.append("configuration: " + ", ".join(changed))
+    if ref.get("statistics") != other.get("statistics"):
+        out.append("reused statistics: other factors or counts")
     if ref["data"] != other["data"]:
         a, b = ref["data"], other["data"]
         out.append(f"calibration data: {_size(a)} vs {_size(b)}"

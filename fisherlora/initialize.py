@@ -127,7 +127,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
         if ctx is not None and data is not None and iter(data) is data:
             data = list(data)  # one-shot batches: read once here, for the digest and for the passes
-        inputs = digest.run_digest(model, config, lora_config, data if ctx is not None else None, head.kind)
+        shared = (data, head, statistics) if ctx is not None else (None, None, None)  # compared across ranks only
+        inputs = digest.run_digest(model, config, lora_config, *shared)
         agreed["digest"] = inputs
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)

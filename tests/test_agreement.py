@@ -24,10 +24,26 @@ def _batches(seed: int = 3):
 CFG = dict(rank=4, stats_dtype="float64", backend="torch")
 
 
+def _statistics(seed: int):
+    """Statistics of the tiny Llama over other data per ``seed``, collected in this process alone."""
+    from fisherlora.calibration import run_calibration
+    from fisherlora.collect import StatisticsCollector
+    from fisherlora.layers import find_target_modules
+
+    model = tiny_llama(torch.float64)
+    modules = find_target_modules(model, FisherLoraConfig(**CFG).to_lora_config())
+    with StatisticsCollector(model, modules, stats_dtype=torch.float64, backend="torch") as col:
+        run_calibration(model, _batches(seed=seed))
+    stats = col.statistics()
+    stats.info.update(model_digest=digest.model_digest(model), head="causal_lm")
+    return stats
+
+
 def _cases(rank: int) -> dict:
-    """name -> (model, lora_config, data, fisher_config) on this rank: one thing differs on rank 1."""
+    """name -> (model, lora_config, data, fisher_config, keywords) on this rank: one thing differs
+    on rank 1."""
     other = rank == 1
-    return {
+    cases = {
         "weights": (tiny_llama(torch.float64, seed=rank), None, _batches(), FisherLoraConfig(**CFG)),
         "head": (tiny_classifier(head_seed=1 + rank), None, classifier_batches(), FisherLoraConfig(**CFG)),
         "data": (tiny_llama(torch.float64), None, _batches(seed=3 + rank), FisherLoraConfig(**CFG)),
@@ -37,16 +53,29 @@ def _cases(rank: int) -> dict:
         "targets": (tiny_llama(torch.float64),
                     LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"] + (["v_proj"] if other else [])),
                     _batches(), FisherLoraConfig(**CFG)),
+        "statistics": (tiny_llama(torch.float64), None, None, FisherLoraConfig(**CFG),
+                       {"statistics": _statistics(seed=3 + rank)}),
+        "loss_fn": (tiny_llama(torch.float64), None, _batches(), FisherLoraConfig(**CFG),
+                    {"loss_fn": _summed_logits if other else _summed_squares}),
     }
+    return {k: v if len(v) == 5 else (*v, {}) for k, v in cases.items()}
+
+
+def _summed_logits(out, batch):
+    return out.logits.sum()
+
+
+def _summed_squares(out, batch):
+    return out.logits.square().sum()
 
 
 def _job_disagree(rank, world, tmp):
     out = {}
-    for name, (model, lora_config, data, cfg) in _cases(rank).items():
+    for name, (model, lora_config, data, cfg, kw) in _cases(rank).items():
         snap = model_snapshot(model)
         t0 = time.monotonic()
         try:
-            res = initialize_fisher_lora(model, lora_config, data, cfg, progress=False)
+            res = initialize_fisher_lora(model, lora_config, data, cfg, progress=False, **kw)
             res.save(tmp / name)
             error = None
         except Exception as exc:  # noqa: BLE001
@@ -71,13 +100,16 @@ NAMED = {
     "magnitude": ["configuration", "fisher.magnitude='sigma' vs 'unit'"],
     "rank": ["configuration", "fisher.rank=4 vs 2"],
     "targets": ["configuration", "lora.target_modules=['q_proj'] vs ['q_proj', 'v_proj']"],
+    "statistics": ["reused statistics"],
+    "loss_fn": ["head='custom (_summed_squares)' vs 'custom (_summed_logits)'"],
 }
 
 
 def test_ranks_that_differ_are_refused_alike_before_any_pass(tmp_path):
     """Issue 30 §1: different weights, a head drawn on each rank (not a target), other data, another
-    magnitude, rank or target list: every rank raises the same ValueError naming rank 1 and what
-    differs (the tensors; each field with both values; the data), nothing written, models restored."""
+    magnitude, rank or target list, other reused statistics, another loss_fn: every rank raises the
+    same ValueError naming rank 1 and what differs (the tensors; each field with both values; the
+    data), nothing written, models restored."""
     ranks = spawn("disagree", 2, tmp_path, module=__name__)
     for case, named in NAMED.items():
         errors = [r[case]["error"] for r in ranks]
