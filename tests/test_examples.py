@@ -57,6 +57,10 @@ def test_the_readme_walkthrough_runs_as_written_at_tiny_size(tmp_path):
         run(prefix + rest + ["--model", model] + TINY[key], cwd=tmp_path)
     cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["task_type"] == "CAUSAL_LM"
+    # TRL's SFTTrainer and PEFT's save_pretrained carried the initialisation's lineage tag (§9)
+    from fisherlora.adapter import recorded_lineage
+
+    assert recorded_lineage(tmp_path / "trained") == recorded_lineage(tmp_path / "fisherlora-out") is not None
 
 
 def test_the_readme_classifier_snippet_runs_as_written(tmp_path):
