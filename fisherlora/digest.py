@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -27,6 +29,8 @@ __all__ = ["CHUNK_BYTES", "tensor_digest", "state_digest", "model_digest", "data
 CHUNK_BYTES = 64 << 20
 #: hex characters kept of each SHA-256 (128 bits)
 HEX = 32
+#: threads that hash a model's tensors (at most the CPUs this process may use)
+THREADS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _update(h, t: torch.Tensor) -> None:
@@ -70,23 +74,27 @@ def model_digest(model: nn.Module) -> dict:
     A supported quantised layer's weight is digested over all the tensors that hold it (packed
     data, scales, nested scales and offset: :func:`fisherlora.quant.storage`), which are not all
     parameters. An FSDP2-sharded parameter is recorded by its global shape and dtype only: each
-    rank holds another piece of one tensor, which cannot differ between ranks.
+    rank holds another piece of one tensor, which cannot differ between ranks. The tensors are
+    hashed on up to :data:`THREADS` threads (hashlib and the copies release the GIL).
     """
     quantised = {f"{n}.weight": m for n, m in model.named_modules() if quant.is_quantised(m)}
-    tensors = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+
+    def one(name: str, t: torch.Tensor) -> str:
         if name in quantised:
             h = hashlib.sha256()
             for part in quant.storage(quantised[name]):
                 _update(h, part)
-            tensors[name] = h.hexdigest()[:HEX]
-        elif sharded.is_dtensor(t):
-            tensors[name] = f"sharded {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
-        elif t.is_meta:
-            tensors[name] = f"meta {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
-        else:
-            tensors[name] = tensor_digest(t)
-    return {"class": type(model).__name__, "tensors": tensors}
+            return h.hexdigest()[:HEX]
+        if sharded.is_dtensor(t):
+            return f"sharded {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+        if t.is_meta:
+            return f"meta {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+        return tensor_digest(t)
+
+    named = [*model.named_parameters(), *model.named_buffers()]
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        digests = list(pool.map(lambda item: one(*item), named))
+    return {"class": type(model).__name__, "tensors": {n: d for (n, _), d in zip(named, digests)}}
 
 
 def data_digest(batches: Iterable[dict]) -> dict:
