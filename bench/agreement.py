@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
         "model_digest_s": round(model_s, 4), "data_digest_s": round(data_s, 4), "config_s": round(config_s, 5),
         "total_s": round(model_s + data_s + config_s, 4),
         "payload_bytes_per_rank": len(pickle.dumps((None, payload))),
-        "repeats": args.repeats, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "repeats": args.repeats, "hash_threads": digest.THREADS, "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     out["model_GB_per_s"] = round(out["model_bytes"] / model_s / 1e9, 2)
