@@ -114,9 +114,16 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             nothing, target weights that are neither plain float parameters nor bitsandbytes
             4-/8-bit layers or FSDP2 row shards (other quantisations, meta, ZeRO-3 placeholders,
             tensor-parallel DTensors) or that share storage
-            with another module (tied weights), one-shot data with several layer groups.
+            with another module (tied weights), a 4-bit layer anywhere in another layout than
+            bitsandbytes quantises to, a model already holding PEFT adapters anywhere, one-shot
+            data with several layer groups, ``statistics`` collected on another model (any
+            parameter, buffer or head differs: :func:`check_statistics_model`), a ``loss_fn``
+            whose loss has no graph; with a process group, ranks that differ in the model, the
+            configuration, the calibration set, reused statistics or ``loss_fn`` (the same error
+            on every rank, naming the ranks and what differs: docs/DESIGN.md §7).
+            RankFailedError: a rank failed (on every rank, naming it).
             FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
-            layer). All raised before the model is changed.
+            layer). All raised before the model is changed, or with it restored.
     """
     config = fisher_config or FisherLoraConfig()
     ctx = distributed.context(process_group)
