@@ -200,18 +200,20 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
 
 def check_no_adapters(model: nn.Module) -> None:
     """Refuse a model any of whose modules already holds PEFT tuner layers (``BaseTunerLayer``:
-    LoRA and every other PEFT method), targets or not: PEFT activates one adapter at a time, so
-    adding fisherlora's would switch the user's off and change the model's outputs.
+    LoRA and every other PEFT method) or PEFT's wrappers of modules trained in full
+    (``modules_to_save``, trainable tokens), targets or not: PEFT activates one adapter at a time,
+    so adding fisherlora's would switch the user's off and change the model's outputs.
 
     Raises:
         ValueError: naming the first such module, its adapters and its type.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    held = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    held = [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
     if held:
         name, module = held[0]
-        names = getattr(module, "adapter_layer_names", ())
+        names = (*getattr(module, "adapter_layer_names", ()), "modules_to_save")
         adapters = sorted({a for attr in names for a in getattr(module, attr, {}) or {}})
         raise ValueError(
             f"{name!r} already carries PEFT adapters {adapters} ({type(module).__name__}; {len(held)} module(s) in "
