@@ -89,6 +89,12 @@ def model_digest(model: nn.Module) -> dict:
             return f"sharded {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
         if t.is_meta:
             return f"meta {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+        if type(t) not in (torch.Tensor, nn.Parameter):  # another library's tensor subclass
+            try:
+                return tensor_digest(t)
+            except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+                # its bytes are not a plain tensor's: known by type and shape (check_model names it)
+                return f"{type(t).__name__} {str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
         return tensor_digest(t)
 
     named = [*model.named_parameters(), *model.named_buffers()]

@@ -208,9 +208,13 @@ def check_no_adapters(model: nn.Module) -> None:
         ValueError: naming the first such module, its adapters and its type.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
 
-    held = [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+    try:  # PEFT >= 0.15: the base of modules_to_save and trainable-token wrappers
+        from peft.utils.other import AuxiliaryTrainingWrapper as Wrapper
+    except ImportError:
+        from peft.utils.other import ModulesToSaveWrapper as Wrapper
+
+    held = [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, Wrapper))]
     if held:
         name, module = held[0]
         names = (*getattr(module, "adapter_layer_names", ()), "modules_to_save")
