@@ -135,7 +135,8 @@ def _plain(value):
         return _plain(value.value)
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    return repr(value)
+    text = repr(value)  # an object's default repr holds its address, which differs on every rank
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def config_items(fisher_config, lora_config) -> dict:
