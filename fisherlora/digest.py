@@ -118,7 +118,7 @@ def data_digest(batches: Iterable[dict]) -> dict:
             if isinstance(value, torch.Tensor):
                 _update(h, value)
             else:
-                h.update(repr(value).encode())
+                h.update(repr(_plain(value)).encode())
         h.update(b"\n")
     return {"digest": h.hexdigest()[:HEX], "batches": n_batches, "sequences": n_seqs}
 
