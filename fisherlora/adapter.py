@@ -12,12 +12,13 @@ trained adapter to a plain LoRA on the original base with
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fisherlora import quant, sharded
+from fisherlora import digest, quant, sharded
 from fisherlora.decompose import LayerInit, residual_weight
 from fisherlora.layers import (
     check_model,
@@ -33,7 +34,12 @@ from fisherlora.outdir import MARKER_FILE
 from fisherlora.snapshot import keeps_global_rng, restore_on_error
 
 __all__ = ["lora_layers", "is_causal_lm", "wrap_and_write", "residual_refusal", "residual_refusal_for",
-           "save_residual_model", "save_plain_model", "load"]
+           "save_residual_model", "save_plain_model", "load", "LINEAGE_TAG", "initial_adapter_id", "mark_lineage",
+           "recorded_lineage", "check_lineage"]
+
+#: the model-card tag that carries the initial adapter's id (``fisherlora-init-<id>``) through
+#: PEFT's ``save_pretrained`` and the trainers' saving (docs/DESIGN.md §9)
+LINEAGE_TAG = "fisherlora-init-"
 
 
 def lora_layers(peft_model, adapter_name: str = "default"):
@@ -99,7 +105,69 @@ def wrap_and_write(model: nn.Module, lora_config, inits: dict[str, LayerInit], e
                                     "quant_error": quant_error}
                 del W_res
         sharded.shard_adapters(peft_model)  # an FSDP2 base: the factors sharded like it (§7)
+    if not sharded.model_is_sharded(model):  # a sharded adapter's id would need a gather: left untagged
+        from peft.utils import get_peft_model_state_dict
+
+        # the tensors result.save writes (save_embedding_layers=False), so the id of the file is this one
+        mark_lineage(peft_model, digest.state_digest(get_peft_model_state_dict(peft_model,
+                                                                               save_embedding_layers=False)))
     return peft_model
+
+
+def initial_adapter_id(init_dir) -> str:
+    """The id of the initial adapter saved in ``init_dir``: :func:`fisherlora.digest.state_digest`
+    of its tensors as PEFT saved them (the same id :func:`wrap_and_write` gives it in memory)."""
+    from peft.utils import load_peft_weights
+
+    return digest.state_digest(load_peft_weights(str(init_dir), device="cpu"))
+
+
+def mark_lineage(peft_model, init_id: str) -> None:
+    """Tag ``peft_model``'s base model with ``fisherlora-init-<init_id>`` (replacing any earlier
+    such tag) in ``model_tags``, which PEFT's ``save_pretrained`` writes into the saved adapter's
+    README.md, as ``transformers``' Trainer and TRL keep them: an adapter trained from this model
+    and saved by them names its initialisation."""
+    base = peft_model.get_base_model()
+    tags = [t for t in (getattr(base, "model_tags", None) or []) if not str(t).startswith(LINEAGE_TAG)]
+    base.model_tags = [*tags, LINEAGE_TAG + init_id]
+
+
+def recorded_lineage(adapter_dir) -> list[str] | None:
+    """The initial-adapter ids that the model card (README.md) of ``adapter_dir`` records in its
+    tags, or None without a card or without such a tag."""
+    readme = Path(adapter_dir) / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        tags = ModelCard.load(readme).data.tags or []
+    except Exception:  # noqa: BLE001 (a card that cannot be read records nothing)
+        return None
+    ids = [t[len(LINEAGE_TAG):] for t in tags if isinstance(t, str) and t.startswith(LINEAGE_TAG)]
+    return ids or None
+
+
+def check_lineage(init_dir, adapter_dir, init_id: str | None = None) -> None:
+    """Refuse a trained adapter whose model card names another initialisation than ``init_dir``.
+
+    Raises:
+        ValueError: naming both directories and both ids. Warns (``UserWarning``) when the card
+            records no initialisation (a card lost or rewritten, an adapter trained without
+            fisherlora's tag): the lineage cannot be checked then.
+    """
+    init_id = init_id or initial_adapter_id(init_dir)
+    theirs = recorded_lineage(adapter_dir)
+    if theirs is None:
+        warnings.warn(f"cannot tell which initialisation the adapter {str(adapter_dir)!r} was trained from: its "
+                      f"README.md records no '{LINEAGE_TAG}<id>' tag (PEFT's save_pretrained writes it for a model "
+                      f"that fisherlora initialised or loaded). If it was trained from another initialisation "
+                      f"than {str(init_dir)!r}, the result is wrong", UserWarning, stacklevel=3)
+    elif init_id not in theirs:
+        raise ValueError(f"the adapter {str(adapter_dir)!r} does not match this initialisation {str(init_dir)!r}: it "
+                         f"was trained from another initialisation (its model card records {LINEAGE_TAG}{theirs[0]}, "
+                         f"the initial adapter in {str(init_dir)!r} is {LINEAGE_TAG}{init_id}). The residual "
+                         "W - s*B0*A0 must be that of the initialisation it was trained from: pass that one")
 
 
 def residual_refusal(*, quantised: str | None = None, sharded_model: bool = False) -> str | None:
@@ -183,8 +251,14 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
         FileNotFoundError: ``out_dir`` is not a fisherlora output. ValueError: the base model's
             weights do not match the recorded fingerprints (a different base; checked before
             anything is written into it), a target weight fisherlora cannot handle
-            (:func:`fisherlora.layers.check_model`), or the trained adapter's shapes differ. The
-            base model is left exactly as it was on every error.
+            (:func:`fisherlora.layers.check_model`), the trained adapter's shapes differ, or its
+            model card names another initialisation (:func:`check_lineage`, naming both
+            directories; a card that names none warns). The base model is left exactly as it
+            was on every error.
+
+    The returned model's base carries the ``fisherlora-init-<id>`` tag of ``out_dir`` in its
+    ``model_tags``: an adapter trained from it and saved by PEFT, a Trainer or TRL records its
+    initialisation in its README.md (docs/DESIGN.md §9).
     """
     from peft import PeftConfig, PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -210,6 +284,9 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
                          "PeftModel.from_pretrained (a plain LoRA) or transformers (a merged model)")
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter {str(adapter)!r} is not a PEFT adapter directory (no adapter_config.json)")
+    init_id = initial_adapter_id(out)
+    if adapter is not None:  # trained from this initialisation? (its model card says, §9)
+        check_lineage(out, adapter, init_id)
     base_model = unwrap_model(base_model)
     # the base is checked before PEFT writes anything into it
     modules = find_target_modules(base_model, PeftConfig.from_pretrained(str(out)))
@@ -252,4 +329,5 @@ def load(base_model: nn.Module, out_dir, *, adapter=None, is_trainable: bool = F
             if trained is not None:
                 set_peft_model_state_dict(peft_model, trained)
         sharded.shard_adapters(peft_model)  # an FSDP2 base: the factors sharded like it (§7)
+    mark_lineage(peft_model, init_id)  # what is trained from here and saved names this initialisation
     return peft_model

@@ -98,10 +98,12 @@ def _rank_allocation(report: dict) -> str:
     return ", ".join(f"{k}: r={'/'.join(map(str, sorted(v)))}" for k, v in sorted(kinds.items())) or "none"
 
 
-def model_card(report: dict, base_model: str | None, data: str | None, dtype: str = "float32") -> str:
-    """The ``README.md`` of an output directory of ``fisherlora init``, from its report dict."""
+def model_card(report: dict, base_model: str | None, data: str | None, dtype: str = "float32",
+               tags: tuple[str, ...] = ()) -> str:
+    """The ``README.md`` of an output directory of ``fisherlora init``, from its report dict, with
+    ``tags`` added to its own (the initial adapter's lineage tag, docs/DESIGN.md §9)."""
     cfg, cal = report.get("config", {}), report.get("calibration", {})
-    front = ["---", "library_name: peft", "tags:", "- fisherlora", "- lora", "- peft"]
+    front = ["---", "library_name: peft", "tags:", "- fisherlora", "- lora", "- peft", *(f"- {t}" for t in tags)]
     if base_model:
         front.insert(1, f"base_model: {base_model}")
     lines = front + ["---", "", "# fisherlora initial adapter", "",

@@ -33,10 +33,14 @@ Conventions (tested in ``tests/test_collect.py``):
 - ``checkpoint=True`` (what the projected mode passes, docs/DESIGN.md §4) recomputes each decoder layer
   from that lowest one upward during the backward pass (``torch.utils.checkpoint``,
   non-reentrant), so a batch holds one layer's activations instead of all of them.
-- The model's train/eval mode is left as the caller set it (``eval()`` for the Fisher of the
-  deterministic network; ``train()`` where gradient checkpointing, which ``transformers`` only
-  applies in training mode, is wanted). Its ``requires_grad`` flags, ``training`` flags, hooks
-  and the RNG state are restored on exit, also when an exception is raised inside the block.
+- The passes see the deterministic network whatever mode the caller left the model in: every
+  module is in eval mode (dropout off), as PEFT's data-driven initialisers (EVA, CorDA) run
+  their calibration, except the modules on which ``transformers``' gradient checkpointing is on,
+  which apply it only in training mode and keep their flag; the global RNG is seeded from the
+  config's seed for the passes, so anything random left is a function of the config too (the
+  result depends on the model, the data and the config alone). Its ``requires_grad`` flags,
+  ``training`` flags, hooks and the RNG state are restored on exit, also when an exception is
+  raised inside the block.
 """
 
 from __future__ import annotations
@@ -139,6 +143,8 @@ class StatisticsCollector:
         model = self.model
         self._state = ModelState(model)
         try:
+            for m in model.modules():  # eval mode but where transformers' checkpointing needs training
+                m.training = m.training and bool(getattr(m, "gradient_checkpointing", False))
             for p in model.parameters():
                 p.requires_grad_(False)
             self._handles.append(model.register_forward_pre_hook(self._root_pre_hook, with_kwargs=True))
@@ -412,6 +418,7 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
         shares = batches if ctx is None else distributed.shard_batches(batches, ctx, sharded.model_is_sharded(model))
+        torch.manual_seed(config.seed + (ctx.rank if ctx else 0))  # not the caller's RNG (restored on exit)
         totals = run_calibration(model, shares, fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
                                  seed=config.seed + (ctx.rank if ctx else 0), progress=bar, head=head,
                                  check=ctx is None, collector=col)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from fisherlora.calibration import NOT_COUNTED, check_totals
 from fisherlora.config import MemoryMode
 
-__all__ = ["Dist", "RankFailedError", "context", "shard_batches", "together", "reduce_collector",
+__all__ = ["Dist", "RankFailedError", "context", "shard_batches", "together", "agree_before_passes", "reduce_collector",
            "agree_on_plan", "on_rank0", "join_from_env", "world", "is_rank0"]
 
 #: bytes of one bucket of a reduction or a broadcast: one collective per bucket, not per tensor
@@ -139,6 +139,52 @@ def together(ctx: Dist | None, what: str):
         rank, message = failed[0]
         more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
         raise RankFailedError(f"rank {rank} of {ctx.world} failed during {what}{more}: {message}") from error
+
+
+@contextlib.contextmanager
+def agree_before_passes(ctx: Dist | None, what: str = "the checks before any pass"):
+    """The ranks agree on what they will compute before any pass: the block computes this rank's
+    :func:`fisherlora.digest.run_digest` into the yielded dict's ``"digest"``; on leaving it, one
+    ``all_gather_object`` brings every rank's digest (or its error) to every rank, and every rank
+    raises the same error if any rank failed or differs from rank 0. With ``ctx=None`` the block
+    just runs.
+
+    Raises:
+        RankFailedError: a rank raised inside the block (named, with its error), on every rank.
+        ValueError: the ranks differ, on every rank alike, naming each rank that differs from
+            rank 0 and what differs: the tensors (weights, buffers, a head), each configuration
+            field with both values, the calibration set (its sizes).
+    """
+    from fisherlora.digest import describe_differences
+
+    box: dict = {}
+    if ctx is None:
+        yield box
+        return
+    error = None
+    try:
+        yield box
+    except RankFailedError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (re-raised below, after the agreement)
+        error = exc
+    reports = [None] * ctx.world
+    mine = (f"{type(error).__name__}: {error}", None) if error is not None else (None, box.get("digest"))
+    dist.all_gather_object(reports, mine, group=ctx.group)
+    ctx.collectives += 1
+    failed = [(r, m) for r, (m, _) in enumerate(reports) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        more = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+        raise RankFailedError(f"rank {rank} of {ctx.world} failed during {what}{more}: {message}") from error
+    ref = reports[0][1]
+    found = [(r, describe_differences(ref, d, ("rank 0", f"rank {r}"))) for r, (_, d) in enumerate(reports) if r]
+    found = [(r, d) for r, d in found if d]
+    if found:
+        lines = "; ".join(f"rank {r} differs from rank 0 in " + "; ".join(d) for r, d in found)
+        raise ValueError(f"the {ctx.world} ranks would not compute the same thing, so nothing was run: {lines}. "
+                         "Every rank must call with the same model (every parameter and buffer, heads included), "
+                         "the same configuration and the same whole calibration set (docs/DESIGN.md §7)")
 
 
 def reduce_collector(col, totals: dict, ctx: Dist) -> dict:

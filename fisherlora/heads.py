@@ -132,6 +132,11 @@ class Head:
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a 0-d tensor (the SUM of per-example losses), or "
                                  f"(tensor, count); got {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
+            if torch.is_grad_enabled() and loss.grad_fn is None:
+                raise ValueError("loss_fn returned a tensor without a graph (no grad_fn: e.g. built with "
+                                 "torch.tensor(float(...)), .item() or .detach()): it must return the SUM of "
+                                 "per-example losses computed from the model's outputs with torch operations, so "
+                                 "that the gradients flow back through the model")
             return loss, int(count)
         logits = outputs.logits
         labels = batch["labels"]

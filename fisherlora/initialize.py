@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from fisherlora import allocation, distributed, spread
+from fisherlora import allocation, digest, distributed, spread
 from fisherlora.adapter import wrap_and_write
 from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
@@ -21,7 +21,6 @@ from fisherlora.layers import (
     check_model,
     check_ranks,
     find_target_modules,
-    fingerprints_match,
     layer_groups,
     layer_shape,
     module_fingerprint,
@@ -39,6 +38,30 @@ from fisherlora.statistics import FisherStatistics
 from fisherlora.svd import iter_thin_svd
 
 __all__ = ["initialize_fisher_lora", "get_peft_model"]
+
+
+def check_statistics_model(statistics: FisherStatistics, model_digest: dict, head_kind: str) -> None:
+    """Refuse statistics collected on another model than the one they are reused on.
+
+    ``G`` of a layer depends on everything downstream of it (every later layer, the head, the
+    buffers), so the statistics record :func:`fisherlora.digest.model_digest` of the WHOLE model
+    and its head's kind (``info["model_digest"]``, ``info["head"]``), and any difference refuses.
+
+    Raises:
+        ValueError: naming what differs (the tensors, the class, the head), or a file written
+            before the whole model was recorded (it records only the target weights).
+    """
+    theirs = statistics.info.get("model_digest")
+    if theirs is None:
+        raise ValueError("these statistics record only the target weights of the model they were collected on (a "
+                         "file written before fisherlora recorded the whole model): G depends on every layer after "
+                         "a target and on the head, which cannot be checked; collect them again")
+    found = digest.differences(theirs, model_digest, ("the statistics' model", "this model"))
+    if statistics.info.get("head", head_kind) != head_kind:
+        found.append(f"the head ({statistics.info['head']} vs {head_kind})")
+    if found:
+        raise ValueError("these statistics were collected on another model, and G depends on all of it: "
+                         + "; ".join(found) + ". Collect statistics on this model")
 
 
 @keeps_global_rng
@@ -91,15 +114,29 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             nothing, target weights that are neither plain float parameters nor bitsandbytes
             4-/8-bit layers or FSDP2 row shards (other quantisations, meta, ZeRO-3 placeholders,
             tensor-parallel DTensors) or that share storage
-            with another module (tied weights), one-shot data with several layer groups.
+            with another module (tied weights), a 4-bit layer anywhere in another layout than
+            bitsandbytes quantises to, a model already holding PEFT adapters anywhere, one-shot
+            data with several layer groups, ``statistics`` collected on another model (any
+            parameter, buffer or head differs: :func:`check_statistics_model`), a ``loss_fn``
+            whose loss has no graph; with a process group, ranks that differ in the model, the
+            configuration, the calibration set, reused statistics or ``loss_fn`` (the same error
+            on every rank, naming the ranks and what differs: docs/DESIGN.md §7).
+            RankFailedError: a rank failed (on every rank, naming it).
             FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
-            layer). All raised before the model is changed.
+            layer). All raised before the model is changed, or with it restored.
     """
     config = fisher_config or FisherLoraConfig()
     ctx = distributed.context(process_group)
-    model = unwrap_model(model)
-    head = resolve_head(model, loss_fn, config.fisher_type.value)
-    lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
+    # the ranks agree on the model, the configuration and the whole calibration set before any pass (§7)
+    with distributed.agree_before_passes(ctx, "the checks before the calibration passes") as agreed:
+        model = unwrap_model(model)
+        head = resolve_head(model, loss_fn, config.fisher_type.value)
+        lora_config = lora_config if lora_config is not None else default_lora_config(config, head, model)
+        if ctx is not None and data is not None and iter(data) is data:
+            data = list(data)  # one-shot batches: read once here, for the digest and for the passes
+        shared = (data, head, statistics) if ctx is not None else (None, None, None)  # compared across ranks only
+        inputs = digest.run_digest(model, config, lora_config, *shared)
+        agreed["digest"] = inputs
     device = next(model.parameters()).device
     modules = find_target_modules(model, lora_config)
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
@@ -125,11 +162,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
         raise ValueError(f"layer_groups={n_groups} makes one pass over the data per group: pass re-iterable data "
                          "(a list or a DataLoader), not a one-shot iterator")
     fingerprints = {n: module_fingerprint(m) for n, m in modules.items()}
-    if statistics is not None:  # statistics carry the fingerprints of the model they came from
-        theirs = statistics.fingerprints
-        other = [n for n in modules if n in theirs and not fingerprints_match(theirs[n], fingerprints[n])]
-        if other:
-            raise ValueError(f"these statistics were collected on another model: the weights of {other[:3]} differ")
+    if statistics is not None:  # statistics carry the digest of the whole model they came from
+        check_statistics_model(statistics, inputs["model"], head.kind)
     timings = {"collect": 0.0, "svd": 0.0, "decompose": 0.0}
     svd_seconds: dict[str, float] = {}
     bases_dtype = torch.float32 if config.bases_dtype == "float32" else next(model.parameters()).dtype
@@ -162,6 +196,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
                                      "its batches once only (its __iter__ returns the same exhausted iterator); each "
                                      "layer group makes its own pass, so pass a list or a DataLoader") from None
             stats.fingerprints = {n: fingerprints[n] for n in group}
+            stats.info.update(model_digest=inputs["model"], head=head.kind)  # what G depends on: all of it
             timings["collect"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         with phase(f"the decomposition {where}"):

@@ -29,6 +29,7 @@ __all__ = [
     "layer_kind",
     "unwrap_model",
     "find_target_modules",
+    "check_no_adapters",
     "layer_groups",
     "ranks_and_scalings",
     "check_ranks",
@@ -164,12 +165,14 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     which leaves out the output head), so fisherlora and PEFT always agree on the targets.
 
     Raises:
-        ValueError: nothing matches, or a match is not a Linear/Conv1D layer.
+        ValueError: nothing matches, a match is not a Linear/Conv1D layer, or the model already
+            holds PEFT adapters (:func:`check_no_adapters`).
     """
     import copy
 
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
 
+    check_no_adapters(model)
     config = copy.deepcopy(lora_config)
     if config.target_modules == "all-linear":  # PEFT's expansion would skip them without a word
         other = next(((n, k) for n, m in model.named_modules() if (k := quant.unsupported_kind(m))), None)
@@ -180,10 +183,6 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
     found = {}
     for name, module in model.named_modules():
         if name and check_target_module_exists(config, name):
-            if hasattr(module, "base_layer"):
-                raise ValueError(
-                    f"{name!r} already carries PEFT adapters ({type(module).__name__}); pass the base model, "
-                    "not a PeftModel or a model wrapped before")
             kind = quant.unsupported_kind(module)
             if kind is not None or not (isinstance(module, nn.Linear) or is_conv1d(module)):
                 raise ValueError(
@@ -197,6 +196,33 @@ def find_target_modules(model: nn.Module, lora_config) -> dict[str, nn.Module]:
             f"some module names: {[n for n, _ in list(model.named_modules())[1:8]]}"
         )
     return found
+
+
+def check_no_adapters(model: nn.Module) -> None:
+    """Refuse a model any of whose modules already holds PEFT tuner layers (``BaseTunerLayer``:
+    LoRA and every other PEFT method) or PEFT's wrappers of modules trained in full
+    (``modules_to_save``, trainable tokens), targets or not: PEFT activates one adapter at a time,
+    so adding fisherlora's would switch the user's off and change the model's outputs.
+
+    Raises:
+        ValueError: naming the first such module, its adapters and its type.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    try:  # PEFT >= 0.15: the base of modules_to_save and trainable-token wrappers
+        from peft.utils.other import AuxiliaryTrainingWrapper as Wrapper
+    except ImportError:
+        from peft.utils.other import ModulesToSaveWrapper as Wrapper
+
+    held = [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, Wrapper))]
+    if held:
+        name, module = held[0]
+        names = (*getattr(module, "adapter_layer_names", ()), "modules_to_save")
+        adapters = sorted({a for attr in names for a in getattr(module, attr, {}) or {}})
+        raise ValueError(
+            f"{name!r} already carries PEFT adapters {adapters} ({type(module).__name__}; {len(held)} module(s) in "
+            "all): adding fisherlora's adapter would switch them off (PEFT activates one adapter at a time). Pass "
+            "the base model, not a PeftModel or a model wrapped before, or merge them first (merge_and_unload())")
 
 
 def layer_groups(modules: dict[str, object], n_groups: int) -> list[dict[str, object]]:
@@ -368,13 +394,15 @@ def check_finite(model: nn.Module) -> None:
 
 
 def check_model(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Every up-front check of the model's weights, before any pass: the targets' weight kind
+    """Every up-front check of the model's weights, before any pass: the layout of every quantised
+    layer (:func:`fisherlora.quant.check_layouts`), the targets' weight kind
     (:func:`check_target_weights`), shared storage (:func:`check_not_shared`) and non-finite
     values anywhere (:func:`check_finite`).
 
     Raises:
         ValueError, FloatingPointError: as those functions.
     """
+    quant.check_layouts(model)
     check_target_weights(modules)
     check_not_shared(model, modules)
     check_finite(model)

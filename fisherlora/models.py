@@ -54,7 +54,7 @@ def embedded_encoder_path() -> Path:
 
 def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32,
                              device: str | torch.device = "cpu", attn_implementation: str | None = "sdpa",
-                             quantization_config=None):
+                             quantization_config=None, tokenizer: bool = True):
     """Load a causal LM and its tokenizer, offline.
 
     Args:
@@ -64,6 +64,7 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
         dtype: weights dtype. device: where to put the model.
         quantization_config: e.g. a ``BitsAndBytesConfig``: the model is quantised on load, straight
             onto ``device`` (docs/DESIGN.md §8); not for GGUF files, which transformers refuses.
+        tokenizer: ``False`` to load the model alone (``(model, None)``): a folder needs no tokenizer.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (eos if it had none).
@@ -87,16 +88,17 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     hf_logging.set_verbosity_error()
     try:
         if path.is_file():  # GGUF
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+            tok = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+                   if tokenizer else None)
             lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
             _as_float_model(lm)
             _LOADED_FROM[lm] = EMBEDDED_MODEL if str(model) == EMBEDDED_MODEL else str(path)
         else:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if tokenizer else None
             lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
-    if tok.pad_token is None:
+    if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return (lm if quantization_config is not None else lm.to(device)), tok
 

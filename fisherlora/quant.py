@@ -24,6 +24,7 @@ __all__ = [
     "SUPPORTED",
     "is_quantised",
     "unsupported_kind",
+    "check_layouts",
     "shape",
     "settings",
     "dequantise",
@@ -68,7 +69,7 @@ def _bnb_kind(module: nn.Module) -> str | None:
 
     if isinstance(module, bnb.nn.Linear4bit) and isinstance(module.weight, bnb.nn.Params4bit):
         qs = getattr(module.weight, "quant_state", None)
-        return "4bit" if qs is not None and not _repacked_for_cpu(module) else None
+        return "4bit" if qs is not None and _layout_problem(module) is None else None
     if isinstance(module, bnb.nn.Linear8bitLt) and isinstance(module.weight, bnb.nn.Int8Params):
         return "8bit" if module.weight.dtype == torch.int8 else None
     return None
@@ -79,6 +80,36 @@ def _repacked_for_cpu(module: nn.Module) -> bool:
     without gradients on a CPU with AVX512-BF16 (``packing_format_for_cpu``), rounding its scales
     to bfloat16: its original quantisation is then lost."""
     return bool(getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _layout_problem(module: nn.Module) -> str | None:
+    """How a ``Linear4bit``'s stored layout differs from the one bitsandbytes quantises to, or None.
+
+    That layout: packed data of ``ceil(n/2)`` bytes for ``n = d_out·d_in`` entries; scales
+    (``absmax``) 1-D, one per block of ``blocksize`` entries, float32, or with double
+    quantisation uint8 with float32 nested scales. A layer repacked for CPU inference
+    (``packing_format_for_cpu``), and one unpacked again by ``state_dict()`` (scales left
+    bfloat16 in the repacked ``(d_in/blocksize, d_out)`` shape), hold another."""
+    if _repacked_for_cpu(module):
+        return ("was repacked for CPU inference (packing_format_for_cpu: bitsandbytes does this on a forward in eval "
+                "mode without gradients on the CPU, and rounds the scales to bfloat16, so the model's own "
+                "quantisation is lost)")
+    w, qs = module.weight, module.weight.quant_state
+    n = int(module.out_features) * int(module.in_features)
+    blocks = -(-n // int(qs.blocksize))
+    scale_dtype = torch.uint8 if qs.nested else torch.float32
+    absmax = qs.absmax
+    if absmax.dim() != 1 or absmax.numel() != blocks or absmax.dtype != scale_dtype:
+        return (f"holds scales (absmax) of {str(absmax.dtype).removeprefix('torch.')} and shape "
+                f"{tuple(absmax.shape)} where bitsandbytes quantises to {str(scale_dtype).removeprefix('torch.')} "
+                f"of shape ({blocks},): a layer once repacked for CPU inference (a forward in eval mode without "
+                f"gradients on an AVX512-BF16 CPU) and unpacked again by state_dict(), its scales rounded to bfloat16")
+    if w.data.numel() * w.data.element_size() != -(-n // 2):
+        return (f"holds {w.data.numel() * w.data.element_size()} bytes of packed data where {n} 4-bit entries "
+                f"take {-(-n // 2)}")
+    if qs.nested and (qs.state2 is None or qs.state2.absmax.dtype != torch.float32):
+        return "holds double-quantised scales without float32 nested scales"
+    return None
 
 
 def is_quantised(module: nn.Module) -> bool:
@@ -103,13 +134,41 @@ def unsupported_kind(module: nn.Module) -> str | None:
     for c in type(w).__mro__ if w is not None else ():
         if c.__name__ in _UNSUPPORTED_WEIGHTS:
             return _UNSUPPORTED_WEIGHTS[c.__name__]
-    if type(module).__module__.startswith("bitsandbytes") and _repacked_for_cpu(module):
-        return ("bitsandbytes Linear4bit repacked for CPU inference (packing_format_for_cpu: bitsandbytes does this "
-                "on a forward in eval mode without gradients on the CPU, and rounds the scales to bfloat16, so the "
-                "model's own quantisation is lost); reload the model and run no such forward before fisherlora")
+    problem = _bad_4bit_layout(module)
+    if problem is not None:
+        return (f"bitsandbytes Linear4bit that {problem}; reload the model and run no forward in eval mode "
+                "without gradients on the CPU before fisherlora")
     if type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear):
         return f"bitsandbytes {type(module).__name__} with a {type(w).__name__} weight not quantised as supported"
     return None
+
+
+def _bad_4bit_layout(module: nn.Module) -> str | None:
+    """:func:`_layout_problem` of a quantised bitsandbytes ``Linear4bit``; None for any other module."""
+    if "bitsandbytes" not in sys.modules or not type(module).__module__.startswith("bitsandbytes"):
+        return None
+    import bitsandbytes as bnb
+
+    if not (isinstance(module, bnb.nn.Linear4bit) and isinstance(module.weight, bnb.nn.Params4bit)
+            and getattr(module.weight, "quant_state", None) is not None):
+        return None
+    return _layout_problem(module)
+
+
+def check_layouts(model: nn.Module) -> None:
+    """Refuse, by kind, every quantised layer of ``model`` (a target or not: the passes read them
+    all) whose stored layout is not the one its library quantises to (:func:`_layout_problem`).
+
+    Raises:
+        ValueError: naming the first such layer, what it holds and what was expected.
+    """
+    for name, module in model.named_modules():
+        problem = _bad_4bit_layout(module)
+        if problem is not None:
+            raise ValueError(f"quantised layer {name!r} ({type(module).__name__}) {problem}: fisherlora would compute "
+                             "and write on another quantisation than the model's; reload the model and run no "
+                             "forward in eval mode without gradients on the CPU before fisherlora (it supports, "
+                             f"quantised, {SUPPORTED} in the layout they quantise to)")
 
 
 def shape(module: nn.Module) -> tuple[int, int]:

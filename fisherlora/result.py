@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 from fisherlora import __version__, sharded
-from fisherlora.adapter import residual_refusal_for, save_residual_model
+from fisherlora.adapter import LINEAGE_TAG, initial_adapter_id, residual_refusal_for, save_residual_model
 from fisherlora.card import finish_adapter_config, model_card
 from fisherlora.config import FisherLoraConfig
 from fisherlora.decompose import LayerSelection
@@ -171,5 +171,6 @@ class FisherLoraResult:
             report = self.report()
             write_report(report, self.selections, tmp)
             # fisherlora's model card in place of PEFT's (which names the base by its local path)
-            (tmp / "README.md").write_text(model_card(report, names["model"], names["data"], names["dtype"]))
+            (tmp / "README.md").write_text(model_card(report, names["model"], names["data"], names["dtype"],
+                                                      tags=(LINEAGE_TAG + initial_adapter_id(tmp),)))
         return Path(out_dir)

@@ -29,7 +29,9 @@ class FisherStatistics:
         g_count: layer name -> counted (token, call, draw) triples ``N_G``.
         shapes: layer name -> ``(d_out, d_in)``.
         info: free-form JSON-able metadata about the whole collection (calibration totals,
-            fisher type), the same for every layer group.
+            fisher type), the same for every layer group; ``model_digest`` and ``head``: the
+            whole model they were collected on (:func:`fisherlora.digest.model_digest`) and its
+            head's kind, against which reuse is checked.
         kind: the :class:`~fisherlora.config.MemoryMode` they were collected in.
         fingerprints: layer name -> :func:`fisherlora.layers.weight_fingerprint` of the weight
             the statistics were collected on (so they are refused on another model).

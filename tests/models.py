@@ -8,7 +8,7 @@ from torch import nn
 
 from fisherlora.config import FisherLoraConfig
 from fisherlora.data import CalibrationData
-from fisherlora.testing import pad_batches, random_llama
+from fisherlora.testing import pad_batches, random_llama, tiny_data
 
 QKV = ("q_proj", "k_proj", "v_proj")
 #: the whole-init tests' config: rank 4, the reference backend
@@ -19,6 +19,27 @@ def tiny_llama(dtype=torch.float64, seed=0, layers=2, vocab=101, hidden=32, inte
     """A random 2-layer Llama (sdpa attention: eager gives NaN on left padding in float64)."""
     return random_llama(seed=seed, vocab=vocab, hidden=hidden, intermediate=intermediate, layers=layers,
                         dtype=dtype)
+
+
+def tiny_classifier(head_seed: int):
+    """The same tiny Llama backbone on every call, with a 3-label head drawn with ``head_seed``
+    (what ``from_pretrained(..., num_labels=3)`` does without a seed)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      attn_implementation="sdpa", num_labels=3, pad_token_id=0)
+    model = LlamaForSequenceClassification(cfg).to(torch.float64).eval()
+    g = torch.Generator().manual_seed(head_seed)
+    with torch.no_grad():
+        model.score.weight.copy_(0.02 * torch.randn(model.score.weight.shape, generator=g, dtype=torch.float64))
+    return model
+
+
+def classifier_batches(seed: int = 3):
+    return [{**b, "labels": torch.arange(b["input_ids"].shape[0]) % 3}
+            for b in pad_batches(tiny_data(6, 10, seed=seed), 3)]
 
 
 def save_tiny_model(folder, vocab=101):

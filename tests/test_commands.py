@@ -59,6 +59,26 @@ def test_convert_and_merge_commands_give_the_trained_model(tmp_path, tiny_model,
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
+def test_convert_needs_no_tokenizer(tmp_path, tiny_model, capsys):
+    """Issue 30 §6: ``convert --model <a folder with weights and no tokenizer>`` exited 2 with a
+    tokenizer backend error; a conversion reads only the weights."""
+    import shutil
+
+    assert cli.main(init_cmd(tmp_path, tiny_model, PAIRS)) == 0
+    weights = tmp_path / "weights-only"
+    weights.mkdir()
+    for f in tiny_model.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, weights / f.name)
+    model = fisherlora.load(base(weights), tmp_path / "out", is_trainable=True)
+    model.save_pretrained(tmp_path / "trained")
+    capsys.readouterr()
+    rc = cli.main(["convert", str(tmp_path / "out"), str(tmp_path / "trained"), "-o", str(tmp_path / "plain"),
+                   "--model", str(weights)])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "plain" / "adapter_config.json").is_file()
+
+
 def test_help_names_the_workflow():
     text = cli.build_parser().format_help()
     assert 'load_model_and_tokenizer("smollm2-135m")' in text and "is_trainable=True" in text

@@ -84,8 +84,12 @@ def test_the_readme_walkthrough_runs_as_printed_on_the_embedded_model(tmp_path):
     plain = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     assert plain["r"] == 8 and plain["task_type"] == "CAUSAL_LM"  # twice the rank 4 of the init
     assert (tmp_path / "merged" / "config.json").is_file()
+    # both trainers' saves carried the initialisation's lineage tag (docs/DESIGN.md §9)
+    from fisherlora.adapter import recorded_lineage
+
     for trained in ("trained", "trained-trainer"):
         assert (tmp_path / trained / "adapter_model.safetensors").is_file()
+        assert recorded_lineage(tmp_path / trained) == recorded_lineage(tmp_path / "fisherlora-out") is not None
 
 
 @pytest.mark.slow

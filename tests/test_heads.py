@@ -269,6 +269,21 @@ def test_true_fisher_with_a_custom_loss_and_bad_loss_fns_are_clear_errors():
                            head=resolve_head(model, lambda out, b: out))
 
 
+def test_a_loss_fn_returning_a_tensor_without_a_graph_is_named():
+    """Issue 30 §6: ``torch.tensor(float(out.logits.sum()))`` has no graph; the error names
+    ``loss_fn`` and what it must return, not torch's "element 0 ... does not require grad"."""
+    from tests.models import assert_restored, batches, model_snapshot, tiny_llama
+
+    model = tiny_llama(torch.float32)
+    snap = model_snapshot(model)
+    with pytest.raises(ValueError, match=r"loss_fn returned a tensor without a graph") as err:
+        fisherlora.initialize_fisher_lora(model, None, batches(), FisherLoraConfig(rank=2, backend="torch"),
+                                          progress=False,
+                                          loss_fn=lambda out, b: torch.tensor(float(out.logits.sum())))
+    assert "computed from the model's outputs" in str(err.value), str(err.value)
+    assert_restored(model, snap)
+
+
 def test_get_peft_model_takes_a_loss_fn_and_keeps_the_outputs():
     from peft import LoraConfig
 

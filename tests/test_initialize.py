@@ -66,10 +66,107 @@ def test_statistics_of_another_model_are_refused(tmp_path):
                                           progress=False)
 
 
+def test_statistics_of_the_same_backbone_with_another_head_are_refused_naming_it(tmp_path):
+    """Issue 30 §2: statistics of a classifier whose head was drawn with seed 1, reused on the same
+    backbone with a head drawn with seed 2 (not a target): G depends on everything downstream of a
+    layer, so they are refused, naming the head's tensor; on the model they came from they are reused."""
+    from tests.models import classifier_batches, tiny_classifier
+
+    cfg = dataclasses.replace(CFG, stats_dtype="float64")
+    first = fisherlora.initialize_fisher_lora(tiny_classifier(head_seed=1), None, classifier_batches(), cfg,
+                                              progress=False)
+    first.statistics.save(tmp_path / "s.safetensors")
+    stats = fisherlora.FisherStatistics.load(tmp_path / "s.safetensors")
+    other = tiny_classifier(head_seed=2)
+    snap = model_snapshot(other)
+    with pytest.raises(ValueError, match="collected on another model") as err:
+        fisherlora.initialize_fisher_lora(other, None, None, cfg, statistics=stats, progress=False)
+    assert "1 tensor(s) ['score.weight']" in str(err.value), str(err.value)
+    assert_restored(other, snap)
+    again = fisherlora.initialize_fisher_lora(tiny_classifier(head_seed=1), None, None, cfg, statistics=stats,
+                                              progress=False)
+    assert again.selections.keys() == first.selections.keys()
+    for name, sel in first.selections.items():
+        assert torch.equal(sel.indices, again.selections[name].indices), name
+
+
+def test_statistics_written_before_the_whole_model_was_recorded_are_refused_clearly(tmp_path):
+    """A file that records only the target weights (fisherlora before issue 30) still loads, and its
+    reuse is refused saying why and what to do."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, result, _, _ = init_llama()
+    result.statistics.save(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["fisherlora"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del meta["info"]["model_digest"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"fisherlora": json.dumps(meta)})
+    stats = fisherlora.FisherStatistics.load(tmp_path / "old.safetensors")
+    with pytest.raises(ValueError, match="record only the target weights") as err:
+        fisherlora.initialize_fisher_lora(tiny_llama(torch.float32), None, None, CFG, statistics=stats,
+                                          progress=False)
+    assert "collect them again" in str(err.value)
+
+
 def test_a_model_already_wrapped_by_peft_is_a_clear_error():
     _, result, _, _ = init_llama()
     with pytest.raises(ValueError, match="already carries PEFT adapters"):
         fisherlora.initialize_fisher_lora(result.model.get_base_model(), None, batches(), CFG, progress=False)
+
+
+def test_a_model_holding_peft_adapters_outside_the_targets_is_refused_unchanged():
+    """Issue 30 §5: a model whose q_proj holds the user's adapter 'other', passed as
+    ``wrapper.base_model.model`` with v_proj as targets: refused by kind (any module holding PEFT
+    tuner layers), naming the module and the adapter; the user's adapter stays active, the model
+    and its outputs exactly as they were."""
+    import peft
+
+    wrapper = peft.get_peft_model(tiny_llama(torch.float32), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                        init_lora_weights=False),
+                                  adapter_name="other")
+    inner = wrapper.base_model.model
+    ids = probe()
+    before = logits(wrapper, ids)
+    snap = model_snapshot(inner)
+    with pytest.raises(ValueError, match="already carries PEFT adapters") as err:
+        fisherlora.initialize_fisher_lora(inner, LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]), batches(),
+                                          CFG, progress=False)
+    assert "model.layers.0.self_attn.q_proj" in str(err.value) and "'other'" in str(err.value), str(err.value)
+    assert_restored(inner, snap)
+    assert wrapper.active_adapters == ["other"] and list(wrapper.peft_config) == ["other"]
+    assert torch.equal(logits(wrapper, ids), before)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_adapter_does_not_depend_on_the_callers_rng_in_train_mode(checkpointing):
+    """Issue 30 §4: a model in train() mode with attention dropout 0.3 (and with transformers'
+    gradient checkpointing, which needs training mode): two global RNG states, one FisherLoraConfig,
+    the same adapter bit for bit; the passes run the deterministic network (eval mode, as PEFT's
+    EVA and CorDA do), and the model's training flags are as the caller set them afterwards."""
+    from fisherlora.adapter import lora_layers
+    from fisherlora.testing import random_llama
+
+    adapters = []
+    for global_seed in (1, 2):
+        model = random_llama(seed=0)
+        model.config.attention_dropout = 0.3
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        flags = {n: m.training for n, m in model.named_modules()}
+        torch.manual_seed(global_seed)
+        result = fisherlora.initialize_fisher_lora(model, None, batches(), CFG, progress=False)
+        assert {n: m.training for n, m in result.model.get_base_model().named_modules() if n in flags} == flags
+        adapters.append({n: (lay.lora_A["default"].weight.clone(), lay.lora_B["default"].weight.clone())
+                         for n, lay in lora_layers(result.model)})
+    for name, (A, B) in adapters[0].items():
+        assert torch.equal(A, adapters[1][name][0]) and torch.equal(B, adapters[1][name][1]), name
 
 
 def test_gpt2_conv1d_initialises():

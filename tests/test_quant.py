@@ -369,6 +369,45 @@ def test_other_quantised_layers_are_refused_by_kind_before_any_pass_leaving_the_
     assert all(torch.equal(v, state[k]) for k, v in tensors().items())
 
 
+def _repacked_then_unpacked(model, name="model.layers.0.self_attn.q_proj"):
+    """What an eval no-grad forward on an AVX512-BF16 CPU and a later ``state_dict()`` leave in a
+    Linear4bit: bitsandbytes' own repacking for CPU inference, then its inverse, which keeps the
+    scales bfloat16 in the repacked shape ([1, 64] for a 64x64 layer). Done by hand here, so that
+    it happens on any CPU."""
+    import bitsandbytes.functional as F
+
+    layer = model.get_submodule(name)
+    layer.weight.data, layer.weight.quant_state = F._convert_weight_packed_for_cpu(layer.weight.data,
+                                                                                   layer.weight.quant_state)
+    model.state_dict()  # bitsandbytes unpacks the layer again here
+    qs = layer.weight.quant_state
+    assert not qs.packing_format_for_cpu and qs.absmax.dtype == torch.bfloat16 and tuple(qs.absmax.shape) == (1, 64)
+    return model
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["v_proj"]])
+def test_a_4bit_layer_with_another_layout_is_refused_by_kind_before_any_pass(saved, targets):
+    """Issue 30 §6: 4-bit layers repacked for the CPU and unpacked again by ``state_dict()`` (scales
+    bf16, shape [1, 64]) ran the whole calibration, then writing failed with "shape '[1, 128]' is
+    invalid". Every quantised layer's layout is checked up front, a target or not (the passes read
+    them all), naming the layer and its scales; the model is left as it was."""
+    model = _repacked_then_unpacked(_load(saved[0], "nf4"))
+
+    def never():
+        raise AssertionError("a calibration batch was read: the refusal came too late")
+        yield
+
+    before = _bits(model)
+    q = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    q_before = (q.data.clone(), q.quant_state.absmax.clone())
+    cfg = FisherLoraConfig(rank=4, alpha=8, backend="torch", target_modules=targets)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.*bfloat16.*\(1, 64\)") as err:
+        fisherlora.initialize_fisher_lora(model, None, never(), cfg, progress=False)
+    assert "float32" in str(err.value) and "reload the model" in str(err.value), str(err.value)
+    assert _same_bits(_bits(model), before)
+    assert torch.equal(q.data, q_before[0]) and torch.equal(q.quant_state.absmax, q_before[1])
+
+
 # ----------------------------------------------------------------------------- item 4: the memory plan
 def test_the_plan_counts_quantised_weights_and_one_dequantised_layer():
     from fisherlora.models import meta_model_from_config

@@ -43,9 +43,10 @@ def add_base_flags(p) -> None:
     p.add_argument("--device", default="cpu", help="where the base is loaded (default: %(default)s)")
 
 
-def load_recorded_base(args):
-    """The original base and its tokenizer, in the dtype ``init`` used (``fisherlora.json``), after
-    the output path and the init folder have been checked."""
+def load_recorded_base(args, tokenizer: bool = True):
+    """The original base and its tokenizer (None with ``tokenizer=False``: a conversion reads only
+    weights), in the dtype ``init`` used (``fisherlora.json``), after the output path and the init
+    folder have been checked."""
     import torch
 
     from fisherlora.data import load_model_and_tokenizer
@@ -58,7 +59,8 @@ def load_recorded_base(args):
     if not model:
         raise ValueError(f"{args.init!r} records no base model: give --model")
     with phase(f"loading the base model {model!r} ({dtype})"):
-        return load_model_and_tokenizer(model, dtype=getattr(torch, dtype), device=torch.device(args.device))
+        return load_model_and_tokenizer(model, dtype=getattr(torch, dtype), device=torch.device(args.device),
+                                        tokenizer=tokenizer)
 
 
 def run(args) -> int:
@@ -67,7 +69,7 @@ def run(args) -> int:
 
     if not (Path(args.adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{args.adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
-    base, _ = load_recorded_base(args)
+    base, _ = load_recorded_base(args, tokenizer=False)
     with phase("converting to a plain LoRA"):
         out = convert(base, args.init, args.adapter, args.output, overwrite=args.overwrite)
     cfg = json.loads((out / "adapter_config.json").read_text())
