@@ -112,3 +112,13 @@ def test_an_unreadable_table_is_refused_by_name(fresh_table):
     with pytest.raises(ValueError, match="table.json"):
         table.load()
     assert str(path).endswith("table.json")
+
+
+def test_the_gradient_op_is_keyed_by_its_geometric_width_and_orientation():
+    g, a = torch.zeros(3, 1024), torch.zeros(3, 4096)
+    assert table.shape_key("gradient_accumulate_", (torch.zeros(1024, 4096), g, a, None, 1.0, False)) == (2048, "dense")
+    assert table.shape_key("gradient_accumulate_", (torch.zeros(4096, 1024), g, a, None, 1.0, True)) == (
+        2048, "transposed")
+    t = {"cuda": {"gradient_accumulate_": [{"d": 2048, "layout": "dense", "seconds": {"naive": 1.0, "ext": 0.5}}]}}
+    assert table.choose("gradient_accumulate_", "cuda", 2000, "dense", ("triton", "ext", "torch"), t) == "ext"
+    assert table.choose("gradient_accumulate_", "cuda", 2000, "transposed", ("ext", "torch"), t) is None
