@@ -7,7 +7,12 @@ For every target layer ``s = W a`` (``W`` of shape ``(d_out, d_in)``) the collec
   per-token losses with respect to the layer output (so ``g`` is a per-token gradient, and
   micro-batching does not change the factors);
 
-the K-FAC approximation ``F ≈ A ⊗ G`` of the layer's Fisher block (Martens & Grosse 2015).
+the K-FAC approximation ``F ≈ A ⊗ G`` of the layer's Fisher block (Martens & Grosse 2015), and,
+with ``gradient=True``, the weight gradient
+
+- ``∇W = (1/N_G) Σ g aᵀ``, ``(d_out, d_in)``, over the same counted tokens as ``G``: the gradient of
+  the summed loss divided by ``N_G`` (docs/DESIGN.md §1 step 1). Each layer's input is held from
+  its forward until its output gradient arrives (a reference, not a copy).
 
 Conventions (tested in ``tests/test_collect.py``):
 
@@ -93,15 +98,19 @@ class StatisticsCollector:
         checkpoint: recompute the decoder layers, from the lowest hooked one up, in the
             backward pass (module docstring); ignored when the hooked modules are not all in
             one stack of decoder layers.
+        gradient: also accumulate the weight gradient ``∇W`` of every layer (``full`` or
+            ``packed`` mode), with :func:`fisherlora.ops.gradient_accumulate_`.
 
     Raises:
-        ValueError: no modules, an unknown mode, or missing bases for ``projected``.
+        ValueError: no modules, an unknown mode, missing bases for ``projected``, or
+            ``gradient`` with ``projected``.
     """
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
                  stats_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  mode: MemoryMode | str = MemoryMode.FULL,
-                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False):
+                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False,
+                 gradient: bool = False):
         if not modules:
             raise ValueError("StatisticsCollector needs at least one target module")
         held = MemoryMode.held()
@@ -112,6 +121,9 @@ class StatisticsCollector:
             missing = [n for n in modules if not bases or n not in bases]
             if missing:
                 raise ValueError(f"projected mode needs the singular bases of {missing[:5]}")
+            if gradient:
+                raise ValueError("the weight gradient is dense (d_out x d_in per layer), which the projected mode "
+                                 "does not hold; collect it in the full or packed mode")
         self.model = model
         self.modules = dict(modules)
         self.stats_dtype = stats_dtype
@@ -124,6 +136,8 @@ class StatisticsCollector:
         self.shapes = {n: layer_shape(m) for n, m in self.modules.items()}
         self._A: dict[str, torch.Tensor] = {}
         self._G: dict[str, torch.Tensor] = {}
+        self.gradient = gradient
+        self._grad: dict[str, torch.Tensor] = {}
         self.a_key: dict[str, str] = {}
         self.a_count: dict[str, int] = {}
         self.g_count: dict[str, int] = {n: 0 for n in self.modules}
@@ -233,7 +247,9 @@ class StatisticsCollector:
         if not _in_backward():
             self._accumulate_A(name, x, mask, count)
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._grad_hook, name, mask, count))
+            # the input travels with the hook for the weight gradient: a reference, not a copy
+            a = (x.detach(), x._version) if self.gradient else None
+            output.register_hook(partial(self._grad_hook, name, mask, count, a))
 
     def _new_acc(self, name: str, d: int, device) -> torch.Tensor:
         if self.mode is MemoryMode.PROJECTED:
@@ -278,15 +294,24 @@ class StatisticsCollector:
         self._seen[id(x)] = (weakref.ref(x), x._version, key)
 
     @torch.no_grad()
-    def _grad_hook(self, name: str, mask: torch.Tensor | None, count: int, grad: torch.Tensor) -> None:
+    def _grad_hook(self, name: str, mask: torch.Tensor | None, count: int, a: tuple | None,
+                   grad: torch.Tensor) -> None:
         if name not in self._G:
             self._G[name] = self._new_acc(name, self.shapes[name][0], grad.device)
         self._update(self._G[name], grad, mask, self._U.get(name))
+        if a is not None:
+            a, version = a
+            if a._version != version:
+                raise RuntimeError(f"layer {name!r}: its input was modified in place between the forward and the "
+                                   "backward pass, so the weight gradient cannot be formed from it")
+            if name not in self._grad:
+                self._grad[name] = torch.zeros(self.shapes[name], dtype=self.stats_dtype, device=grad.device)
+            ops.gradient_accumulate_(self._grad[name], grad, a, mask, backend=self.backend)
         self.g_count[name] += count
 
     # ----------------------------------------------------------------------------- results
     def statistics(self, info: dict | None = None) -> FisherStatistics:
-        """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G``.
+        """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G`` (and ``∇W = Σgaᵀ/N_G``).
 
         The accumulators themselves become the factors: the first call mirrors (dense) and divides
         each one in place, one at a time, so finalising needs no memory beyond the accumulators
@@ -313,6 +338,8 @@ class StatisticsCollector:
                 _normalise_(acc, self.a_count[key])
             for name, acc in self._G.items():
                 _normalise_(acc, self.g_count[name])
+            for name, acc in self._grad.items():
+                acc.div_(max(self.g_count[name], 1))
         for key, acc in self._A.items():
             if not all_finite(acc):
                 users = [n for n, k in self.a_key.items() if k == key]
@@ -320,8 +347,12 @@ class StatisticsCollector:
         for name, acc in self._G.items():
             if not all_finite(acc):
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
+        for name, acc in self._grad.items():
+            if not all_finite(acc):
+                raise FloatingPointError(f"non-finite values in the weight gradient of layer {name!r}")
         return FisherStatistics(dict(self._A), dict(self._G), dict(self.a_key), dict(self.a_count),
-                                dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode)
+                                dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode,
+                                grad={n: self._grad[n] for n in self.modules if n in self._grad})
 
 
 def _host_counts(counts: dict) -> dict[str, int]:
@@ -394,7 +425,8 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
             (default :func:`fisherlora.heads.resolve_head`; a custom one carries the ``loss_fn``).
         batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask",
             "labels"}``).
-        config: fisher type, label draws, seed, statistics dtype and backend.
+        config: fisher type, label draws, seed, statistics dtype, backend, and whether the
+            initialisation needs the weight gradient (``init``).
         mode, bases: the memory mode and, for ``projected``, the singular bases (see
             :class:`fisherlora.StatisticsCollector`); projected also recomputes the decoder layers
             in the backward pass (activation checkpointing).
@@ -408,7 +440,8 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     dtype = getattr(torch, config.stats_dtype)
     ctx = distributed.context(process_group)
     collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
-                                    bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
+                                    bases=bases, checkpoint=mode == MemoryMode.PROJECTED,
+                                    gradient=config.init.needs_gradient)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
         shares = batches if ctx is None else distributed.shard_batches(batches, ctx, sharded.model_is_sharded(model))
