@@ -16,6 +16,7 @@ from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization
+from fisherlora.gradient_init import check_gradient_ranks
 from fisherlora.heads import default_lora_config, resolve_head
 from fisherlora.layers import (
     check_model,
@@ -105,6 +106,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
     shapes = {n: layer_shape(m) for n, m in modules.items()}
     check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    check_gradient_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()},
+                         config.init)
     by_energy = config.rank_allocation == "global"  # docs/DESIGN.md §10: decompose at the maximum ranks first
     if by_energy:
         allocation.check(lora_config, config, shapes)
@@ -115,6 +118,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
         raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
                          "of one run; save full or packed statistics to re-select")
+    if statistics is not None and config.init.needs_gradient and not all(n in statistics.grad for n in modules):
+        raise ValueError(f"init={config.init.value!r} needs the weight gradient, and these statistics hold none for "
+                         "some target layers (they were collected for init='filet'); collect them with this init")
     with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
         mode, n_groups = (resolve_memory_mode(model, lora_config, config, keep_statistics=keep_statistics)
                           if statistics is None else (statistics.kind, 1))
