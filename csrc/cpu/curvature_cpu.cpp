@@ -272,9 +272,11 @@ void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tenso
   const int64_t tb = std::min(TOKEN_TILE, n);
 
   at::parallel_for(0, nbi * nbj, 1, [&](int64_t p0, int64_t p1) {
-    at::Tensor bufg = at::empty({tb, GRAD_TILE}, opts);
-    at::Tensor bufa = at::empty({tb, GRAD_TILE}, opts);
-    at::Tensor tilebuf = at::empty({GRAD_TILE, GRAD_TILE}, opts);
+    // buffers as small as the shape allows: a narrow layer's task holds no 256-wide ones
+    const int64_t tm = std::min(GRAD_TILE, d_out), tn = std::min(GRAD_TILE, d_in);
+    at::Tensor bufg = at::empty({tb, tm}, opts);
+    at::Tensor bufa = at::empty({tb, tn}, opts);
+    at::Tensor tilebuf = at::empty({tm, tn}, opts);
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i0 = (p / nbj) * GRAD_TILE, j0 = (p % nbj) * GRAD_TILE;
       const int64_t ni = std::min(GRAD_TILE, d_out - i0), nj = std::min(GRAD_TILE, d_in - j0);
@@ -282,14 +284,14 @@ void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tenso
       tile.zero_();
       for (int64_t t0 = 0; t0 < n; t0 += tb) {
         const int64_t nt = std::min(tb, n - t0);
-        load_rows<acc_t>(g, grows.data() + t0, nt, i0, ni, bufg.data_ptr<acc_t>(), GRAD_TILE);
-        load_rows<acc_t>(a, arows.data() + t0, nt, j0, nj, bufa.data_ptr<acc_t>(), GRAD_TILE);
+        load_rows<acc_t>(g, grows.data() + t0, nt, i0, ni, bufg.data_ptr<acc_t>(), tm);
+        load_rows<acc_t>(a, arows.data() + t0, nt, j0, nj, bufa.data_ptr<acc_t>(), tn);
         tile.addmm_(bufg.narrow(0, 0, nt).narrow(1, 0, ni).t(), bufa.narrow(0, 0, nt).narrow(1, 0, nj));
       }
       const acc_t* tp = tilebuf.const_data_ptr<acc_t>();
       for (int64_t r = 0; r < ni; ++r) {
         acc_t* dst = ap + (i0 + r) * d_in + j0;
-        const acc_t* src = tp + r * GRAD_TILE;
+        const acc_t* src = tp + r * tn;
         for (int64_t c = 0; c < nj; ++c) dst[c] += s * src[c];
       }
     }
