@@ -424,3 +424,13 @@ def test_extension_uses_the_shared_libstdcxx_that_torch_loads():
 
     so = importlib.util.find_spec("fisherlora._C").origin
     assert "libstdc++.so.6" in subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
+
+
+def test_gradient_op_passes_opcheck():
+    """Schema (acc mutated, nothing returned) and fake implementation of the extension's op."""
+    g, a = torch.randn(2, 5, 8), torch.randn(2, 5, 16).to(torch.bfloat16)
+    mask = torch.rand(2, 5) > 0.5
+    checks = ("test_schema", "test_faketensor")
+    op = torch.ops.fisherlora_ext.gradient_accumulate_.default
+    torch.library.opcheck(op, (torch.zeros(8, 16), g, a, mask, 0.5, False), test_utils=checks)
+    torch.library.opcheck(op, (torch.zeros(16, 8), g, a, None, 1.0, True), test_utils=checks)
