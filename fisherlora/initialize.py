@@ -92,7 +92,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             nothing, target weights that are neither plain float parameters nor bitsandbytes
             4-/8-bit layers or FSDP2 row shards (other quantisations, meta, ZeRO-3 placeholders,
             tensor-parallel DTensors) or that share storage
-            with another module (tied weights), one-shot data with several layer groups.
+            with another module (tied weights), one-shot data with several layer groups; for a
+            gradient start (``init`` other than ``filet``, docs/DESIGN.md §1 step 6) a layer with
+            ``2·rank > min(d_out, d_in)`` or precomputed statistics without the weight gradient.
             FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
             layer). All raised before the model is changed.
     """

@@ -7,6 +7,7 @@ the lowest-energy reading of FILet's score.
 
 Every multi-process test runs under a deadline that fails it instead of hanging the suite."""
 
+import json
 import math
 
 import pytest
@@ -462,3 +463,24 @@ def test_a_gradient_start_on_a_4bit_base_is_that_of_the_dequantised_model(tmp_pa
         assert torch.isfinite(res.statistics.grad[name]).all()
         torch.testing.assert_close(layer.lora_B["default"].weight, inits[name].B, rtol=0, atol=0)
         torch.testing.assert_close(layer.lora_A["default"].weight, inits[name].A, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the command
+def test_the_init_command_takes_a_gradient_start_and_records_it(tmp_path):
+    from fisherlora import cli
+    from tests.models import probe, save_tiny_model
+    from tests.test_commands import PAIRS, base, init_cmd
+
+    folder = save_tiny_model(tmp_path / "model")
+    assert cli.main(init_cmd(tmp_path, folder, PAIRS, "--init", "natural_gradient", "--save-statistics")) == 0
+    out = tmp_path / "out"
+    meta = json.loads((out / "fisherlora.json").read_text())
+    assert meta["config"]["init"] == "natural_gradient"
+    from fisherlora.statistics import FisherStatistics
+
+    assert FisherStatistics.load(out / "statistics.safetensors").grad
+    ids = probe()
+    with torch.no_grad():
+        before = base(folder)(input_ids=ids).logits
+        after = fisherlora.load(base(folder), out)(input_ids=ids).logits
+    assert float((after - before).abs().max()) < 1e-4 * float(before.abs().max())
