@@ -56,6 +56,12 @@ from tqdm.auto import tqdm
 from fisherlora import distributed, ops, sharded
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
+from fisherlora.entry import (
+    checkpointed,
+    make_hidden_states_require_grad,
+    make_inputs_require_grad,
+    make_output_require_grad,
+)
 from fisherlora.heads import TokenMasks, input_embeddings
 from fisherlora.layers import decoder_layer_index, layer_shape
 from fisherlora.memory import all_finite
@@ -160,15 +166,15 @@ class StatisticsCollector:
             layers = self._decoder_layers()
             embeds = input_embeddings(model)
             if layers:
-                self._handles.append(layers[0].register_forward_pre_hook(_make_hidden_states_require_grad,
+                self._handles.append(layers[0].register_forward_pre_hook(make_hidden_states_require_grad,
                                                                          with_kwargs=True))
             elif embeds:
-                self._handles += [e.register_forward_hook(_make_output_require_grad) for e in embeds]
+                self._handles += [e.register_forward_hook(make_output_require_grad) for e in embeds]
             else:
-                self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
+                self._handles.append(model.register_forward_pre_hook(make_inputs_require_grad, with_kwargs=True))
             if self.checkpoint:
                 for layer in layers:
-                    layer.forward = _checkpointed(layer.forward)
+                    layer.forward = checkpointed(layer.forward)
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         except BaseException:
@@ -367,49 +373,6 @@ def _normalise_(acc: torch.Tensor, count: int) -> None:
     if acc.dim() == 2:
         ops.symmetrize_(acc)
     acc.div_(max(count, 1))
-
-
-def _make_output_require_grad(module, args, output):
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
-        return output.detach().requires_grad_(True)
-    return None
-
-
-def _make_hidden_states_require_grad(module, args, kwargs):
-    """Pre-hook of the lowest hooked decoder layer: its hidden states (first positional
-    argument, or ``hidden_states=``) start the backward pass."""
-    if not torch.is_grad_enabled():
-        return None
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-    h = kwargs.get("hidden_states")
-    if isinstance(h, torch.Tensor) and h.is_floating_point():
-        return args, {**kwargs, "hidden_states": h.detach().requires_grad_(True)}
-    return _make_inputs_require_grad(module, args, kwargs)
-
-
-def _checkpointed(forward):
-    """``forward`` run under non-reentrant activation checkpointing when grad mode is on."""
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def _make_inputs_require_grad(module, args, kwargs):
-    if not torch.is_grad_enabled():
-        return None
-
-    def lift(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
-            return t.detach().requires_grad_(True)
-        return t
-
-    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
 
 
 @keeps_global_rng
