@@ -12,7 +12,12 @@ from tqdm.auto import tqdm
 
 from fisherlora import ops
 from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
-from fisherlora.gradient_init import check_gradient_ranks, decompose_gradient_layer, warn_degenerate_gradients
+from fisherlora.gradient_init import (
+    check_gradient_ranks,
+    decompose_gradient_layer,
+    stable_scale,
+    warn_degenerate_gradients,
+)
 from fisherlora.layers import check_ranks, check_target_weights, layer_shape, ranks_and_scalings, weight_view
 from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
@@ -336,10 +341,13 @@ def _gradient_initialization(modules: dict[str, nn.Module], stats: FisherStatist
             r, s = plan[name]
             A, G = stats.factors(name)
             device = next(module.parameters()).device
-            sel, B, A_lora = decompose_gradient_layer(name, stats.grad[name], A, G, rank=r, init=config.init,
-                                                      damping=config.damping, device=device)
-            if not sel.sigma[2 * r - 1] > 1e-10 * sel.sigma[0]:  # fewer than 2r independent directions
+            sigma, B, A_lora = decompose_gradient_layer(name, stats.grad[name], A, G, rank=r, init=config.init,
+                                                        damping=config.damping, device=device)
+            if not sigma[2 * r - 1] > 1e-10 * sigma[0]:  # fewer than 2r independent directions
                 zero.append(name)
+            sq = sigma.square()
+            sel = LayerSelection(name, layer_shape(module), r, torch.arange(r), sigma, sq, sq.clone(),
+                                 torch.full((r,), stable_scale(layer_shape(module)[0]) ** 2, dtype=torch.float64))
             inits[name] = LayerInit(B, A_lora, s)
             selections[name] = sel
             bar.update(1)

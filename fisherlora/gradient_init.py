@@ -128,13 +128,9 @@ def decompose_gradient_layer(name: str, grad: torch.Tensor, A: torch.Tensor | No
         damping: see :func:`factor_damping`. device: where the factors go (default ``grad``'s).
 
     Returns:
-        ``(selection, B, A_lora)``: a :class:`fisherlora.decompose.LayerSelection` whose
-        ``indices`` are ``0..r-1``, ``sigma`` the (whitened) gradient's ``k`` singular values,
-        ``energy`` and ``score`` their squares, ``magnitudes`` ``ζ²`` per direction; ``B``
-        ``(d_out, r)`` and ``A_lora`` ``(r, d_in)`` float32.
+        ``(sigma, B, A_lora)``: the (whitened) gradient's ``k`` singular values (float64, on the
+        CPU), ``B`` ``(d_out, r)`` and ``A_lora`` ``(r, d_in)`` float32.
     """
-    from fisherlora.decompose import LayerSelection
-
     init = Init(init)
     d_out, d_in = grad.shape
     check_gradient_ranks({name: (d_out, d_in)}, {name: rank}, init)
@@ -142,10 +138,7 @@ def decompose_gradient_layer(name: str, grad: torch.Tensor, A: torch.Tensor | No
     L, S, R = gradient_directions(grad, A if natural else None, G if natural else None, damping)
     B, A_lora = gradient_factors(L, R, rank)
     device = device if device is not None else grad.device
-    sq = S.square().cpu()
-    sel = LayerSelection(name, (d_out, d_in), rank, torch.arange(rank), S.cpu(), sq, sq.clone(),
-                         torch.full((rank,), stable_scale(d_out) ** 2, dtype=torch.float64))
-    return sel, B.to(device), A_lora.to(device)
+    return S.cpu(), B.to(device), A_lora.to(device)
 
 
 def warn_degenerate_gradients(names: list[str]) -> None:
