@@ -131,6 +131,24 @@ def test_the_gradient_statistic_is_autograds_weight_gradient_of_the_summed_loss(
         torch.testing.assert_close(st.G[n], reference["G"][n], rtol=1e-9, atol=1e-12, msg=n)
 
 
+def test_the_gradient_statistic_agrees_on_every_available_backend(reference):
+    """float32 statistics of a float32 model through each op backend (the compiled one included)
+    against the float64 reference."""
+    from fisherlora.ops import available_backends
+
+    names = reference["names"]
+    for backend in available_backends("cpu"):
+        model = tiny_llama(torch.float32)
+        modules = {n: model.get_submodule(n) for n in names}
+        with StatisticsCollector(model, modules, backend=backend, gradient=True) as col:
+            run_calibration(model, _data()[2])
+        st = col.statistics()
+        for n in names:
+            want = reference["grad"][n] / reference["N"]
+            torch.testing.assert_close(st.grad[n].double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()),
+                                       msg=f"{n} on {backend}")
+
+
 def test_the_gradient_of_a_conv1d_layer_is_in_the_weight_view_orientation():
     """GPT-2's Conv1D stores ``(d_in, d_out)``; the statistic is ``(d_out, d_in)`` (``weight_view``)."""
     from fisherlora.losses import token_loss_sum
