@@ -354,6 +354,27 @@ def test_the_plan_counts_the_gradient_and_offers_no_projected_mode():
     assert mode.value in ("full", "packed")
 
 
+def test_the_plan_bounds_the_measured_peak_of_a_natural_gradient_start():
+    """SmolLM2's widths (2 layers, all seven projections), packed: the plan's total minus the
+    weights against the peak ``initialize_fisher_lora`` allocates (as in tests/test_plan.py),
+    within 15 % from above (measured 1.10x on 2026-12-07)."""
+    from peft import LoraConfig
+
+    from fisherlora.plan import plan_memory
+    from fisherlora.testing import peak_memory, random_llama
+    from tests.test_plan import ALL_LINEAR, _padded_batches
+
+    model = random_llama(vocab=2048, hidden=576, intermediate=1536, heads=9, kv_heads=3)
+    lc = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR)
+    cfg = FisherLoraConfig(rank=4, alpha=8, memory_mode="packed", batch_size=2, max_length=32, init="natural_gradient")
+    plan = next(p for p in plan_memory(model, lc, batch_size=2, max_length=32, gradient=True)
+                if p.label == "packed" and p.layer_groups == 1)
+    data = _padded_batches(2048, 2, 32)
+    measured, _ = peak_memory(lambda: initialize_fisher_lora(model, lc, data, cfg, progress=False), torch.device("cpu"))
+    planned = plan.total - plan.weights
+    assert measured <= planned <= 1.15 * measured, f"planned {planned / 2**20:.2f} MiB, measured {measured / 2**20:.2f}"
+
+
 def test_the_init_flag_is_generated_from_the_config():
     import argparse
 
