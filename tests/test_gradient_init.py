@@ -518,6 +518,8 @@ def test_the_init_command_takes_a_gradient_start_and_records_it(tmp_path):
     from fisherlora.statistics import FisherStatistics
 
     assert FisherStatistics.load(out / "statistics.safetensors").grad
+    report = (out / "report.md").read_text()
+    assert "**init=natural_gradient**" in report and "PiSSA columns do not apply" in report
     ids = probe()
     with torch.no_grad():
         before = base(folder)(input_ids=ids).logits
