@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (docs/DESIGN.md §6, §11), steps in order of importance:
 #   a. build the CUDA extension, run the kernel tests on the GPU (Triton, the extension's FMA and
-#      tensor-core paths, the compile counts of tests/test_counting.py);
+#      tensor-core paths, the compile counts of tests/test_counting.py), the weight-gradient op's
+#      (issue 31) in a step of their own first;
 #   b. the full 32-layer Llama-3-8B-shaped init (random bf16 weights from fisherlora/configs,
 #      128 x 512 tokens): projected mode with the layer groups the plan picks for 24 GB, then full
 #      mode; each after a warm-up on a 1-layer model of the same shapes (compiles and autotuning
@@ -9,7 +10,7 @@
 #      against the plan;
 #   c. a Llama-3.2-1B-shaped whole init side by side in one run: the naive baseline, fisherlora in
 #      each mode, PEFT's PiSSA (full SVD), CorDA, LoRA-GA and EVA (bench/init_methods.py);
-#   d. the ops at 8B shapes against naive and against the bf16 matrix rate measured in the same
+#   d. the ops (the weight gradient's included) at 8B shapes against naive and against the bf16 matrix rate measured in the same
 #      run, then the dispatch table filled from them (fisherlora/ops/table.py), and the SVD solvers.
 #
 # A lease is short (about 15 minutes of device time per session, start included), so the steps
@@ -97,8 +98,12 @@ step build 180 "$PY" -m pip install --no-deps --no-build-isolation --no-index -e
 # pytest-xdist is installed (it is on the H200 image)
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider -rfE "${XDIST[@]}" tests/test_ops_triton.py \
-  tests/test_ops_ext.py tests/test_counting.py
+# the weight gradient's kernels first: their compiled Triton and CUDA paths are the newest, and a
+# kernel step that runs out of its limit would otherwise take their results with it
+step gradient_op 90 "$PY" -m pytest -q -p no:cacheprovider -rfE "${XDIST[@]}" -k gradient tests/test_ops_triton.py \
+  tests/test_ops_ext.py
+step kernel_tests 120 "$PY" -m pytest -q -p no:cacheprovider -rfE "${XDIST[@]}" -k "not gradient" \
+  tests/test_ops_triton.py tests/test_ops_ext.py tests/test_counting.py
 
 # b. the full 32-layer 8B init, projected for 24 GB and full; c. the 1B side by side
 if [ -f "$CONFIGS/llama-3-8b.json" ]; then

@@ -11,6 +11,9 @@ every fisherlora variant):
   ``FisherLoraConfig`` has a ``memory_mode`` field): every backend
   ``fisherlora.ops.available_backends(device)`` reports. Further ``field=value`` items set
   ``FisherLoraConfig`` fields of that run, e.g. ``fisherlora[ext,projected,magnitude=unit]``.
+  The gradient starts (``fisherlora[<backend>,full,init=gradient]``, ``...,init=natural_gradient]``,
+  issue 31) are listed for every backend, to be measured beside PEFT's ``lora_ga``: they add the
+  weight gradient to the hooks and decompose the (whitened) gradient instead of the weight.
 - ``naive``: the naive baseline of ``bench/naive.py`` (statistics and selection only).
 - PEFT's own initialisers through PEFT's public API: ``lora`` (default, Kaiming A and B = 0),
   ``gaussian``, ``pissa`` (full SVD), ``pissa_niter_4``, ``olora``, ``corda`` (IPM),
@@ -63,6 +66,10 @@ NOTES = {
 }
 
 
+#: ``FisherLoraConfig.init`` values of the gradient starts (listed per backend, in the full mode)
+GRADIENT_STARTS = ("gradient", "natural_gradient")
+
+
 # ----------------------------------------------------------------------------- method registry
 def memory_modes() -> list[str]:
     """The memory modes statistics can be held in (``auto`` only picks one of them)."""
@@ -79,6 +86,7 @@ def fisherlora_variants(device: str) -> list[str]:
     for backend in available_backends(device):
         for mode in memory_modes():
             out.append(f"fisherlora[{backend},{mode}]")
+        out += [f"fisherlora[{backend},full,init={init}]" for init in GRADIENT_STARTS]
     return out
 
 

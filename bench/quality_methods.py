@@ -14,7 +14,10 @@ starts in and how large it starts; five builders (``kind``) turn specs into an i
   (``milora``: the r smallest, own σ; ``sigma:unit``: the r largest, magnitude 1), residual
   ``W − s·BA`` so the outputs are unchanged (``bench.init_methods.svd_write``, MiLoRA's writer there).
 - ``fisherlora``: :func:`fisherlora.initialize_fisher_lora` with ``score`` x ``magnitude``
-  (``fisherlora``: the package defaults; one calibration pass serves every variant).
+  (``fisherlora``: the package defaults; one calibration pass serves every variant), or, where
+  ``init`` names one, a gradient start of ``FisherLoraConfig.init`` (``gradient``,
+  ``natural_gradient``: docs/DESIGN.md §1 step 6); the first method that needs the weight
+  gradient collects the statistics again with it, and they then serve every variant.
 - ``fisher_zero``: the Fisher-chosen directions at zero magnitude, LoRA's own start: ``B = 0``,
   A's rows the chosen ``v_iᵀ`` scaled to the expected row norm of PEFT's default A
   (Kaiming-uniform ``U(−1/√d_in, 1/√d_in)``: ``E‖row‖² = 1/3``), W untouched, no residual.
@@ -39,7 +42,7 @@ class Spec:
     """One initialiser: ``kind`` (a builder) and its settings; ``note`` says how it is run."""
 
     kind: str
-    init: object = True  # peft: init_lora_weights; peft_data: the init_methods name
+    init: object = True  # peft: init_lora_weights; peft_data: the init_methods name; fisherlora: True or an Init
     score: str | None = None  # fisherlora / fisher_zero: the ranking
     magnitude: str | None = None  # fisherlora / svd: unit, sigma, top_sigma, energy
     pick: str | None = None  # svd: "top" or "bottom" singular triplets
@@ -77,6 +80,17 @@ METHODS: dict[str, Spec] = {
     "sigma:unit": Spec("svd", pick="top", magnitude="unit", note="σ-ranked (PiSSA) directions, magnitude 1"),
     "fisher:zero": Spec("fisher_zero", score="fisher",
                         note="Fisher directions in A (PEFT-default row norm), B = 0, W untouched"),
+    "fisher_sigma:top_sigma": Spec("fisherlora", score="fisher_sigma", magnitude="top_sigma",
+                                   note="directions with the r largest σ_i² e_i (the whole component's energy), "
+                                   "the r largest σ of W"),
+    "fisher_low:top_sigma": Spec("fisherlora", score="fisher_low", magnitude="top_sigma",
+                                 note="directions with the r SMALLEST Fisher energies e_i, the r largest σ of W"),
+    "gradient": Spec("fisherlora", "gradient",
+                     note="fisherlora init='gradient': LoRA-GA's split of ∇W's singular vectors (A first r, B next r), "
+                     "unit directions x d_out^(1/4)/4, residual"),
+    "natural_gradient": Spec("fisherlora", "natural_gradient",
+                             note="fisherlora init='natural_gradient': the same split of the Fisher-optimal "
+                             "subspace of the damped K-FAC natural gradient, same scale, residual"),
 }
 #: the methods the standard run's 2.5-hour CPU budget is sized for
 CORE = ["lora", "pissa", "milora", "fisherlora"]
@@ -180,7 +194,8 @@ class Initialisers:
                                lora_kwargs=self.task.lora_kwargs())
             return pm
         if spec.kind == "fisherlora":
-            return self._fisherlora(model, spec.score, spec.magnitude, spec.allocation)
+            return self._fisherlora(model, spec.score, spec.magnitude, spec.allocation,
+                                    init=spec.init if isinstance(spec.init, str) else "filet")
         if spec.kind == "fisher_zero":
             directions = unit_rows(self._fisherlora(copy.deepcopy(self.base), spec.score, "unit"))
             pm = peft.get_peft_model(model, self._config(True))
@@ -188,11 +203,15 @@ class Initialisers:
             return pm
         raise ValueError(f"unknown method kind {spec.kind!r}")
 
-    def _fisherlora(self, model, score: str, magnitude: str, allocation: str = "uniform"):
+    def _fisherlora(self, model, score: str | None, magnitude: str | None, allocation: str = "uniform",
+                    init: str = "filet"):
         import fisherlora
 
-        cfg = fisherlora.FisherLoraConfig(rank=self.rank, alpha=self.alpha, score=score, magnitude=magnitude,
-                                          rank_allocation=allocation)
+        fields = {k: v for k, v in (("score", score), ("magnitude", magnitude)) if v is not None}
+        cfg = fisherlora.FisherLoraConfig(rank=self.rank, alpha=self.alpha, rank_allocation=allocation, init=init,
+                                          **fields)
+        if cfg.init.needs_gradient and self.stats is not None and not self.stats.grad:
+            self.stats = None  # collected without the weight gradient: once more with it (the same A and G)
         kw = {}
         if not self.task.causal_lm:
             if not fisherlora_takes_loss_fn():

@@ -1,12 +1,13 @@
-"""Kernel benchmarks of the three curvature ops, provider by provider (pytest-benchmark).
+"""Kernel benchmarks of the curvature ops and the weight gradient, provider by provider (pytest-benchmark).
 
     pytest bench/test_bench_ops.py --benchmark-only --benchmark-json=bench/out/ops.json
 
 Providers: ``naive`` (``x[mask].float().T @ x[mask].float()``, ``((M @ Q) * Q).sum(0)``,
-``(x[mask].float() @ Q.float()).square().sum(0)``), then ``torch``, ``triton`` and ``ext``
-through ``backend=``; a provider unavailable on the device is skipped. The device is
+``(x[mask].float() @ Q.float()).square().sum(0)``, ``g[mask].float().T @ a[mask].float()``), then
+``torch``, ``triton`` and ``ext`` through ``backend=``; a provider unavailable on the device is skipped. The device is
 synchronised inside the timed call. ``extra_info`` holds the shape, the FLOPs counted (SYRK:
-``T·d²`` with ``T`` every row the kernel walks, masked or not), the achieved TFLOP/s at the median,
+``T·d²`` with ``T`` every row the kernel walks, masked or not; the gradient: ``2·T·d_out·d_in``;
+its ``d`` is the dispatch table's key, :func:`fisherlora.ops.table.gradient_width`), the achieved TFLOP/s at the median,
 and the peak memory one call allocates beyond its inputs (measured once, outside the timing).
 
 Shapes: on CUDA the Llama-3-8B ones (``d`` in {1024, 4096, 14336}, 16,384 tokens, bf16); on CPU
@@ -21,6 +22,7 @@ import torch
 
 from bench import common
 from fisherlora import ops, testing
+from fisherlora.ops import table
 
 DEVICE = common.pick_device()
 PROVIDERS = ("naive", "torch", "triton", "ext")
@@ -58,6 +60,18 @@ elif DEVICE.type == "cuda":
     PROJECTED_SHAPES = [(d, min(d, 4096), 16384, torch.bfloat16, 0.0) for d in (1024, 4096, 14336)]
 else:
     PROJECTED_SHAPES = [(2048, 2048, 4096, dt, 0.5) for dt in (torch.bfloat16, torch.float32)]
+
+
+# (d_out, d_in, tokens, dtype, mask_frac, transpose): the Llama-3-8B projections' weight gradients
+# (q/o 4096x4096, gate/up 14336x4096, down 4096x14336); on CPU issue 4's width; transpose: Conv1D
+if common.quick():
+    GRADIENT_SHAPES = [(48, 40, 64, torch.bfloat16, 0.5, False), (40, 48, 64, torch.float32, 0.0, True)]
+elif DEVICE.type == "cuda":
+    GRADIENT_SHAPES = [(4096, 4096, 16384, torch.bfloat16, 0.0, False),
+                       (14336, 4096, 16384, torch.bfloat16, 0.5, False),
+                       (4096, 14336, 16384, torch.bfloat16, 0.0, False)]
+else:
+    GRADIENT_SHAPES = [(2048, 2048, 4096, torch.bfloat16, 0.5, False), (2048, 2048, 4096, torch.float32, 0.5, True)]
 
 
 def _dt(dtype: torch.dtype) -> str:
@@ -152,3 +166,33 @@ def test_projected_sq_accumulate(benchmark, shape, provider):
     _run(benchmark, fn, common.projected_flops(x[..., 0].numel(), d, k),
          dict(op="projected_sq_accumulate_", provider=provider, d=d, k=k, tokens=tokens, dtype=_dt(dtype),
               mask_frac=mask_frac))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", GRADIENT_SHAPES,
+                         ids=lambda s: f"o{s[0]}-i{s[1]}-T{s[2]}-{_dt(s[3])}-mask{s[4]}{'-transpose' * s[5]}")
+def test_gradient_accumulate(benchmark, shape, provider):
+    d_out, d_in, tokens, dtype, mask_frac, transpose = shape
+    _require(provider)
+    if provider != "naive" and provider not in ops.available_backends(DEVICE, "gradient_accumulate_"):
+        pytest.skip(f"provider {provider!r} has no gradient_accumulate_ (a stale extension?)")
+    g, mask = common.tokens_input(tokens, d_out, dtype, mask_frac, DEVICE)
+    a, _ = common.tokens_input(tokens, d_in, dtype, 0.0, DEVICE, seed=1)
+    if mask is not None:
+        a.masked_fill_(~mask.unsqueeze(-1), float("nan"))  # padding in both: never read
+    acc = torch.zeros((d_in, d_out) if transpose else (d_out, d_in), device=DEVICE)
+    layout = "transposed" if transpose else "dense"
+    benchmark.group = f"gradient-o{d_out}-i{d_in}-{_dt(dtype)}-mask{mask_frac}-{layout}"
+    if provider == "naive":
+        def fn():
+            gm, am = g.reshape(-1, d_out), a.reshape(-1, d_in)
+            if mask is not None:
+                gm, am = gm[mask.reshape(-1)], am[mask.reshape(-1)]
+            gm, am = gm.float(), am.float()
+            acc.add_(am.T @ gm if transpose else gm.T @ am)
+    else:
+        def fn():
+            ops.gradient_accumulate_(acc, g, a, mask, transpose=transpose, backend=provider)
+    _run(benchmark, fn, 2.0 * g[..., 0].numel() * d_out * d_in,
+         dict(op="gradient_accumulate_", provider=provider, d=table.gradient_width(d_out, d_in), d_out=d_out,
+              d_in=d_in, tokens=tokens, dtype=_dt(dtype), mask_frac=mask_frac, layout=layout))

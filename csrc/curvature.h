@@ -4,6 +4,8 @@
 //   fisherlora_ext::syrk_accumulate_(Tensor(a!) acc, Tensor x, Tensor? mask, float scale) -> ()
 //   fisherlora_ext::fisher_energy(Tensor M, Tensor Q) -> Tensor
 //   fisherlora_ext::projected_sq_accumulate_(Tensor(a!) acc, Tensor x, Tensor Q, Tensor? mask) -> ()
+//   fisherlora_ext::gradient_accumulate_(Tensor(a!) acc, Tensor g, Tensor a, Tensor? mask, float scale,
+//                                        bool transpose) -> ()
 // with a CPU kernel (cpu/curvature_cpu.cpp) and, when built with CUDA, a CUDA kernel
 // (cuda/curvature_cuda.cu). Both check their inputs with TORCH_CHECK, so calling the ops through
 // torch.ops directly (without fisherlora.ops' validation) gives clear errors, never a crash.
@@ -25,6 +27,8 @@ void check_syrk_args(const at::Tensor& acc, const at::Tensor& x, const std::opti
 void check_energy_args(const at::Tensor& M, const at::Tensor& Q);
 void check_projected_args(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& Q,
                           const std::optional<at::Tensor>& mask);
+void check_gradient_args(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                         const std::optional<at::Tensor>& mask, bool transpose);
 
 namespace cpu {
 void syrk_accumulate_(const at::Tensor& acc, const at::Tensor& x, const std::optional<at::Tensor>& mask,
@@ -32,6 +36,8 @@ void syrk_accumulate_(const at::Tensor& acc, const at::Tensor& x, const std::opt
 at::Tensor fisher_energy(const at::Tensor& M, const at::Tensor& Q);
 void projected_sq_accumulate_(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& Q,
                               const std::optional<at::Tensor>& mask);
+void gradient_accumulate_(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                          const std::optional<at::Tensor>& mask, double scale, bool transpose);
 }  // namespace cpu
 
 }  // namespace fisherlora

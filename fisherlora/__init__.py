@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from fisherlora.adapter import load  # noqa: E402
 from fisherlora.collect import StatisticsCollector, collect_statistics  # noqa: E402
-from fisherlora.config import FisherLoraConfig, FisherType, Magnitude, Score  # noqa: E402
+from fisherlora.config import FisherLoraConfig, FisherType, Init, Magnitude, Score  # noqa: E402
 from fisherlora.decompose import compute_initialization  # noqa: E402
 from fisherlora.export import convert, merge  # noqa: E402
 from fisherlora.initialize import get_peft_model, initialize_fisher_lora  # noqa: E402
@@ -25,7 +25,7 @@ from fisherlora.result import FisherLoraResult  # noqa: E402
 from fisherlora.statistics import FisherStatistics  # noqa: E402
 
 __all__ = [
-    "FisherLoraConfig", "FisherType", "Score", "Magnitude",
+    "FisherLoraConfig", "FisherType", "Init", "Score", "Magnitude",
     "FisherStatistics", "StatisticsCollector", "find_target_modules",
     "FisherLoraResult", "collect_statistics", "compute_initialization", "initialize_fisher_lora", "get_peft_model",
     "load", "convert", "merge",

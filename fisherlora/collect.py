@@ -7,7 +7,12 @@ For every target layer ``s = W a`` (``W`` of shape ``(d_out, d_in)``) the collec
   per-token losses with respect to the layer output (so ``g`` is a per-token gradient, and
   micro-batching does not change the factors);
 
-the K-FAC approximation ``F ≈ A ⊗ G`` of the layer's Fisher block (Martens & Grosse 2015).
+the K-FAC approximation ``F ≈ A ⊗ G`` of the layer's Fisher block (Martens & Grosse 2015), and,
+with ``gradient=True``, the weight gradient
+
+- ``∇W = (1/N_G) Σ g aᵀ``, ``(d_out, d_in)``, over the same counted tokens as ``G``: the gradient of
+  the summed loss divided by ``N_G`` (docs/DESIGN.md §1 step 1). Each layer's input is held from
+  its forward until its output gradient arrives (a reference, not a copy).
 
 Conventions (tested in ``tests/test_collect.py``):
 
@@ -55,6 +60,12 @@ from tqdm.auto import tqdm
 from fisherlora import distributed, ops, sharded
 from fisherlora.calibration import run_calibration
 from fisherlora.config import FisherLoraConfig, MemoryMode
+from fisherlora.entry import (
+    checkpointed,
+    make_hidden_states_require_grad,
+    make_inputs_require_grad,
+    make_output_require_grad,
+)
 from fisherlora.heads import TokenMasks, input_embeddings
 from fisherlora.layers import decoder_layer_index, layer_shape
 from fisherlora.memory import all_finite
@@ -97,15 +108,19 @@ class StatisticsCollector:
         checkpoint: recompute the decoder layers, from the lowest hooked one up, in the
             backward pass (module docstring); ignored when the hooked modules are not all in
             one stack of decoder layers.
+        gradient: also accumulate the weight gradient ``∇W`` of every layer (``full`` or
+            ``packed`` mode), with :func:`fisherlora.ops.gradient_accumulate_`.
 
     Raises:
-        ValueError: no modules, an unknown mode, or missing bases for ``projected``.
+        ValueError: no modules, an unknown mode, missing bases for ``projected``, or
+            ``gradient`` with ``projected``.
     """
 
     def __init__(self, model: nn.Module, modules: dict[str, nn.Module], *,
                  stats_dtype: torch.dtype = torch.float32, backend: str = "auto",
                  mode: MemoryMode | str = MemoryMode.FULL,
-                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False):
+                 bases: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None, checkpoint: bool = False,
+                 gradient: bool = False):
         if not modules:
             raise ValueError("StatisticsCollector needs at least one target module")
         held = MemoryMode.held()
@@ -116,6 +131,9 @@ class StatisticsCollector:
             missing = [n for n in modules if not bases or n not in bases]
             if missing:
                 raise ValueError(f"projected mode needs the singular bases of {missing[:5]}")
+            if gradient:
+                raise ValueError("the weight gradient is dense (d_out x d_in per layer), which the projected mode "
+                                 "does not hold; collect it in the full or packed mode")
         self.model = model
         self.modules = dict(modules)
         self.stats_dtype = stats_dtype
@@ -128,6 +146,8 @@ class StatisticsCollector:
         self.shapes = {n: layer_shape(m) for n, m in self.modules.items()}
         self._A: dict[str, torch.Tensor] = {}
         self._G: dict[str, torch.Tensor] = {}
+        self.gradient = gradient
+        self._grad: dict[str, torch.Tensor] = {}
         self.a_key: dict[str, str] = {}
         self.a_count: dict[str, int] = {}
         self.g_count: dict[str, int] = {n: 0 for n in self.modules}
@@ -152,15 +172,15 @@ class StatisticsCollector:
             layers = self._decoder_layers()
             embeds = input_embeddings(model)
             if layers:
-                self._handles.append(layers[0].register_forward_pre_hook(_make_hidden_states_require_grad,
+                self._handles.append(layers[0].register_forward_pre_hook(make_hidden_states_require_grad,
                                                                          with_kwargs=True))
             elif embeds:
-                self._handles += [e.register_forward_hook(_make_output_require_grad) for e in embeds]
+                self._handles += [e.register_forward_hook(make_output_require_grad) for e in embeds]
             else:
-                self._handles.append(model.register_forward_pre_hook(_make_inputs_require_grad, with_kwargs=True))
+                self._handles.append(model.register_forward_pre_hook(make_inputs_require_grad, with_kwargs=True))
             if self.checkpoint:
                 for layer in layers:
-                    layer.forward = _checkpointed(layer.forward)
+                    layer.forward = checkpointed(layer.forward)
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(partial(self._forward_hook, name)))
         except BaseException:
@@ -239,7 +259,9 @@ class StatisticsCollector:
         if not _in_backward():
             self._accumulate_A(name, x, mask, count)
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(partial(self._grad_hook, name, mask, count))
+            # the input travels with the hook for the weight gradient: a reference, not a copy
+            a = (x.detach(), x._version) if self.gradient else None
+            output.register_hook(partial(self._grad_hook, name, mask, count, a))
 
     def _new_acc(self, name: str, d: int, device) -> torch.Tensor:
         if self.mode is MemoryMode.PROJECTED:
@@ -284,15 +306,24 @@ class StatisticsCollector:
         self._seen[id(x)] = (weakref.ref(x), x._version, key)
 
     @torch.no_grad()
-    def _grad_hook(self, name: str, mask: torch.Tensor | None, count: int, grad: torch.Tensor) -> None:
+    def _grad_hook(self, name: str, mask: torch.Tensor | None, count: int, a: tuple | None,
+                   grad: torch.Tensor) -> None:
         if name not in self._G:
             self._G[name] = self._new_acc(name, self.shapes[name][0], grad.device)
         self._update(self._G[name], grad, mask, self._U.get(name))
+        if a is not None:
+            a, version = a
+            if a._version != version:
+                raise RuntimeError(f"layer {name!r}: its input was modified in place between the forward and the "
+                                   "backward pass, so the weight gradient cannot be formed from it")
+            if name not in self._grad:
+                self._grad[name] = torch.zeros(self.shapes[name], dtype=self.stats_dtype, device=grad.device)
+            ops.gradient_accumulate_(self._grad[name], grad, a, mask, backend=self.backend)
         self.g_count[name] += count
 
     # ----------------------------------------------------------------------------- results
     def statistics(self, info: dict | None = None) -> FisherStatistics:
-        """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G``.
+        """The normalised factors ``A = Σaaᵀ/N_A`` and ``G = Σggᵀ/N_G`` (and ``∇W = Σgaᵀ/N_G``).
 
         The accumulators themselves become the factors: the first call mirrors (dense) and divides
         each one in place, one at a time, so finalising needs no memory beyond the accumulators
@@ -319,6 +350,8 @@ class StatisticsCollector:
                 _normalise_(acc, self.a_count[key])
             for name, acc in self._G.items():
                 _normalise_(acc, self.g_count[name])
+            for name, acc in self._grad.items():
+                acc.div_(max(self.g_count[name], 1))
         for key, acc in self._A.items():
             if not all_finite(acc):
                 users = [n for n, k in self.a_key.items() if k == key]
@@ -326,8 +359,12 @@ class StatisticsCollector:
         for name, acc in self._G.items():
             if not all_finite(acc):
                 raise FloatingPointError(f"non-finite values in the gradient covariance G of layer {name!r}")
+        for name, acc in self._grad.items():
+            if not all_finite(acc):
+                raise FloatingPointError(f"non-finite values in the weight gradient of layer {name!r}")
         return FisherStatistics(dict(self._A), dict(self._G), dict(self.a_key), dict(self.a_count),
-                                dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode)
+                                dict(self.g_count), dict(self.shapes), dict(info or {}), self.mode,
+                                grad={n: self._grad[n] for n in self.modules if n in self._grad})
 
 
 def _host_counts(counts: dict) -> dict[str, int]:
@@ -344,49 +381,6 @@ def _normalise_(acc: torch.Tensor, count: int) -> None:
     acc.div_(max(count, 1))
 
 
-def _make_output_require_grad(module, args, output):
-    if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad:
-        return output.detach().requires_grad_(True)
-    return None
-
-
-def _make_hidden_states_require_grad(module, args, kwargs):
-    """Pre-hook of the lowest hooked decoder layer: its hidden states (first positional
-    argument, or ``hidden_states=``) start the backward pass."""
-    if not torch.is_grad_enabled():
-        return None
-    if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-    h = kwargs.get("hidden_states")
-    if isinstance(h, torch.Tensor) and h.is_floating_point():
-        return args, {**kwargs, "hidden_states": h.detach().requires_grad_(True)}
-    return _make_inputs_require_grad(module, args, kwargs)
-
-
-def _checkpointed(forward):
-    """``forward`` run under non-reentrant activation checkpointing when grad mode is on."""
-    from torch.utils.checkpoint import checkpoint
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    return run
-
-
-def _make_inputs_require_grad(module, args, kwargs):
-    if not torch.is_grad_enabled():
-        return None
-
-    def lift(t):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
-            return t.detach().requires_grad_(True)
-        return t
-
-    return tuple(lift(a) for a in args), {k: lift(v) for k, v in kwargs.items()}
-
-
 @keeps_global_rng
 def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches, config: FisherLoraConfig, *,
                        mode: MemoryMode | str = MemoryMode.FULL, bases: dict | None = None,
@@ -400,7 +394,8 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
             (default :func:`fisherlora.heads.resolve_head`; a custom one carries the ``loss_fn``).
         batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask",
             "labels"}``).
-        config: fisher type, label draws, seed, statistics dtype and backend.
+        config: fisher type, label draws, seed, statistics dtype, backend, and whether the
+            initialisation needs the weight gradient (``init``).
         mode, bases: the memory mode and, for ``projected``, the singular bases (see
             :class:`fisherlora.StatisticsCollector`); projected also recomputes the decoder layers
             in the backward pass (activation checkpointing).
@@ -414,7 +409,8 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
     dtype = getattr(torch, config.stats_dtype)
     ctx = distributed.context(process_group)
     collector = StatisticsCollector(model, modules, stats_dtype=dtype, backend=config.backend, mode=mode,
-                                    bases=bases, checkpoint=mode == MemoryMode.PROJECTED)
+                                    bases=bases, checkpoint=mode == MemoryMode.PROJECTED,
+                                    gradient=config.init.needs_gradient)
     with collector as col, tqdm(total=num_batches or 0, desc=desc, unit="seq", disable=not progress,
                                 dynamic_ncols=True) as bar, distributed.together(ctx, "the calibration passes"):
         shares = batches if ctx is None else distributed.shard_batches(batches, ctx, sharded.model_is_sharded(model))

@@ -21,12 +21,37 @@ class FisherType(str, enum.Enum):
 
 
 class Score(str, enum.Enum):
-    """How singular directions are ranked. ``fisher``: ``e_i = (u_iᵀGu_i)(v_iᵀAv_i)``, the Fisher
-    energy of the unit direction ``u_i v_iᵀ``; ``fisher_sigma``: ``σ_i² e_i``, the energy of the
-    whole component."""
+    """How singular directions are ranked. ``fisher``: the ``r`` largest ``e_i = (u_iᵀGu_i)(v_iᵀAv_i)``,
+    the Fisher energy of the unit direction ``u_i v_iᵀ``; ``fisher_sigma``: the ``r`` largest
+    ``σ_i² e_i``, the energy of the whole component; ``fisher_low``: the ``r`` SMALLEST ``e_i``
+    (adapt where the data's curvature is least). Three readings of FILet's "Fisher energy"
+    (docs/DESIGN.md §1 step 3)."""
 
     FISHER = "fisher"
     FISHER_SIGMA = "fisher_sigma"
+    FISHER_LOW = "fisher_low"
+
+
+class Init(str, enum.Enum):
+    """Where the adapter starts (docs/DESIGN.md §1 step 6).
+
+    ``filet``: the weight's singular triplets ranked by Fisher energy (FILet; ``score``,
+    ``magnitude`` and ``damping`` apply). ``gradient``: LoRA-GA's split of the weight gradient
+    ``∇W``'s singular vectors (``A`` from the first ``r``, ``B`` from the next ``r``).
+    ``natural_gradient``: the same split of the Fisher-optimal rank-``2r`` subspace of the damped
+    K-FAC natural gradient ``(G+λ_G I)⁻¹ ∇W (A+λ_A I)⁻¹``. Both gradient starts gather ``∇W`` in the
+    calibration hooks (a ``d_out × d_in`` float32 statistic per layer) and subtract ``s·BA`` into
+    the residual weight, so the outputs at step 0 are unchanged.
+    """
+
+    FILET = "filet"
+    GRADIENT = "gradient"
+    NATURAL_GRADIENT = "natural_gradient"
+
+    @property
+    def needs_gradient(self) -> bool:
+        """Whether this start reads the gradient statistic ``∇W``."""
+        return self is not Init.FILET
 
 
 class MemoryMode(str, enum.Enum):
@@ -102,7 +127,14 @@ class FisherLoraConfig:
     fisher_type: FisherType = _help("'empirical' (data labels) or 'true' (sampled labels)",
                                     default=FisherType.EMPIRICAL)
     mc_samples: int = _help("label draws per batch for fisher_type='true'", default=1)
-    score: Score = _help("ranking of singular directions: 'fisher' or 'fisher_sigma'", default=Score.FISHER)
+    init: Init = _help(
+        "where the adapter starts: 'filet' (the weight's singular triplets ranked by Fisher energy: score, magnitude), "
+        "'gradient' (LoRA-GA's split of the weight gradient's singular vectors) or 'natural_gradient' (the same split "
+        "of the Fisher-optimal subspace of the damped K-FAC natural gradient); the gradient starts gather the "
+        "d_out x d_in weight gradient in the calibration hooks (full or packed memory mode, empirical Fisher)",
+        default=Init.FILET)
+    score: Score = _help("ranking of singular directions (init='filet'): 'fisher' (largest e_i), 'fisher_sigma' "
+                         "(largest sigma_i^2 e_i) or 'fisher_low' (smallest e_i)", default=Score.FISHER)
     magnitude: Magnitude = _help(
         "size of each chosen direction in the adapter: 'unit' (1), 'sigma' (its own σ_i, PiSSA on the chosen "
         "directions), 'top_sigma' (the r largest σ of the weight, handed out in score order) or 'energy' (the "
@@ -111,7 +143,9 @@ class FisherLoraConfig:
         "(bench/RESULTS.md)",
         default=Magnitude.TOP_SIGMA)
     damping: float = _help(
-        "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G",
+        "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G; for "
+        "init='natural_gradient' added to A and G before they are inverted (0: 1e-2 x each factor's mean "
+        "eigenvalue, docs/DESIGN.md §1 step 6)",
         default=0.0,
     )
     stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32",
@@ -136,7 +170,8 @@ class FisherLoraConfig:
                           "min(d_out, d_in))", default=0)
 
     def __post_init__(self):
-        enums = {"fisher_type": FisherType, "score": Score, "magnitude": Magnitude, "memory_mode": MemoryMode}
+        enums = {"init": Init, "fisher_type": FisherType, "score": Score, "magnitude": Magnitude,
+                 "memory_mode": MemoryMode}
         for name, enum_cls in enums.items():
             value = getattr(self, name)
             try:
@@ -177,6 +212,8 @@ class FisherLoraConfig:
             raise ValueError(f"FisherLoraConfig.min_rank ({self.min_rank}) must not exceed max_rank ({self.max_rank})")
         if self.backend not in _BACKENDS:
             raise ValueError(f"FisherLoraConfig.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.init.needs_gradient:
+            self._check_gradient_init()
         tm = self.target_modules
         if isinstance(tm, (list, tuple)):
             if not tm or not all(isinstance(t, str) and t for t in tm):
@@ -184,6 +221,22 @@ class FisherLoraConfig:
             self.target_modules = list(tm)
         elif not isinstance(tm, str) or not tm:
             raise ValueError(f"FisherLoraConfig.target_modules must be a string or a list of names, got {tm!r}")
+
+    def _check_gradient_init(self) -> None:
+        """The settings a gradient start cannot serve, refused with what to use instead."""
+        what = f"FisherLoraConfig.init={self.init.value!r}"
+        if self.memory_mode is MemoryMode.PROJECTED:
+            raise ValueError(f"{what} needs the dense weight gradient (d_out x d_in per layer) and, for the natural "
+                             "gradient, the dense A and G, which memory_mode='projected' never holds; use "
+                             "memory_mode='full', 'packed' or 'auto' (with layer_groups to bound the memory)")
+        if self.fisher_type is FisherType.TRUE:
+            raise ValueError(f"{what} needs the gradient of the loss on the data's own labels, but "
+                             "fisher_type='true' back-propagates labels sampled from the model (whose expected "
+                             "gradient is zero); use fisher_type='empirical'")
+        if self.rank_allocation != "uniform":
+            raise ValueError(f"{what} gives every layer its rank from the gradient's own spectrum; "
+                             "rank_allocation='global' shares ranks by the Fisher energy of the weight's "
+                             "singular triplets (init='filet'); use rank_allocation='uniform'")
 
     def to_lora_config(self, **overrides):
         """The PEFT ``LoraConfig`` with this config's rank, alpha, rsLoRA and target modules."""

@@ -12,6 +12,12 @@ from tqdm.auto import tqdm
 
 from fisherlora import ops
 from fisherlora.config import FisherLoraConfig, Magnitude, MemoryMode, Score
+from fisherlora.gradient_init import (
+    check_gradient_ranks,
+    decompose_gradient_layer,
+    stable_scale,
+    warn_degenerate_gradients,
+)
 from fisherlora.layers import check_ranks, check_target_weights, layer_shape, ranks_and_scalings, weight_view
 from fisherlora.snapshot import keeps_global_rng
 from fisherlora.statistics import FisherStatistics
@@ -52,8 +58,9 @@ def direction_energy(U: torch.Tensor, Vh: torch.Tensor, A: torch.Tensor, G: torc
     return gu, av, gu * av
 
 
-def select_directions(score: torch.Tensor, sigma: torch.Tensor, r: int) -> torch.Tensor:
-    """Indices of the ``r`` largest scores, in descending score order, ties broken by larger ``σ``.
+def select_directions(score: torch.Tensor, sigma: torch.Tensor, r: int, *, lowest: bool = False) -> torch.Tensor:
+    """Indices of the ``r`` largest scores (``lowest=True``: the ``r`` smallest), best first (in
+    descending, or ascending, score order), ties broken by larger ``σ``.
 
     Raises:
         ValueError: ``r`` exceeds the number of directions.
@@ -62,7 +69,7 @@ def select_directions(score: torch.Tensor, sigma: torch.Tensor, r: int) -> torch
     if r > k:
         raise ValueError(f"rank {r} exceeds the {k} singular directions of the layer")
     by_sigma = torch.argsort(sigma, descending=True, stable=True)
-    order = by_sigma[torch.argsort(score[by_sigma], descending=True, stable=True)]
+    order = by_sigma[torch.argsort(score[by_sigma], descending=not lowest, stable=True)]
     return order[:r]
 
 
@@ -76,6 +83,11 @@ class LayerSelection:
         sigma: ``(k,)`` all singular values. energy: ``(k,)`` Fisher energies ``e_i``.
         score: ``(k,)`` the ranking score (``e`` or ``σ² e``).
         magnitudes: ``(r,)`` the singular values the adapter carries.
+
+    For the gradient starts (``init`` other than ``filet``, :mod:`fisherlora.gradient_init`) the
+    triplets are the (whitened) gradient's: ``indices`` are ``0..r-1`` (the right directions ``A``
+    holds), ``sigma`` its singular values, ``energy`` and ``score`` their squares, ``magnitudes``
+    ``ζ²``.
     """
 
     name: str
@@ -208,8 +220,8 @@ def decompose_layer(name: str, W: torch.Tensor, A: torch.Tensor, G: torch.Tensor
         e = direction_energy(U, Vh, A.to(W.device), G.to(W.device), damping, backend)[2]
     e = e.to(torch.float64)
     s64 = S.to(torch.float64)
-    sc = e if score is Score.FISHER else e * s64.square()
-    idx = select_directions(sc, s64, rank)
+    sc = e * s64.square() if score is Score.FISHER_SIGMA else e
+    idx = select_directions(sc, s64, rank, lowest=score is Score.FISHER_LOW)
     mags = adapter_magnitudes(s64, e, idx, magnitude)
     B, A_lora = lora_factors(*canonical_signs(U[:, idx], Vh[idx]), mags, scaling)
     sel = LayerSelection(name, (d_out, d_in), rank, idx.cpu(), s64.cpu(), e.cpu(), sc.cpu(), mags.cpu())
@@ -289,12 +301,19 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
     check_target_weights(modules)
     plan = ranks_and_scalings(lora_config, list(modules))
     check_ranks({n: layer_shape(m) for n, m in modules.items()}, {n: r for n, (r, _) in plan.items()})
+    check_gradient_ranks({n: layer_shape(m) for n, m in modules.items()}, {n: r for n, (r, _) in plan.items()},
+                         config.init)
     for name, module in modules.items():
         if name not in stats.G:
             raise ValueError(f"the statistics hold no factors for layer {name!r}")
+        if config.init.needs_gradient and name not in stats.grad:
+            raise ValueError(f"init={config.init.value!r} needs the weight gradient, and the statistics hold none for "
+                             f"layer {name!r} (collected for init='filet'); collect them again with this init")
         if tuple(stats.shapes[name]) != layer_shape(module):
             raise ValueError(f"the statistics of {name!r} are for shape {tuple(stats.shapes[name])}, "
                              f"the layer is {layer_shape(module)}")
+    if config.init.needs_gradient:
+        return _gradient_initialization(modules, stats, plan, config, progress)
     if warn and not config.damping:  # initialize_fisher_lora warns once for the whole run instead (warn=False)
         warn_rank_deficient(rank_deficient(modules, stats), len(modules))
     if stats.kind is MemoryMode.PROJECTED and bases is None:
@@ -319,3 +338,28 @@ def compute_initialization(modules: dict[str, nn.Module], stats: FisherStatistic
             del W, svds
     return {n: inits[n] for n in modules}, {n: selections[n] for n in modules}  # model order
 
+
+
+def _gradient_initialization(modules: dict[str, nn.Module], stats: FisherStatistics, plan: dict, config,
+                             progress: bool):
+    """:func:`compute_initialization` for the gradient starts: no SVD of the weights, one SVD of
+    each layer's (whitened) gradient (:func:`fisherlora.gradient_init.decompose_gradient_layer`)."""
+    inits, selections, zero = {}, {}, []
+    with tqdm(total=len(modules), desc=f"decomposition ({config.init.value})", unit="layer", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for name, module in modules.items():
+            r, s = plan[name]
+            A, G = stats.factors(name)
+            device = next(module.parameters()).device
+            sigma, B, A_lora = decompose_gradient_layer(name, stats.grad[name], A, G, rank=r, init=config.init,
+                                                        damping=config.damping, device=device)
+            if not sigma[2 * r - 1] > 1e-10 * sigma[0]:  # fewer than 2r independent directions
+                zero.append(name)
+            sq = sigma.square()
+            sel = LayerSelection(name, layer_shape(module), r, torch.arange(r), sigma, sq, sq.clone(),
+                                 torch.full((r,), stable_scale(layer_shape(module)[0]) ** 2, dtype=torch.float64))
+            inits[name] = LayerInit(B, A_lora, s)
+            selections[name] = sel
+            bar.update(1)
+    warn_degenerate_gradients(zero)
+    return inits, selections

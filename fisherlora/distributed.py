@@ -194,7 +194,7 @@ def reduce_collector(col, totals: dict, ctx: Dist) -> dict:
     SUMS and counts travel separately (each rank's normalised means would be wrong to average
     when the ranks counted different numbers of tokens): dense factors as their upper triangles
     (what the accumulator guarantees; the normalisation mirrors them), packed factors as they are
-    (already upper triangles), projected ones as their diagonals ``(k,)``. The tensors go in
+    (already upper triangles), projected ones as their diagonals ``(k,)``, weight gradients whole. The tensors go in
     buckets of :data:`BUCKET_BYTES`, one ``all_reduce`` each, and all counts in one more. A rank
     that saw no batch, or no forward of some layer, contributes zeros, with the sharing of ``A``
     taken from the ranks that did.
@@ -228,8 +228,12 @@ def reduce_collector(col, totals: dict, ctx: Dist) -> dict:
             col.a_count[key] = 0
         if name not in col._G:
             col._G[name] = col._new_acc(name, col.shapes[name][0], device)
+        if col.gradient and name not in col._grad:
+            col._grad[name] = torch.zeros(col.shapes[name], dtype=col.stats_dtype, device=device)
     keys = list(dict.fromkeys(col.a_key[n] for n in col.modules))
     tensors = [col._A[k] for k in keys] + [col._G[n] for n in col.modules]
+    # the weight gradients (not symmetric) whole, as flat views of row blocks (in place, bucketed)
+    tensors += [block for n in col.modules if n in col._grad for block in _row_blocks(col._grad[n])]
     # the hooks keep their counts on the device (docs/DESIGN.md §11): read here, once per run
     counts = torch.tensor([int(col.a_count[k]) for k in keys] + [int(col.g_count[n]) for n in col.modules],
                           dtype=torch.int64, device=ctx.device)
@@ -241,6 +245,13 @@ def reduce_collector(col, totals: dict, ctx: Dist) -> dict:
     col.a_count.update(zip(keys, counts[:len(keys)]))
     col.g_count.update(zip(col.modules, counts[len(keys):]))
     return merged
+
+
+def _row_blocks(acc: torch.Tensor, rows_bytes: int = 16 << 20) -> list[torch.Tensor]:
+    """Flat views of a contiguous ``(d_out, d_in)`` ``acc``'s row blocks of about ``rows_bytes``
+    each: reduced whole, in place, without one bucket of the whole matrix."""
+    step = max(1, rows_bytes // max(1, acc.shape[1] * acc.element_size()))
+    return [acc[r0:r0 + step].view(-1) for r0 in range(0, acc.shape[0], step)]
 
 
 def _upper_rows(acc: torch.Tensor):

@@ -18,8 +18,8 @@ __all__ = ["PLAN_FIELDS", "add_config_flags", "config_from_args", "flag_name", "
 _REGEX_CHARS = set("*+?[]()|\\^$")
 
 #: the config fields ``fisherlora plan`` reads (with ``init``'s defaults)
-PLAN_FIELDS = ("rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype", "bases_dtype",
-               "fisher_type", "mc_samples")
+PLAN_FIELDS = ("init", "rank", "target_modules", "num_samples", "max_length", "batch_size", "stats_dtype",
+               "bases_dtype", "fisher_type", "mc_samples")
 
 
 def flag_name(field: str) -> str:

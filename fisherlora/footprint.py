@@ -160,6 +160,10 @@ class Footprint:
         mc_samples: label draws per batch of the true Fisher; 0 for the empirical one.
         dequantised: the targets are quantised (docs/DESIGN.md §8): each is dequantised to
             float32 one at a time where it is read.
+        gradient: the initialisation gathers the weight gradient (``init`` other than ``filet``):
+            a ``(d_out, d_in)`` statistic per layer, each layer's input held until its output
+            gradient arrives, and a decomposition of the (whitened) gradient instead of the weight's
+            SVD (full and packed modes only).
     """
 
     # tile sizes of the compiled kernels (csrc/cpu/curvature_cpu.cpp)
@@ -167,7 +171,7 @@ class Footprint:
 
     def __init__(self, shapes, ranks, a_key, arch: Architecture, mode: MemoryMode | None, *, batch_size: int,
                  max_length: int, elem: int, stats_bytes: int, bases_bytes: int, reference: bool, threads: int,
-                 mc_samples: int = 0, dequantised: bool = False):
+                 mc_samples: int = 0, dequantised: bool = False, gradient: bool = False):
         self.shapes, self.ranks, self.a_key, self.arch = shapes, ranks, a_key, arch
         self.share, self.mode = mode is not None, mode or MemoryMode.FULL
         self.dense, self.projected = self.mode is not MemoryMode.PACKED, self.mode is MemoryMode.PROJECTED
@@ -175,6 +179,7 @@ class Footprint:
         self.s, self.b, self.reference, self.threads = stats_bytes, bases_bytes, reference, threads
         self.mc = mc_samples
         self.q = dequantised
+        self.gradient = gradient
 
     # ------------------------------------------------------------------ per layer
     def k(self, name: str) -> int:
@@ -213,6 +218,21 @@ class Footprint:
             worst = max(worst, cast + op)
         return worst + small
 
+    def gradient_decompose(self, name: str) -> int:
+        """One layer's gradient start in float64 (an estimate, not yet checked against measurement):
+        each factor, its eigenvectors and its inverse square root, the gradient, the whitened
+        gradient and a product, the SVD's factors and the mapped directions."""
+        d_out, d_in = self.shapes[name]
+        k = self.k(name)
+        return 8 * (3 * d_out * d_out + 3 * d_in * d_in + 4 * d_out * d_in + 2 * (d_out + d_in) * k)
+
+    def gradient_op(self, d_out: int, d_in: int) -> int:
+        """One ``gradient_accumulate_`` call (an estimate): the reference's float copies of the
+        rows and its ``(d_out, d_in)`` product; a compiled kernel's tiles as ``syrk``'s."""
+        if self.reference:
+            return 2 * self.n * (d_out + d_in) * self.s + d_out * d_in * self.s
+        return self.syrk(max(d_out, d_in))
+
     def syrk(self, d: int) -> int:
         """One ``syrk_accumulate_`` call on a ``d``-wide factor."""
         n, s = self.n, self.s
@@ -239,7 +259,8 @@ class Footprint:
             return sum(2 * self.k(n) for n in names) * self.s
         size = _tri if not self.dense else (lambda d: d * d)
         inputs = {self.a_key[n] if self.share else n: self.shapes[n][1] for n in names}
-        return (sum(size(d) for d in inputs.values()) + sum(size(self.shapes[n][0]) for n in names)) * self.s
+        grads = sum(self.shapes[n][0] * self.shapes[n][1] for n in names) if self.gradient else 0
+        return (sum(size(d) for d in inputs.values()) + sum(size(self.shapes[n][0]) for n in names) + grads) * self.s
 
     def activations(self, names: list[str], *, with_hooks: bool = False) -> int:
         """One batch's activations for a pass over ``names``: the graph starts at their lowest
@@ -252,6 +273,10 @@ class Footprint:
         if with_hooks:
             hook_op = max(self.projected_sq(d, self.k(n)) if self.projected else self.syrk(d)
                           for n in names for d in self.shapes[n])
+            if self.gradient:  # the inputs held for the weight gradient (an over-count where autograd saves them)
+                held = {self.a_key[n] if self.share else n: self.shapes[n][1] for n in names}
+                hook_op = max(hook_op, max(self.gradient_op(*self.shapes[n]) for n in names)) \
+                    + self.n * self.e * sum(held.values())
         return activation_bytes(self.arch, self.B, self.T, self.e, graph_layers=self.arch.layers - lowest,
                                 checkpointed=self.projected and in_stack, hook_op=hook_op, mc_samples=self.mc,
                                 head_target=with_hooks and any(self.shapes[n][0] == self.arch.vocab for n in names))
@@ -292,9 +317,10 @@ class Footprint:
                 for n in group:
                     svd = svd_workspace_bytes(*self.shapes[n]) + previous
                     own = self.bases(n, 4) + self.decompose(n)
-                    phases["decomposition"] = max(phases["decomposition"], before + stats + inner + max(svd, own)
+                    work = self.gradient_decompose(n) if self.gradient else max(svd, own)
+                    phases["decomposition"] = max(phases["decomposition"], before + stats + inner + work
                                                   + self.deq(n) + _bookkeeping("decomposition"))
-                    previous, inner = self.bases(n, 4), inner + self.results(n)
+                    previous, inner = (0 if self.gradient else self.bases(n, 4)), inner + self.results(n)
             done += sum(self.results(n) for n in group)
             kept += stats if keep_statistics else 0
         lora = sum(sum(self.shapes[n]) * self.ranks[n] * 4 for n in names)

@@ -16,6 +16,7 @@ from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization, rank_deficient, warn_rank_deficient
+from fisherlora.gradient_init import check_gradient_ranks
 from fisherlora.heads import default_lora_config, resolve_head
 from fisherlora.layers import (
     check_model,
@@ -118,9 +119,11 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             bitsandbytes quantises to, a model already holding PEFT adapters anywhere, one-shot
             data with several layer groups, ``statistics`` collected on another model (any
             parameter, buffer or head differs: :func:`check_statistics_model`), a ``loss_fn``
-            whose loss has no graph; with a process group, ranks that differ in the model, the
-            configuration, the calibration set, reused statistics or ``loss_fn`` (the same error
-            on every rank, naming the ranks and what differs: docs/DESIGN.md §7).
+            whose loss has no graph; for a gradient start (``init`` other than ``filet``,
+            docs/DESIGN.md §1 step 6) a layer with ``2·rank > min(d_out, d_in)`` or precomputed
+            statistics without the weight gradient; with a process group, ranks that differ in
+            the model, the configuration, the calibration set, reused statistics or ``loss_fn``
+            (the same error on every rank, naming the ranks and what differs: docs/DESIGN.md §7).
             RankFailedError: a rank failed (on every rank, naming it).
             FloatingPointError: non-finite weights (naming the tensor) or statistics (naming the
             layer). All raised before the model is changed, or with it restored.
@@ -142,6 +145,8 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     check_model(model, modules)  # weight kinds, shared storage, non-finite values: before any pass
     shapes = {n: layer_shape(m) for n, m in modules.items()}
     check_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()})
+    check_gradient_ranks(shapes, {n: r for n, (r, _) in ranks_and_scalings(lora_config, list(modules)).items()},
+                         config.init)
     by_energy = config.rank_allocation == "global"  # docs/DESIGN.md §10: decompose at the maximum ranks first
     if by_energy:
         allocation.check(lora_config, config, shapes)
@@ -152,6 +157,9 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
     if statistics is not None and statistics.kind is MemoryMode.PROJECTED:
         raise ValueError("projected statistics cannot be reused: they hold only the energies on the bases "
                          "of one run; save full or packed statistics to re-select")
+    if statistics is not None and config.init.needs_gradient and not all(n in statistics.grad for n in modules):
+        raise ValueError(f"init={config.init.value!r} needs the weight gradient, and these statistics hold none for "
+                         "some target layers (they were collected for init='filet'); collect them with this init")
     with phase(f"planning the memory (memory_mode={config.memory_mode.value})"):
         mode, n_groups = (resolve_memory_mode(model, lora_config, config, keep_statistics=keep_statistics)
                           if statistics is None else (statistics.kind, 1))
@@ -203,7 +211,7 @@ def initialize_fisher_lora(model: nn.Module, lora_config=None, data=None,
             decompose = partial(spread.spread_initialization, ctx) if ctx else compute_initialization
             inits_g, sels_g = decompose(group, stats, lc_decompose, cfg_decompose, bases=bases,
                                         progress=progress, svd_seconds=svd_seconds, warn=False)
-            short += rank_deficient(group, stats) if not config.damping else []
+            short += rank_deficient(group, stats) if not (config.damping or config.init.needs_gradient) else []
         timings["decompose"] += time.perf_counter() - t0
         inits.update(inits_g)
         selections.update(sels_g)

@@ -113,7 +113,7 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
                 dtype: torch.dtype | None = None, stats_bytes: int = 4, bases_bytes: int = 4,
                 group_options: tuple[int, ...] = (1, 2, 4, 8, 16), keep_statistics: bool = True,
                 backend: str = "auto", fisher_type: str = "empirical", mc_samples: int = 1,
-                quantisation: dict | None = None) -> list[ModePlan]:
+                quantisation: dict | None = None, gradient: bool = False) -> list[ModePlan]:
     """Planned peak memory of every mode (and layer-group count) for ``model``.
 
     Args:
@@ -136,6 +136,9 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
             ``nn.Linear`` but the output head): :func:`fisherlora.quant.planned_weight_bytes`'s
             settings (``{"bits": 4, "blocksize": 64, "double_quant": False}`` or ``{"bits": 8}``),
             with one target dequantised at a time (docs/DESIGN.md §8).
+        gradient: the initialisation gathers the weight gradient (``init`` other than ``filet``):
+            ``d_out × d_in`` statistics per layer on top of ``A`` and ``G``, and no ``projected``
+            rows (that mode cannot serve it).
 
     Returns:
         :class:`ModePlan` rows: ``naive``, then ``full``, ``packed``, ``projected`` per group count.
@@ -162,14 +165,15 @@ def plan_memory(model: nn.Module, lora_config, *, batch_size: int = 4, max_lengt
     arch = Architecture.of(model, max(max(s) for s in shapes.values()))
     reference = _uses_reference_ops(backend, param.device)
     plans = []
-    for mode, g in [(None, 1)] + [(m, g) for g in group_options for m in MemoryMode.held()]:
+    held = [m for m in MemoryMode.held() if not (gradient and m is MemoryMode.PROJECTED)]
+    for mode, g in [(None, 1)] + [(m, g) for g in group_options for m in held]:
         groups = [list(x) for x in layer_groups({n: None for n in names}, g)]
         if len(groups) != g:
             continue
         footprint = Footprint(shapes, ranks, a_key, arch, mode, batch_size=batch_size, max_length=max_length,
                               elem=elem, stats_bytes=stats_bytes, bases_bytes=bases_bytes, reference=reference,
                               threads=torch.get_num_threads(), mc_samples=mc_samples if fisher_type == "true" else 0,
-                              dequantised=quantisation is not None)
+                              dequantised=quantisation is not None, gradient=gradient)
         phases, parts = footprint.phases(groups, keep_statistics)
         plans.append(ModePlan(mode, g, weights, phases=phases, **parts))
     return plans
@@ -219,7 +223,8 @@ def resolve_memory_mode(model: nn.Module, lora_config, config: FisherLoraConfig,
                         stats_bytes=4 if config.stats_dtype == "float32" else 8,
                         bases_bytes=param.element_size() if config.bases_dtype == "model" else 4,
                         keep_statistics=keep_statistics, backend=config.backend,
-                        fisher_type=config.fisher_type.value, mc_samples=config.mc_samples)
+                        fisher_type=config.fisher_type.value, mc_samples=config.mc_samples,
+                        gradient=config.init.needs_gradient)
     free = free_memory_bytes(param.device) + plans[0].weights
     pick = choose_mode(plans, free, None if config.layer_groups == 1 else config.layer_groups)
     log.warning("fisherlora: memory_mode=auto chose %s with %d layer group(s): planned peak %.2f GB of %.2f GB "

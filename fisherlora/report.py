@@ -23,6 +23,10 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
         ("Fisher energy captured (mean)", f"{report['mean_energy_captured']:.1%}"),
         ("overlap with PiSSA's top-r (mean)", f"{report['mean_pissa_overlap']:.1%}"),
     ]
+    start = report.get("config", {}).get("init", "filet")
+    if start != "filet":  # a gradient start: the selection describes the gradient's spectrum (DESIGN §1 step 6)
+        rows[3:5] = [("start", f"init={start}"), ("gradient's top-r share of Σσ² (mean)",
+                                                 f"{report['mean_energy_captured']:.1%}")]
     rows += [(f"time: {k}", f"{v:.1f} s") for k, v in t.items()]
     rows.append(("peak memory", f"{report['peak_memory_mb']:,.0f} MiB"))
     return rows
@@ -70,7 +74,14 @@ def _markdown(report: dict) -> str:
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary_rows(report)]
     cfg = report["config"]
     lines += ["", "Config: " + ", ".join(f"`{k}={v}`" for k, v in cfg.items()), ""]
-    lines += _meaning(report)
+    start = cfg.get("init", "filet")
+    lines += _meaning(report) if start == "filet" else [
+        "## What the figures mean", "",
+        f"- **init={start}**: the adapter starts from the weight gradient (docs/DESIGN.md §1 step 6), not from the "
+        "weight's singular triplets: A holds its first r directions, B the next r. In the table below σ are the "
+        f"singular values of the {'whitened ' if start == 'natural_gradient' else ''}gradient, 'energy captured' is "
+        "the share of Σσ² its first r directions hold, the chosen indices are 0..r-1, and the PiSSA columns do not "
+        "apply.", ""]
     lines += ["## Per layer", "",
               "| layer | shape | r | energy captured | PiSSA's top-r would capture | PiSSA overlap | "
               "chosen σ (max/min) | σ_1 | chosen indices |",

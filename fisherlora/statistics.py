@@ -35,6 +35,11 @@ class FisherStatistics:
         kind: the :class:`~fisherlora.config.MemoryMode` they were collected in.
         fingerprints: layer name -> :func:`fisherlora.layers.weight_fingerprint` of the weight
             the statistics were collected on (so they are refused on another model).
+        grad: layer name -> the weight gradient ``∇W = (1/N_G) Σ_t g_t a_tᵀ``, ``(d_out, d_in)`` in
+            the statistics' dtype (Conv1D layers too: the ``weight_view`` orientation), over the
+            same counted tokens as ``G``: the gradient of the summed loss divided by ``N_G``
+            (docs/DESIGN.md §1 step 1). Empty unless the initialisation needed it (``init`` other
+            than ``filet``).
     """
 
     A: dict[str, torch.Tensor]
@@ -46,9 +51,10 @@ class FisherStatistics:
     info: dict = field(default_factory=dict)
     kind: MemoryMode = MemoryMode.FULL
     fingerprints: dict[str, dict] = field(default_factory=dict)
+    grad: dict[str, torch.Tensor] = field(default_factory=dict)
 
     #: the attributes that map a layer (or a factor key) to something: merged by union
-    PER_LAYER = ("A", "G", "a_key", "a_count", "g_count", "shapes", "fingerprints")
+    PER_LAYER = ("A", "G", "a_key", "a_count", "g_count", "shapes", "fingerprints", "grad")
 
     def __post_init__(self):
         self.kind = MemoryMode(self.kind)
@@ -70,6 +76,7 @@ class FisherStatistics:
         """Free the factors, keeping names and counts (for the report)."""
         self.A.clear()
         self.G.clear()
+        self.grad.clear()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, G)`` of layer ``name``."""
@@ -80,12 +87,14 @@ class FisherStatistics:
         return list(self.G)
 
     def save(self, path) -> None:
-        """Write to a safetensors file (tensors ``A.<key>``, ``G.<name>``; the rest as metadata)."""
+        """Write to a safetensors file (tensors ``A.<key>``, ``G.<name>``, ``grad.<name>``; the rest as
+        metadata)."""
         from safetensors.torch import save_file
 
         tensors = {f"A.{k}": v.contiguous() for k, v in self.A.items()}
         tensors.update({f"G.{k}": v.contiguous() for k, v in self.G.items()})
-        meta = {"a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
+        tensors.update({f"grad.{k}": v.contiguous() for k, v in self.grad.items()})
+        meta = {"grad": list(self.grad), "a_key": self.a_key, "a_count": self.a_count, "g_count": self.g_count,
                 "shapes": self.shapes, "info": self.info, "kind": self.kind.value,
                 "fingerprints": self.fingerprints}
         save_file(tensors, str(path), metadata={"fisherlora": json.dumps(meta)})
@@ -105,6 +114,7 @@ class FisherStatistics:
                 meta = json.loads(raw)
                 A = {k: f.get_tensor(f"A.{k}") for k in meta["a_count"]}
                 G = {k: f.get_tensor(f"G.{k}") for k in meta["g_count"]}
+                grad = {k: f.get_tensor(f"grad.{k}") for k in meta.get("grad", [])}
         except SafetensorError as exc:
             raise ValueError(f"{str(path)!r} is not a complete fisherlora statistics file: {exc}") from exc
         shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
@@ -112,4 +122,4 @@ class FisherStatistics:
         # files written before fingerprints were their own field kept them in info
         fingerprints = meta.get("fingerprints", info.pop("weight_fingerprints", {}))
         return cls(A, G, meta["a_key"], meta["a_count"], meta["g_count"], shapes, info,
-                   meta.get("kind", "full"), fingerprints)
+                   meta.get("kind", "full"), fingerprints, grad)

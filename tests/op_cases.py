@@ -1,7 +1,7 @@
 """One parametrisation of the curvature ops' cases, shared by every backend's tests.
 
-Each backend test module imports :data:`SYRK_CASES`, :data:`ENERGY_CASES` and
-:data:`PROJECTED_CASES` and checks its backend against the float64 reference with
+Each backend test module imports :data:`SYRK_CASES`, :data:`ENERGY_CASES`,
+:data:`PROJECTED_CASES` and :data:`GRADIENT_CASES` and checks its backend against the float64 reference with
 :func:`assert_close_to_reference`; and it runs :data:`BAD_CALLS` (arguments every backend must
 refuse with the same error, before any work) through :func:`assert_refused` and
 :data:`GRAD_CALLS` (inputs that require grad) through :func:`assert_no_graph`. None of them
@@ -108,6 +108,73 @@ ENERGY_CASES = [p for p in _cases(with_k=True) if p.values[0].mask == "none"] + 
 PROJECTED_CASES = [p for p in _cases(with_k=True) if p.values[0].layout == "dense"]
 
 
+# --- the weight-gradient op: g (..., d_out) and a (..., d_in) over the same tokens -------------
+
+GRADIENT_DIMS = ((1, 1), (7, 64), (129, 3), (64, 129), (300, 37))  # (d_out, d_in)
+TRANSPOSE = (False, True)
+
+
+@dataclass(frozen=True)
+class GradCase:
+    d_out: int
+    d_in: int
+    dtype: torch.dtype  # of g
+    transpose: bool
+    tokens: int
+    leading: str
+    mask: str
+    a_dtype: torch.dtype | None = None  # of a; None: the same as g's
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        if self.a_dtype is not None:
+            dt += "-a_" + str(self.a_dtype).removeprefix("torch.")
+        t = "-T" if self.transpose else ""
+        return f"o{self.d_out}-i{self.d_in}-{dt}{t}-T{self.tokens}-{self.leading}-mask_{self.mask}"
+
+    def acc_shape(self) -> tuple[int, int]:
+        return (self.d_in, self.d_out) if self.transpose else (self.d_out, self.d_in)
+
+    def make_ga(self, device="cpu", seed=0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``g``, ``a`` with the case's leading shape, dtypes and strides, and the mask (or None);
+        masked-out rows of both hold NaN."""
+        g = OpCase(self.d_out, self.dtype, "dense", self.tokens, self.leading, "none").make_x(device, seed)[0]
+        a_case = OpCase(self.d_in, self.a_dtype or self.dtype, "dense", self.tokens, self.leading, "none")
+        a = a_case.make_x(device, seed + 1)[0]
+        if self.leading == "batched" and a.shape[:-1] != g.shape[:-1]:
+            raise AssertionError("make_x's batched split depends on tokens only")
+        token_shape = g.shape[:-1]
+        gen = torch.Generator().manual_seed(seed * 131 + self.d_out * 7 + self.d_in + self.tokens)
+        if self.mask == "none":
+            mask = None
+        elif self.mask == "all_false":
+            mask = torch.zeros(token_shape, dtype=torch.bool, device=device)
+        else:
+            mask = (torch.rand(token_shape, generator=gen) > 0.4).to(device)
+        if mask is not None:  # masked-out rows may hold anything: never read (in place: strides kept)
+            g.masked_fill_(~mask.unsqueeze(-1), float("nan"))
+            a.masked_fill_(~mask.unsqueeze(-1), float("inf"))
+        return g, a, mask
+
+
+def _gradient_cases() -> list:
+    cases = []
+    for (d_out, d_in), dtype, transpose, tokens, leading, mask in _cover(
+            (GRADIENT_DIMS, DTYPES, TRANSPOSE), (TOKENS, LEADING, MASKS)):
+        c = GradCase(d_out, d_in, dtype, transpose, tokens, leading, mask)
+        cases.append(pytest.param(c, id=c.id))
+    # g and a in different dtypes (autocast: a layer's input in fp32, its output gradient in bf16)
+    for c in (GradCase(64, 129, torch.bfloat16, False, 37, "batched", "random", torch.float32),
+              GradCase(129, 64, torch.float32, True, 37, "strided", "random", torch.float16),
+              GradCase(37, 300, torch.float16, False, 37, "flat", "none", torch.bfloat16)):
+        cases.append(pytest.param(c, id=c.id))
+    return cases
+
+
+GRADIENT_CASES = _gradient_cases()
+
+
 def assert_close_to_reference(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor,
                               name: str = "", factor: float = 2.0, rel_floor: float = 1e-6) -> None:
     """Check a backend's result against the float64 reference, with a measured tolerance.
@@ -150,6 +217,7 @@ class OpCall:
     args: Callable[[str], tuple]
     error: type[Exception] | None = None
     match: str = ""
+    kwargs: tuple = ()  # keyword arguments as (name, value) pairs, e.g. (("transpose", True),)
 
 
 def _x(*shape, device="cpu", requires_grad=False):
@@ -232,6 +300,49 @@ _BAD = [
     OpCall("projected-acc-requires-grad", "projected_sq_accumulate_",
            lambda dev: (torch.zeros(2, device=dev, requires_grad=True), _x(3, 4, device=dev), _x(4, 2, device=dev)),
            ValueError, "acc requires grad"),
+    # the weight-gradient op: g (..., d_out), a (..., d_in), acc (d_out, d_in) or transposed
+    OpCall("gradient-token-dims-differ", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(2, 3, 4, device=dev), _x(3, 2, 5, device=dev)),
+           ValueError, r"the token dims of g \(2, 3\) and a \(3, 2\) differ"),
+    OpCall("gradient-acc-not-d_out-by-d_in", "gradient_accumulate_",
+           lambda dev: (torch.zeros(5, 4, device=dev), _x(3, 4, device=dev), _x(3, 5, device=dev)),
+           ValueError, r"acc must be \(d_out, d_in\) = \(4, 5\) for g with d_out=4 and a with d_in=5, got \(5, 4\)"),
+    OpCall("gradient-acc-not-transposed", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(3, 4, device=dev), _x(3, 5, device=dev)),
+           ValueError, r"acc must be \(d_in, d_out\) = \(5, 4\) .*\(transpose=True\), got \(4, 5\)",
+           (("transpose", True),)),
+    OpCall("gradient-mask-transposed", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(2, 3, 4, device=dev), _x(2, 3, 5, device=dev),
+                        _mask(3, 2, device=dev)),
+           ValueError, r"mask of shape \(3, 2\) " + _SHAPE_MSG + r" \(2, 3\) of g"),
+    OpCall("gradient-float-mask", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(3, 4, device=dev), _x(3, 5, device=dev),
+                        torch.ones(3, device=dev)),
+           TypeError, "mask must be bool or an integer 0/1 tensor"),
+    OpCall("gradient-d_out0", "gradient_accumulate_",
+           lambda dev: (torch.zeros(0, 5, device=dev), _x(3, 0, device=dev), _x(3, 5, device=dev)),
+           ValueError, r"d_out must be >= 1, got d_out = 0 \(g of shape \(3, 0\)\)"),
+    OpCall("gradient-d_in0-no-tokens", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 0, device=dev), _x(0, 4, device=dev), _x(0, 0, device=dev)),
+           ValueError, r"d_in must be >= 1, got d_in = 0 \(a of shape \(0, 0\)\)"),
+    OpCall("gradient-integer-a", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(3, 4, device=dev), torch.ones(3, 5, dtype=torch.int64,
+                                                                                         device=dev)),
+           TypeError, "a must be bf16/fp16/fp32/fp64, got torch.int64"),
+    OpCall("gradient-sparse-g", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(3, 4, device=dev).to_sparse(), _x(3, 5, device=dev)),
+           TypeError, r"g must be a dense tensor, got layout torch.sparse_coo"),
+    OpCall("gradient-fp16-acc", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, dtype=torch.float16, device=dev), _x(3, 4, device=dev),
+                        _x(3, 5, device=dev)),
+           TypeError, "acc must be float32"),
+    OpCall("gradient-strided-acc", "gradient_accumulate_",
+           lambda dev: (torch.zeros(5, 4, device=dev).mT, _x(3, 4, device=dev), _x(3, 5, device=dev)),
+           ValueError, "acc must be contiguous"),
+    OpCall("gradient-acc-requires-grad", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev, requires_grad=True), _x(3, 4, device=dev),
+                        _x(3, 5, device=dev)),
+           ValueError, "acc requires grad"),
 ]
 BAD_CALLS = [pytest.param(c, id=c.name) for c in _BAD]
 
@@ -251,6 +362,15 @@ _GRAD = [
                         _x(4, 3, device=dev, requires_grad=True), _mask(2, 3, device=dev))),
 ]
 GRAD_CALLS = [pytest.param(c, id=c.name) for c in _GRAD]
+_GRADIENT_GRAD = [
+    OpCall("gradient-g-and-a-require-grad", "gradient_accumulate_",
+           lambda dev: (torch.zeros(4, 5, device=dev), _x(2, 3, 4, device=dev, requires_grad=True),
+                        _in_graph(_x(2, 3, 5, device=dev)), _mask(2, 3, device=dev), 0.5)),
+    OpCall("gradient-transposed-a-requires-grad", "gradient_accumulate_",
+           lambda dev: (torch.zeros(5, 4, device=dev), _x(6, 4, device=dev), _x(6, 5, device=dev, requires_grad=True)),
+           kwargs=(("transpose", True),)),
+]
+GRADIENT_GRAD_CALLS = [pytest.param(c, id=c.name) for c in _GRADIENT_GRAD]
 
 
 def _state(t):
@@ -266,7 +386,7 @@ def assert_refused(call: OpCall, backend: str, device: str = "cpu") -> None:
     args = call.args(device)
     before = [_state(a) for a in args if isinstance(a, torch.Tensor)]
     with pytest.raises(call.error, match=call.match):
-        getattr(ops, call.op)(*args, backend=backend)
+        getattr(ops, call.op)(*args, **dict(call.kwargs), backend=backend)
     after = [_state(a) for a in args if isinstance(a, torch.Tensor)]
     for (v0, rg0, g0), (v1, rg1, g1) in zip(before, after, strict=True):
         assert torch.equal(v0, v1) and (rg0, g0) == (rg1, g1), f"{call.name}: an argument was changed"
@@ -280,7 +400,7 @@ def assert_no_graph(call: OpCall, backend: str, device: str = "cpu") -> None:
     fn = getattr(ops, call.op)
     args = call.args(device)
     plain = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
-    out = fn(*args, backend=backend)
-    ref = fn(*plain, backend=backend)
+    out = fn(*args, **dict(call.kwargs), backend=backend)
+    ref = fn(*plain, **dict(call.kwargs), backend=backend)
     assert not out.requires_grad and out.grad_fn is None, f"{call.name}: the result is part of a graph"
     assert torch.equal(out.detach(), ref), f"{call.name}: differs from the same call on detached inputs"

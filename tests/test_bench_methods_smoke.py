@@ -29,6 +29,23 @@ def test_init_methods_every_method_on_tiny_llama(tmp_path):
     assert (tmp_path / "init_methods.png").stat().st_size > 0
 
 
+def test_init_methods_lists_and_runs_the_gradient_starts_beside_lora_ga(tmp_path):
+    """Issue 31's cost comparison: both gradient starts are variants of every backend, selected by
+    ``fisherlora``, and run beside PEFT's ``lora_ga`` (no timing is checked here)."""
+    from bench import init_methods
+
+    variants = init_methods.fisherlora_variants("cpu")
+    starts = [f"fisherlora[torch,full,init={i}]" for i in ("gradient", "natural_gradient")]
+    assert set(starts) <= set(variants) and init_methods.select_methods(",".join(starts), "cpu") == starts
+    methods = [*starts, "lora_ga"]
+    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12", "--rank", "2",
+                            "--methods", ",".join(methods), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "init_methods.json").read_text())
+    failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
+    assert rc == 0 and not failed, failed
+    assert [r["method"] for r in report["results"]] == methods
+
+
 def test_milora_keeps_outputs_and_takes_minor_components():
     import peft
     import torch

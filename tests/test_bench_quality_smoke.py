@@ -136,6 +136,47 @@ def test_every_method_starts_as_its_spec_says(toy_task):
     assert sum(ranks) == 2 * len(unit) and all(r >= 1 for r in ranks)
 
 
+#: issue 31's methods: the two gradient starts and two more readings of FILet's energy
+ISSUE31 = ["natural_gradient", "gradient", "fisher_sigma:top_sigma", "fisher_low:top_sigma"]
+
+
+def test_the_gradient_starts_and_energy_readings_run_in_the_cpu_setting(tmp_path):
+    """The four methods of issue 31 in ``--setting cpu`` (at toy size): every one runs both seeds,
+    from one calibration pass with the weight gradient once a gradient start needs it."""
+    from bench import quality
+    from bench.quality_methods import METHODS
+
+    assert [m for m in ISSUE31 if m not in METHODS] == []
+    assert any("natural" in m for m in ISSUE31) and any("low" in m for m in ISSUE31)
+    argv = TOY + ["--setting", "cpu", "--methods", ",".join(ISSUE31), "--out", str(tmp_path)]
+    assert quality.main(argv) == 0
+    report = json.loads((tmp_path / "quality_cpu_toy.json").read_text())
+    for m in ISSUE31:
+        s = report["summary"][m]
+        assert s["n"] == 2 and "error" not in s and s["final_mean"] > 0, (m, s)
+
+
+def test_the_gradient_starts_hold_their_directions_at_the_stated_scale(toy_task):
+    """``gradient`` and ``natural_gradient``: A's rows and B's columns of norm ζ = d_out^{1/4}/4 (the
+    scale rule of docs/DESIGN.md §1 step 6), the two subspaces different, the lowest-energy reading
+    choosing other directions than the default."""
+    from bench.quality_methods import METHODS, Initialisers
+    from fisherlora.adapter import lora_layers
+
+    inits = Initialisers(toy_task.model, toy_task, rank=2, alpha=2.0)
+    built = {m: dict(lora_layers(inits.get(METHODS[m], seed=0))) for m in ISSUE31 + ["fisher:top_sigma"]}
+    assert inits.stats.grad, "the gradient starts' statistics serve the other variants too"
+    for name in built["natural_gradient"]:
+        for m in ("gradient", "natural_gradient"):
+            A, B = built[m][name].lora_A["default"].weight, built[m][name].lora_B["default"].weight
+            zeta = B.shape[0] ** 0.25 / 4
+            torch.testing.assert_close(A.norm(dim=1), torch.full((2,), zeta), rtol=1e-5, atol=0)
+            torch.testing.assert_close(B.norm(dim=0), torch.full((2,), zeta), rtol=1e-5, atol=0)
+    differs = [not torch.allclose(built["fisher_low:top_sigma"][n].lora_A["default"].weight,
+                                  built["fisher:top_sigma"][n].lora_A["default"].weight) for n in built["gradient"]]
+    assert all(differs)
+
+
 CLS_TOY = ["--model", "toy", "--train-pairs", "8", "--val-pairs", "4", "--eval-pairs", "6", "--calib-pairs", "4",
            "--max-length", "48", "--batch-size", "4", "--rank", "2", "--lrs", "1e-3", "--seeds", "0,1",
            "--eval-points", "1", "--max-extend", "1"]
@@ -200,6 +241,19 @@ def test_classification_task_runs_fisherlora_through_the_generic_path(tmp_path):
     assert quality_cls.main(argv) == 0
     report = json.loads((tmp_path / "quality_cls_quick_toy.json").read_text())
     for m in ("fisherlora", "fisher:zero"):
+        assert report["summary"][m]["n"] == 2 and "error" not in report["summary"][m], report["summary"][m]
+
+
+def test_the_gradient_starts_and_energy_readings_run_on_the_classifier(tmp_path):
+    from bench import quality_cls
+    from bench.quality_methods import fisherlora_takes_loss_fn
+
+    if not fisherlora_takes_loss_fn():
+        pytest.skip("initialize_fisher_lora has no loss_fn parameter yet")
+    argv = CLS_TOY + ["--setting", "quick", "--methods", ",".join(ISSUE31), "--out", str(tmp_path)]
+    assert quality_cls.main(argv) == 0
+    report = json.loads((tmp_path / "quality_cls_quick_toy.json").read_text())
+    for m in ISSUE31:
         assert report["summary"][m]["n"] == 2 and "error" not in report["summary"][m], report["summary"][m]
 
 

@@ -17,8 +17,11 @@ from tests.op_cases import (
     BAD_CALLS,
     ENERGY_CASES,
     GRAD_CALLS,
+    GRADIENT_CASES,
+    GRADIENT_GRAD_CALLS,
     PROJECTED_CASES,
     SYRK_CASES,
+    GradCase,
     assert_close_to_reference,
     assert_no_graph,
     assert_refused,
@@ -99,6 +102,93 @@ def test_projected_sq_ext_matches_reference(case, device):
     out64 = ops.projected_sq_accumulate_(torch.zeros(case.k, dtype=torch.float64, device=device), x, Q, mask,
                                          backend="ext")
     assert_close_to_reference(out64, ref, ref, case.id + "-acc64", rel_floor=1e-12)
+
+
+def _gradient64(g, a, mask, transpose=False):
+    gr, ar = g.reshape(-1, g.shape[-1]).double().cpu(), a.reshape(-1, a.shape[-1]).double().cpu()
+    if mask is not None:
+        keep = mask.reshape(-1).bool().cpu()
+        gr, ar = gr[keep], ar[keep]
+    return ar.T @ gr if transpose else gr.T @ ar
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+def test_gradient_ext_matches_reference(case, device):
+    device = _device(device)
+    g, a, mask = case.make_ga(device)
+    ref = -0.5 * _gradient64(g, a, mask, case.transpose)
+    torch_acc = ops.gradient_accumulate_(torch.zeros(case.acc_shape()), g.cpu(), a.cpu(),
+                                         None if mask is None else mask.cpu(), -0.5, transpose=case.transpose,
+                                         backend="torch")
+    out = ops.gradient_accumulate_(torch.zeros(case.acc_shape(), device=device), g, a, mask, -0.5,
+                                   transpose=case.transpose, backend="ext")
+    assert_close_to_reference(out, ref, torch_acc, case.id, rel_floor=1e-5)
+    # float64 accumulator: the kernel itself, without fp32 rounding, matches to float64 precision
+    out64 = ops.gradient_accumulate_(torch.zeros(case.acc_shape(), dtype=torch.float64, device=device), g, a, mask,
+                                     -0.5, transpose=case.transpose, backend="ext")
+    assert_close_to_reference(out64, ref, ref, case.id + "-acc64", rel_floor=1e-12)
+
+
+@pytest.mark.parametrize("d_out, d_in", [(255, 257), (257, 513), (1, 300)])
+def test_gradient_tiles_at_odd_sizes_accumulate_onto_acc(d_out, d_in):
+    """Sizes that end just inside or past a 256-tile (csrc/cpu), several token panels (600 kept of
+    800), integer mask, float64 exact; the accumulator's previous contents are kept."""
+    gen = torch.Generator().manual_seed(d_out + d_in)
+    g, a = torch.randn(800, d_out, generator=gen), torch.randn(800, d_in, generator=gen).to(torch.bfloat16)
+    mask = (torch.rand(800, generator=gen) > 0.25).to(torch.int64)
+    for transpose in (False, True):
+        ref = 7.0 + 0.25 * _gradient64(g, a, mask, transpose)
+        acc = torch.full(ref.shape, 7.0, dtype=torch.float64)
+        ops.gradient_accumulate_(acc, g, a, mask, 0.25, transpose=transpose, backend="ext")
+        torch.testing.assert_close(acc, ref, rtol=1e-12, atol=1e-12 * ref.abs().max().item())
+
+
+def test_gradient_is_deterministic_across_runs_and_thread_counts():
+    gen = torch.Generator().manual_seed(5)
+    g, a = torch.randn(700, 600, generator=gen).to(torch.bfloat16), torch.randn(700, 300, generator=gen)
+    mask = torch.rand(700, generator=gen) > 0.5
+
+    def run():
+        return ops.gradient_accumulate_(torch.zeros(600, 300), g, a, mask, backend="ext")
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, run()) and torch.equal(first, single)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d_out, d_in, tokens", [(4096, 1024, 9000), (2048, 14336, 700), (77, 50, 50)])
+def test_cuda_gradient_tensor_core_path_matches_float64_and_never_synchronises(d_out, d_in, tokens):
+    """The float32-accumulator path of gradient_gemm (csrc/cuda/gemm_cuda.cu): masked bf16 rows in
+    several chunks, block rows of acc (d_in = 14336 gives 1170-row blocks), a strided fp32 a read in
+    place, mixed dtypes, both orientations; float32-exact against float64, no host synchronisation."""
+    _device("cuda")
+    case = GradCase(d_out, d_in, torch.bfloat16, False, tokens, "batched", "random")
+    g, a, mask = case.make_ga("cuda")
+    a32 = torch.randn(d_in, 2 * tokens).cuda().mT[::2]  # (tokens, d_in), row step 2, column stride
+    g32 = torch.randn(tokens, d_out).cuda()
+    outs = [torch.zeros(d_out, d_in, device="cuda"), torch.zeros(d_in, d_out, device="cuda"),
+            torch.zeros(d_out, d_in, device="cuda"), torch.zeros(d_out, d_in, device="cuda")]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.gradient_accumulate_(outs[0], g, a, mask, 0.5, backend="ext")
+        ops.gradient_accumulate_(outs[1], g, a, mask, 0.5, transpose=True, backend="ext")
+        ops.gradient_accumulate_(outs[2], g32, a32, None, 1.0, backend="ext")
+        ops.gradient_accumulate_(outs[3], g32.bfloat16(), a32, None, 1.0, backend="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    refs = [0.5 * _gradient64(g, a, mask), 0.5 * _gradient64(g, a, mask, True), _gradient64(g32, a32, None),
+            _gradient64(g32.bfloat16(), a32, None)]
+    for n, (out, ref) in enumerate(zip(outs, refs, strict=True)):
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item(),
+                                   msg=lambda m, n=n: f"output {n}: {m}")
 
 
 def test_auto_backend_picks_ext_on_cpu():
@@ -256,6 +346,17 @@ def test_results_are_deterministic_across_runs_and_thread_counts():
          r"acc must be \(2,\)"),
         (lambda o: o.projected_sq_accumulate_(torch.zeros(2), torch.randn(5, 4), torch.randn(3, 2), None),
          r"Q must be \(d=4, k\)"),
+        (lambda o: o.gradient_accumulate_(torch.zeros(4, 5), torch.randn(3, 4), torch.randn(2, 5), None, 1.0, False),
+         "the token dims of g .* and a .* differ"),
+        (lambda o: o.gradient_accumulate_(torch.zeros(4, 5), torch.randn(3, 4), torch.randn(3, 5), None, 1.0, True),
+         r"acc must be \(5, 4\) for g with d_out=4 and a with d_in=5 \(transpose=True\)"),
+        (lambda o: o.gradient_accumulate_(torch.zeros(4, 5, dtype=torch.half), torch.randn(3, 4), torch.randn(3, 5),
+                                          None, 1.0, False), "acc must be float32"),
+        (lambda o: o.gradient_accumulate_(torch.zeros(4, 5), torch.randn(3, 4), torch.randint(0, 2, (3, 5)), None,
+                                          1.0, False), "a must be bf16"),
+        (lambda o: o.gradient_accumulate_(torch.zeros(4, 5), torch.randn(3, 4), torch.randn(3, 5),
+                                          torch.ones(4, dtype=torch.bool), 1.0, False),
+         "mask of shape .* does not match the token dims of g"),
         (lambda o: o.projected_sq_accumulate_(torch.zeros(2), torch.randn(5, 4),
                                               torch.randint(0, 2, (4, 2)), None), "Q must be bf16"),
     ],
@@ -273,7 +374,7 @@ def test_bad_arguments_are_refused_before_any_work(call, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("call", GRAD_CALLS)
+@pytest.mark.parametrize("call", GRAD_CALLS + GRADIENT_GRAD_CALLS)
 def test_inputs_that_require_grad_are_read_as_values(call, device):
     assert_no_graph(call, "ext", _device(device))
 
@@ -323,3 +424,13 @@ def test_extension_uses_the_shared_libstdcxx_that_torch_loads():
 
     so = importlib.util.find_spec("fisherlora._C").origin
     assert "libstdc++.so.6" in subprocess.run(["ldd", so], capture_output=True, text=True, check=True).stdout
+
+
+def test_gradient_op_passes_opcheck():
+    """Schema (acc mutated, nothing returned) and fake implementation of the extension's op."""
+    g, a = torch.randn(2, 5, 8), torch.randn(2, 5, 16).to(torch.bfloat16)
+    mask = torch.rand(2, 5) > 0.5
+    checks = ("test_schema", "test_faketensor")
+    op = torch.ops.fisherlora_ext.gradient_accumulate_.default
+    torch.library.opcheck(op, (torch.zeros(8, 16), g, a, mask, 0.5, False), test_utils=checks)
+    torch.library.opcheck(op, (torch.zeros(16, 8), g, a, None, 1.0, True), test_utils=checks)

@@ -10,6 +10,8 @@ from tests.op_cases import (
     BAD_CALLS,
     ENERGY_CASES,
     GRAD_CALLS,
+    GRADIENT_CASES,
+    GRADIENT_GRAD_CALLS,
     PROJECTED_CASES,
     SYRK_CASES,
     assert_close_to_reference,
@@ -54,6 +56,74 @@ def test_projected_sq_reference_equals_energy_of_gram(case):
     ops.projected_sq_accumulate_(acc, x, Q, mask, backend="torch")
     ref = torch.diag(Q.double().T @ _syrk64(x, mask) @ Q.double())
     assert_close_to_reference(acc, ref, ref.float(), case.id, rel_floor=1e-5)
+
+
+def _gradient64(g, a, mask, transpose=False):
+    """``Σ_t g_t a_tᵀ`` over the kept tokens, in float64, by an explicit loop over tokens."""
+    gr, ar = g.reshape(-1, g.shape[-1]).double(), a.reshape(-1, a.shape[-1]).double()
+    keep = torch.ones(gr.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1).bool()
+    out = torch.zeros(gr.shape[1], ar.shape[1], dtype=torch.float64)
+    for t in keep.nonzero().flatten().tolist():
+        out += torch.outer(gr[t], ar[t])
+    return out.T if transpose else out
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+def test_gradient_reference_matches_hand_computation(case):
+    g, a, mask = case.make_ga()
+    ref = -0.5 * _gradient64(g, a, mask, case.transpose)
+    acc = torch.zeros(case.acc_shape())
+    out = ops.gradient_accumulate_(acc, g, a, mask, scale=-0.5, transpose=case.transpose, backend="torch")
+    assert out is acc
+    assert_close_to_reference(acc, ref, ref.float(), case.id, rel_floor=1e-5)
+    acc64 = torch.ones(case.acc_shape(), dtype=torch.float64)  # accumulates onto what is there
+    ops.gradient_accumulate_(acc64, g, a, mask, scale=-0.5, transpose=case.transpose, backend="torch")
+    assert_close_to_reference(acc64, ref + 1, ref + 1, case.id + "-acc64", rel_floor=1e-12)
+
+
+def test_gradient_is_the_autograd_weight_gradient_of_a_linear_and_a_conv1d():
+    """Over the unmasked tokens, the op gives what autograd gives as the weight gradient of the
+    loss restricted to those tokens: nn.Linear's (d_out, d_in), and transposed a Conv1D's (d_in, d_out)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 4, dtype=torch.float64)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.rand(2, 5) > 0.3
+    y = lin(x)
+    y.retain_grad()
+    (y.sin() * mask.unsqueeze(-1)).sum().backward()
+    acc = torch.zeros(4, 6, dtype=torch.float64)
+    ops.gradient_accumulate_(acc, y.grad, x, mask, backend="torch")
+    torch.testing.assert_close(acc, lin.weight.grad, rtol=1e-12, atol=1e-12)
+    accT = torch.zeros(6, 4, dtype=torch.float64)
+    ops.gradient_accumulate_(accT, y.grad, x, mask, transpose=True, backend="torch")
+    torch.testing.assert_close(accT, lin.weight.grad.T, rtol=1e-12, atol=1e-12)
+
+
+def test_gradient_nan_in_masked_rows_never_reaches_acc_and_zero_tokens_leave_it():
+    g, a = torch.randn(4, 3), torch.randn(4, 2)
+    g[1], a[2] = float("nan"), float("inf")
+    mask = torch.tensor([True, False, False, True])
+    acc = torch.zeros(3, 2)
+    ops.gradient_accumulate_(acc, g, a, mask, backend="torch")
+    torch.testing.assert_close(acc, torch.outer(g[0], a[0]) + torch.outer(g[3], a[3]))
+    before = acc.clone()
+    ops.gradient_accumulate_(acc, g[:0], a[:0], backend="torch")
+    ops.gradient_accumulate_(acc, g, a, torch.zeros(4, dtype=torch.int32), backend="torch")
+    assert torch.equal(acc, before)
+
+
+def test_gradient_two_calls_equal_one_call_on_the_concatenation():
+    g, a = torch.randn(50, 9, dtype=torch.float64), torch.randn(50, 4, dtype=torch.float64)
+    one, two = torch.zeros(9, 4, dtype=torch.float64), torch.zeros(9, 4, dtype=torch.float64)
+    ops.gradient_accumulate_(one, g, a, backend="torch")
+    ops.gradient_accumulate_(two, g[:20], a[:20], backend="torch")
+    ops.gradient_accumulate_(two, g[20:], a[20:], backend="torch")
+    torch.testing.assert_close(one, two, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("call", GRADIENT_GRAD_CALLS)
+def test_gradient_inputs_that_require_grad_are_read_as_values(call):
+    assert_no_graph(call, "torch")
 
 
 def test_pack_unpack_roundtrip_and_layout():
@@ -133,3 +203,25 @@ def test_a_backend_that_fails_to_import_warns_once_and_auto_falls_back(monkeypat
     assert "ext" not in ops.available_backends("cpu")
     with pytest.raises(RuntimeError, match="backend 'ext' is unavailable: ModuleNotFoundError"):
         ops.syrk_accumulate_(acc, x, backend="ext")
+
+
+def test_a_backend_without_an_op_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """A backend built before an op existed (a stale extension): ``auto`` runs the op elsewhere,
+    naming that backend raises a RuntimeError that says it lacks the op."""
+    import types
+
+    from fisherlora.ops import dispatch
+
+    stale = types.ModuleType("stale_ext")
+    stale.supports = lambda device_type: True
+    stale.syrk_accumulate_ = lambda *args: pytest.fail("not this op")
+    monkeypatch.setattr(dispatch, "_loaded", {**dispatch._loaded, "ext": stale})
+    monkeypatch.setattr(dispatch, "_choose", lambda *args: None)
+    g, a = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    acc = torch.zeros(3, 2, dtype=torch.float64)
+    assert dispatch.resolve("gradient_accumulate_", "auto", torch.device("cpu"))[0] == "torch"
+    ops.gradient_accumulate_(acc, g, a)
+    torch.testing.assert_close(acc, g.T @ a)
+    assert "ext" in ops.available_backends("cpu") and "ext" not in ops.available_backends("cpu", "gradient_accumulate_")
+    with pytest.raises(RuntimeError, match="backend 'ext' has no gradient_accumulate_ .*rebuild the extension"):
+        ops.gradient_accumulate_(acc, g, a, backend="ext")

@@ -112,3 +112,32 @@ def test_an_unreadable_table_is_refused_by_name(fresh_table):
     with pytest.raises(ValueError, match="table.json"):
         table.load()
     assert str(path).endswith("table.json")
+
+
+def test_the_gradient_op_is_keyed_by_its_geometric_width_and_orientation():
+    g, a = torch.zeros(3, 1024), torch.zeros(3, 4096)
+    assert table.shape_key("gradient_accumulate_", (torch.zeros(1024, 4096), g, a, None, 1.0, False)) == (2048, "dense")
+    assert table.shape_key("gradient_accumulate_", (torch.zeros(4096, 1024), g, a, None, 1.0, True)) == (
+        2048, "transposed")
+    t = {"cuda": {"gradient_accumulate_": [{"d": 2048, "layout": "dense", "seconds": {"naive": 1.0, "ext": 0.5}}]}}
+    assert table.choose("gradient_accumulate_", "cuda", 2000, "dense", ("triton", "ext", "torch"), t) == "ext"
+    assert table.choose("gradient_accumulate_", "cuda", 2000, "transposed", ("ext", "torch"), t) is None
+
+
+def test_auto_follows_the_table_for_the_gradient_op_per_orientation(fresh_table):
+    """The bench's rows (d = table.gradient_width) steer the gradient op; the transposed layout has
+    its own rows, and without them the fixed order applies."""
+    g, a = torch.randn(2, 5, 32), torch.randn(2, 5, 72)
+    d = table.gradient_width(32, 72)
+    assert d == 48
+    fresh_table({"benchmarks": [
+        {"extra_info": {"op": "gradient_accumulate_", "provider": p, "d": d, "layout": "dense", "median_s": t,
+                        "device": "cpu"}} for p, t in (("naive", 1.0), ("torch", 0.5), ("ext", 2.0))]})
+    acc = torch.zeros(32, 72)
+    assert dispatch.resolve("gradient_accumulate_", "auto", g.device, (acc, g, a, None, 1.0, False))[0] == "torch"
+    first = ops.available_backends("cpu", "gradient_accumulate_")[0]
+    accT = torch.zeros(72, 32)
+    assert dispatch.resolve("gradient_accumulate_", "auto", g.device, (accT, g, a, None, 1.0, True))[0] == first
+    ops.gradient_accumulate_(accT, g, a, transpose=True)
+    ref = a.reshape(-1, 72).double().T @ g.reshape(-1, 32).double()
+    torch.testing.assert_close(accT.double(), ref, rtol=1e-5, atol=1e-5)

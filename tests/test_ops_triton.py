@@ -16,8 +16,11 @@ from tests.op_cases import (
     BAD_CALLS,
     ENERGY_CASES,
     GRAD_CALLS,
+    GRADIENT_CASES,
+    GRADIENT_GRAD_CALLS,
     PROJECTED_CASES,
     SYRK_CASES,
+    GradCase,
     OpCase,
     assert_close_to_reference,
     assert_no_graph,
@@ -36,7 +39,8 @@ else:
 
 from fisherlora.kernels._common import RowView  # noqa: E402
 
-from fisherlora.kernels import projected_sq as triton_projected  # noqa: E402 (after the skips)
+from fisherlora.kernels import gradient as triton_gradient  # noqa: E402 (after the skips)
+from fisherlora.kernels import projected_sq as triton_projected  # noqa: E402
 from fisherlora.kernels import syrk as triton_syrk  # noqa: E402
 
 # The floor of the tolerance: relative to the reference's scale, as in test_ops_reference.py.
@@ -103,6 +107,58 @@ def test_projected_sq_native_16bit_path(dtype):
     out = _projected(x, Q, mask, "triton")
     assert_close_to_reference(out, _projected(x, Q, mask, "torch", torch.float64),
                               _projected(x, Q, mask, "torch"), case.id, rel_floor=REL_FLOOR)
+
+
+def _gradient(case: GradCase, g, a, mask, backend: str, dtype=torch.float32) -> torch.Tensor:
+    acc = torch.zeros(case.acc_shape(), device=g.device, dtype=dtype)
+    return ops.gradient_accumulate_(acc, g, a, mask, -0.5, transpose=case.transpose, backend=backend)
+
+
+@pytest.mark.parametrize("case", GRADIENT_CASES)
+def test_gradient_matches_reference(case):
+    g, a, mask = case.make_ga(DEVICE)
+    out = _gradient(case, g, a, mask, "triton")
+    assert_close_to_reference(out, _gradient(case, g, a, mask, "torch", torch.float64),
+                              _gradient(case, g, a, mask, "torch"), case.id, rel_floor=REL_FLOOR)
+
+
+@pytest.mark.parametrize("split, block", [(3, None), (2, (32, 64)), (5, (64, 32))])
+def test_gradient_split_k_path_and_rectangular_tiles(split, block):
+    case = GradCase(129, 70, torch.float16, False, 37, "batched", "random", torch.float32)
+    g, a, mask = case.make_ga(DEVICE)
+    acc = torch.full(case.acc_shape(), 1.5, device=DEVICE)  # accumulates onto what is there
+    triton_gradient.gradient_accumulate_(acc, g, a, mask, -0.5, split=split, block=block)
+    assert_close_to_reference(acc, _gradient(case, g, a, mask, "torch", torch.float64) + 1.5,
+                              _gradient(case, g, a, mask, "torch") + 1.5, case.id, rel_floor=REL_FLOOR)
+    again = torch.full(case.acc_shape(), 1.5, device=DEVICE)
+    triton_gradient.gradient_accumulate_(again, g, a, mask, -0.5, split=split, block=block)
+    assert torch.equal(acc, again), "not bit-identical"
+
+
+def test_gradient_two_calls_equal_one_call_and_float64_delegation():
+    g, a = _integer_valued((50, 33), torch.bfloat16, 1), _integer_valued((50, 20), torch.bfloat16, 2)
+    mask = (torch.arange(50) % 3 != 0).to(DEVICE)
+    one = torch.zeros(20, 33, device=DEVICE)
+    ops.gradient_accumulate_(one, g, a, mask, transpose=True, backend="triton")
+    two = torch.zeros(20, 33, device=DEVICE)
+    ops.gradient_accumulate_(two, g[:20], a[:20], mask[:20], transpose=True, backend="triton")
+    ops.gradient_accumulate_(two, g[20:], a[20:], mask[20:], transpose=True, backend="triton")
+    assert torch.equal(one, two)
+    ref = reference.gradient_accumulate_(torch.zeros(20, 33, dtype=torch.float64), g, a, mask, 1.0, True)
+    assert torch.equal(one.double(), ref)  # small integers: exact in every order
+    acc64 = torch.zeros(20, 33, dtype=torch.float64, device=DEVICE)
+    ops.gradient_accumulate_(acc64, g.double(), a, mask, transpose=True, backend="triton")
+    assert torch.equal(acc64, ref)
+
+
+def test_gradient_reads_non_mergeable_leading_dims_correctly():
+    g = torch.randn(3, 4, 6, 9, device=DEVICE)[:, :, :5].transpose(0, 1)  # copied to rows
+    a = torch.randn(4, 3, 5, 7, device=DEVICE)[..., :6]  # (4, 3, 5) tokens with a column stride of 1, row step 7
+    mask = torch.rand(g.shape[:-1], device=DEVICE) > 0.3
+    acc = torch.zeros(9, 6, device=DEVICE)
+    ops.gradient_accumulate_(acc, g, a, mask, backend="triton")
+    ref = reference.gradient_accumulate_(torch.zeros(9, 6, dtype=torch.float64), g, a, mask)
+    torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 # --- split-K / split-token reductions (forced: the heuristics never split under the interpreter)
@@ -237,7 +293,7 @@ def test_bad_arguments_are_refused_before_any_work(call):
     assert_refused(call, "triton", DEVICE)
 
 
-@pytest.mark.parametrize("call", GRAD_CALLS)
+@pytest.mark.parametrize("call", GRAD_CALLS + GRADIENT_GRAD_CALLS)
 def test_inputs_that_require_grad_are_read_as_values(call):
     assert_no_graph(call, "triton", DEVICE)
 
@@ -267,6 +323,8 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.fisherlora.triton_fisher_energy.default, (M, Q), test_utils=checks)
     torch.library.opcheck(torch.ops.fisherlora.triton_projected_sq_accumulate_.default,
                           (torch.zeros(8, device=DEVICE), x, Q, mask), test_utils=checks)
+    torch.library.opcheck(torch.ops.fisherlora.triton_gradient_accumulate_.default,
+                          (torch.zeros(8, 16, device=DEVICE), x[..., :8], x, mask, 0.5, False), test_utils=checks)
 
 
 # --- end to end: statistics collection ------------------------------------------------------
@@ -329,3 +387,25 @@ def test_gpu_autotuned_split_k_matches_reference(d):
                                   _projected(x, q, mask, "torch", torch.float64),
                                   _projected(x, q, mask, "torch"), f"projected-{q.dtype}",
                                   rel_floor=REL_FLOOR)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or DEVICE != "cuda", reason="needs CUDA (compiled kernels)")
+@pytest.mark.parametrize("d_out, d_in", [(1024, 4096), (4096, 1024), (96, 200)])
+def test_gpu_autotuned_gradient_matches_reference(d_out, d_in):
+    """Compiled and autotuned: 128-wide tiles, the heuristic token split (few tiles at 96 x 200),
+    native bf16 tensor-core dots, mixed dtypes; bit-identical repeats."""
+    for a_dtype in (torch.bfloat16, torch.float32):
+        case = GradCase(d_out, d_in, torch.bfloat16, False, 8192, "batched", "random", a_dtype)
+        g, a, mask = case.make_ga("cuda")
+        for transpose in (False, True):
+            shape = (d_in, d_out) if transpose else (d_out, d_in)
+            acc, again = torch.zeros(shape, device="cuda"), torch.zeros(shape, device="cuda")
+            ops.gradient_accumulate_(acc, g, a, mask, 0.5, transpose=transpose, backend="triton")
+            ops.gradient_accumulate_(again, g, a, mask, 0.5, transpose=transpose, backend="triton")
+            assert torch.equal(acc, again)
+            ref64 = reference.gradient_accumulate_(torch.zeros(shape, device="cuda", dtype=torch.float64), g, a, mask,
+                                                   0.5, transpose)
+            torch_out = reference.gradient_accumulate_(torch.zeros(shape, device="cuda"), g, a, mask, 0.5, transpose)
+            assert_close_to_reference(acc, ref64, torch_out, f"o{d_out}-i{d_in}-{a_dtype}-T{transpose}",
+                                      rel_floor=REL_FLOOR)

@@ -29,6 +29,7 @@ constexpr int64_t ENERGY_COL_TILE = 64;    // columns of Q per task
 constexpr int64_t PROJ_TOKEN_TILE = 128;   // kept rows per step of projected_sq
 constexpr int64_t PROJ_COL_CHUNK = 512;    // columns of Q converted at a time when Q's dtype differs
 constexpr int64_t PROJ_GROUPS = 64;        // fixed token groups (deterministic partial sums)
+constexpr int64_t GRAD_TILE = 256;         // rows and columns of one tile of the (d_out, d_in) gradient
 // Row panels of a diagonal SYRK tile: panel a (columns [a*P, a*P + P)) is multiplied only with
 // the columns from a*P on, so the strictly lower half is skipped except inside the P x P blocks
 // on the diagonal. Multiply-adds per kept token of an n-wide diagonal tile:
@@ -247,6 +248,56 @@ void projected_kernel(const at::Tensor& acc, const at::Tensor& x, const at::Tens
   }
 }
 
+// load_panel for an input whose dtype is known at run time only (g and a may differ)
+template <typename acc_t>
+void load_rows(const at::Tensor& x, const int64_t* rows, int64_t n, int64_t col0, int64_t ncols, acc_t* dst,
+               int64_t ld) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gradient_load_rows", [&] {
+    load_panel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), rows, n, col0, ncols, x.stride(-1), dst, ld);
+  });
+}
+
+// acc (d_out, d_in) += scale * g_rᵀ a_r: one task per (GRAD_TILE x GRAD_TILE) tile of acc, which
+// it owns; the kept rows of g (offsets grows) and of a (offsets arows, same tokens) are gathered
+// TOKEN_TILE at a time, converted on load into per-thread panels, and multiplied through BLAS.
+template <typename acc_t>
+void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                     const std::vector<int64_t>& grows, const std::vector<int64_t>& arows, double scale) {
+  const int64_t d_out = g.size(-1), d_in = a.size(-1);
+  const int64_t n = static_cast<int64_t>(grows.size());
+  const int64_t nbi = (d_out + GRAD_TILE - 1) / GRAD_TILE, nbj = (d_in + GRAD_TILE - 1) / GRAD_TILE;
+  acc_t* ap = acc.data_ptr<acc_t>();
+  const acc_t s = static_cast<acc_t>(scale);
+  const auto opts = acc.options();
+  const int64_t tb = std::min(TOKEN_TILE, n);
+
+  at::parallel_for(0, nbi * nbj, 1, [&](int64_t p0, int64_t p1) {
+    // buffers as small as the shape allows: a narrow layer's task holds no 256-wide ones
+    const int64_t tm = std::min(GRAD_TILE, d_out), tn = std::min(GRAD_TILE, d_in);
+    at::Tensor bufg = at::empty({tb, tm}, opts);
+    at::Tensor bufa = at::empty({tb, tn}, opts);
+    at::Tensor tilebuf = at::empty({tm, tn}, opts);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i0 = (p / nbj) * GRAD_TILE, j0 = (p % nbj) * GRAD_TILE;
+      const int64_t ni = std::min(GRAD_TILE, d_out - i0), nj = std::min(GRAD_TILE, d_in - j0);
+      at::Tensor tile = tilebuf.narrow(0, 0, ni).narrow(1, 0, nj);
+      tile.zero_();
+      for (int64_t t0 = 0; t0 < n; t0 += tb) {
+        const int64_t nt = std::min(tb, n - t0);
+        load_rows<acc_t>(g, grows.data() + t0, nt, i0, ni, bufg.data_ptr<acc_t>(), tm);
+        load_rows<acc_t>(a, arows.data() + t0, nt, j0, nj, bufa.data_ptr<acc_t>(), tn);
+        tile.addmm_(bufg.narrow(0, 0, nt).narrow(1, 0, ni).t(), bufa.narrow(0, 0, nt).narrow(1, 0, nj));
+      }
+      const acc_t* tp = tilebuf.const_data_ptr<acc_t>();
+      for (int64_t r = 0; r < ni; ++r) {
+        acc_t* dst = ap + (i0 + r) * d_in + j0;
+        const acc_t* src = tp + r * tn;
+        for (int64_t c = 0; c < nj; ++c) dst[c] += s * src[c];
+      }
+    }
+  });
+}
+
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), op, ": expected ", name, " on the CPU, got ", t.device());
 }
@@ -288,6 +339,22 @@ void projected_sq_accumulate_(const at::Tensor& acc, const at::Tensor& x, const 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "projected_sq_cpu", [&] {
       projected_kernel<scalar_t, acc_t>(acc, x, Q, rows);
     });
+  });
+}
+
+void gradient_accumulate_(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                          const std::optional<at::Tensor>& mask, double scale, bool transpose) {
+  check_gradient_args(acc, g, a, mask, transpose);
+  check_cpu(g, "fisherlora_ext::gradient_accumulate_", "g");
+  check_cpu(a, "fisherlora_ext::gradient_accumulate_", "a");
+  // Σ_t a_t g_tᵀ (Conv1D's orientation) is the same product with the operands swapped
+  const at::Tensor& left = transpose ? a : g;
+  const at::Tensor& right = transpose ? g : a;
+  const std::vector<int64_t> lrows = kept_row_offsets(left, mask);
+  if (lrows.empty()) return;
+  const std::vector<int64_t> rrows = kept_row_offsets(right, mask);
+  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "gradient_accumulate_cpu", [&] {
+    gradient_kernel<scalar_t>(acc, left, right, lrows, rrows, scale);
   });
 }
 

@@ -108,6 +108,26 @@ void projected_sq_accumulate_cuda(const at::Tensor& acc, const at::Tensor& x, co
   }
 }
 
+void gradient_accumulate_cuda(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                              const std::optional<at::Tensor>& mask, double scale, bool transpose) {
+  const char* op = "fisherlora_ext::gradient_accumulate_";
+  check_gradient_args(acc, g, a, mask, transpose);
+  check_cuda(g, op, "g");
+  check_cuda(a, op, "a");
+  const c10::cuda::CUDAGuard guard(g.device());
+  // Σ_t a_t g_tᵀ (Conv1D's orientation) is the same product with the operands swapped
+  const at::Tensor& left = transpose ? a : g;
+  const at::Tensor& right = transpose ? g : a;
+  if (gradient_gemm(acc, left, right, mask, scale)) return;
+  const at::Tensor lrows = kept_row_offsets(left, mask);
+  const at::Tensor rrows = kept_row_offsets(right, mask);
+  launch_gradient(to_dtype(left.scalar_type()), to_dtype(right.scalar_type()), to_dtype(acc.scalar_type()),
+                  left.const_data_ptr(), lrows.const_data_ptr<int64_t>(), left.stride(-1), right.const_data_ptr(),
+                  rrows.const_data_ptr<int64_t>(), right.stride(-1), lrows.numel(), left.size(-1), right.size(-1),
+                  acc.data_ptr(), scale, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fisherlora
@@ -116,6 +136,7 @@ TORCH_LIBRARY_IMPL(fisherlora_ext, CUDA, m) {
   m.impl("syrk_accumulate_", &fisherlora::cuda::syrk_accumulate_cuda);
   m.impl("fisher_energy", &fisherlora::cuda::fisher_energy_cuda);
   m.impl("projected_sq_accumulate_", &fisherlora::cuda::projected_sq_accumulate_cuda);
+  m.impl("gradient_accumulate_", &fisherlora::cuda::gradient_accumulate_cuda);
 }
 
 #endif  // __CUDA_ARCH__

@@ -25,5 +25,11 @@ bool energy_gemm(const at::Tensor& M, const at::Tensor& Q, at::Tensor& out);
 bool projected_gemm(const at::Tensor& acc, const at::Tensor& x, const at::Tensor& Q,
                     const std::optional<at::Tensor>& mask);
 
+// acc (float32, (d_out, d_in) row-major) += scale * g_mᵀ a_m as cuBLAS products over token chunks,
+// in block rows of acc bounded by the workspace: tensor cores when g and a share a 16-bit dtype,
+// float32 products (chunks gathered into float32) when their dtypes differ or either is float32.
+bool gradient_gemm(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                   const std::optional<at::Tensor>& mask, double scale);
+
 }  // namespace cuda
 }  // namespace fisherlora

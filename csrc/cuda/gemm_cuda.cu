@@ -9,6 +9,10 @@
 // whole chunk; zero rows add nothing. An unmasked x whose leading dims merge into one stride is
 // read in place.
 //
+// The weight gradient (gradient_gemm) walks aligned chunks of the same tokens of g and a, each read
+// in place or gathered into its own workspace (in float32 when their dtypes differ), and adds
+// G[:, i0:i0+b]ᵀ A into block rows of acc through a float32 scratch.
+//
 // SYRK by block rows: for rows [i0, i0 + b) the product x[:, i0:i0+b]ᵀ x[:, i0:d] is added to
 // acc[i0:i0+b, i0:d]. Multiply-adds per token: Σ b(d − i0) = d²/2 + d·b/2, i.e. (1 + b/d) times
 // the d(d+1)/2 of the upper triangle (b = 256 up to d = 4096, else 512: at most 1.0625 at 4096,
@@ -132,6 +136,50 @@ void for_each_row_chunk(const at::Tensor& x, const std::optional<at::Tensor>& ma
   }
 }
 
+// How rows of x (..., d) are read as (T, d) in `dtype`: in place (row stride >= 0) when unmasked,
+// already of that dtype and its leading dims merge; else gathered a chunk at a time.
+int64_t in_place_row_stride(const at::Tensor& x, const std::optional<at::Tensor>& mask, at::ScalarType dtype) {
+  return (!mask.has_value() && x.scalar_type() == dtype) ? flat_row_stride(x) : -1;
+}
+
+// The same tokens of g (..., d_out) and a (..., d_in) as aligned (n, d_out), (n, d_in) chunks in
+// `dtype`, each a view or gathered into its own reused workspace (masked-out rows as zeros, never
+// read); calls f(G, A) in token order. Chunks are sized so that the gathered rows fit the workspace.
+template <typename F>
+void for_each_pair_chunk(const at::Tensor& g, const at::Tensor& a, const std::optional<at::Tensor>& mask,
+                         at::ScalarType dtype, F&& f) {
+  const int64_t d_out = g.size(-1), d_in = a.size(-1), T = g.numel() / d_out;
+  const int64_t rg = in_place_row_stride(g, mask, dtype), ra = in_place_row_stride(a, mask, dtype);
+  const int64_t es = static_cast<int64_t>(c10::elementSize(dtype));
+  const int64_t row_bytes = (rg >= 0 ? 0 : d_out * es) + (ra >= 0 ? 0 : d_in * es);
+  const int64_t chunk = row_bytes == 0 ? T : std::min(T, std::max(MIN_CHUNK, WORKSPACE_BYTES / row_bytes));
+  at::Tensor keep, goff, aoff, gws, aws;
+  if (mask.has_value()) keep = mask->reshape({-1}).ne(0).contiguous();
+  if (rg < 0) {
+    goff = row_offsets(g);
+    gws = at::empty({chunk, d_out}, g.options().dtype(dtype));
+  }
+  if (ra < 0) {
+    aoff = row_offsets(a);
+    aws = at::empty({chunk, d_in}, a.options().dtype(dtype));
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  auto rows_of = [&](const at::Tensor& x, int64_t rs, const at::Tensor& off, at::Tensor& ws, int64_t t0,
+                     int64_t n) -> at::Tensor {
+    const int64_t d = x.size(-1);
+    if (rs >= 0) return x.as_strided({T, d}, {rs, 1}).narrow(0, t0, n);
+    launch_gather_rows(dtype_of(x.scalar_type()), dtype_of(dtype), x.const_data_ptr(),
+                       off.const_data_ptr<int64_t>() + t0, keep.defined() ? keep.const_data_ptr<bool>() + t0 : nullptr,
+                       n, d, x.stride(-1), ws.data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return ws.narrow(0, 0, n);
+  };
+  for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+    const int64_t n = std::min(chunk, T - t0);
+    f(rows_of(g, rg, goff, gws, t0, n), rows_of(a, ra, aoff, aws, t0, n));
+  }
+}
+
 }  // namespace
 
 at::Tensor row_offsets(const at::Tensor& x) {
@@ -211,6 +259,28 @@ bool projected_gemm(const at::Tensor& acc, const at::Tensor& x, const at::Tensor
       dst.add_(at::sum(prod.mul_(prod), {0}));
     });
   }
+  return true;
+}
+
+bool gradient_gemm(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
+                   const std::optional<at::Tensor>& mask, double scale) {
+  if (acc.scalar_type() != at::kFloat || !gemm_input(g.scalar_type()) || !gemm_input(a.scalar_type())) return false;
+  const at::ScalarType ct = (g.scalar_type() == a.scalar_type() && is16(g.scalar_type())) ? g.scalar_type()
+                                                                                          : at::kFloat;
+  if (!FISHERLORA_HAS_OUT_DTYPE && ct != at::kFloat) return false;
+  const int64_t d_out = g.size(-1), d_in = a.size(-1);
+  if (d_out == 0 || d_in == 0 || g.numel() == 0) return true;
+  // block rows of acc: one (b, d_in) float32 product per chunk and block, within the workspace
+  const int64_t block = std::min(d_out, std::max<int64_t>(256, WORKSPACE_BYTES / (4 * d_in)));
+  at::Tensor scratch = at::empty({block * d_in}, acc.options());
+  for_each_pair_chunk(g, a, mask, ct, [&](const at::Tensor& G, const at::Tensor& A) {
+    for (int64_t i0 = 0; i0 < d_out; i0 += block) {
+      const int64_t b = std::min(block, d_out - i0);
+      at::Tensor prod = scratch.narrow(0, 0, b * d_in).view({b, d_in});
+      mm_into(prod, G.narrow(1, i0, b).t(), A);  // (b, n) @ (n, d_in)
+      acc.narrow(0, i0, b).add_(prod, scale);
+    }
+  });
   return true;
 }
 

@@ -108,6 +108,55 @@ syrk_kernel(const in_t* __restrict__ x, const int64_t* __restrict__ rows, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// gradient: one 64x64 tile of the (d_out, d_in) acc per block (grid (tiles along d_in, tiles along
+// d_out)), 16x16 threads with 4x4 outputs each; the kept tokens' rows of g and a are streamed
+// through shared memory 16 at a time, each through its own offsets and column stride.
+template <typename g_t, typename a_t, typename acc_t>
+__global__ void __launch_bounds__(SYRK_THREADS * SYRK_THREADS)
+gradient_kernel(const g_t* __restrict__ g, const int64_t* __restrict__ grows, int64_t gcs,
+                const a_t* __restrict__ a, const int64_t* __restrict__ arows, int64_t acs, int64_t n, int64_t d_out,
+                int64_t d_in, acc_t* __restrict__ acc, acc_t scale) {
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * SYRK_TILE, j0 = static_cast<int64_t>(blockIdx.x) * SYRK_TILE;
+  __shared__ acc_t gs[SYRK_K][SYRK_TILE];
+  __shared__ acc_t as[SYRK_K][SYRK_TILE];
+  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * SYRK_THREADS + tx;
+  acc_t sum[4][4] = {};
+
+  for (int64_t t0 = 0; t0 < n; t0 += SYRK_K) {
+    for (int e = tid; e < SYRK_K * SYRK_TILE; e += SYRK_THREADS * SYRK_THREADS) {
+      const int r = e / SYRK_TILE, c = e % SYRK_TILE;
+      const bool row_ok = t0 + r < n;
+      gs[r][c] = (row_ok && i0 + c < d_out) ? load_as<acc_t>(g + grows[t0 + r] + (i0 + c) * gcs) : acc_t(0);
+      as[r][c] = (row_ok && j0 + c < d_in) ? load_as<acc_t>(a + arows[t0 + r] + (j0 + c) * acs) : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < SYRK_K; ++kk) {
+      acc_t u_[4], v_[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        u_[u] = gs[kk][ty + SYRK_THREADS * u];
+        v_[u] = as[kk][tx + SYRK_THREADS * u];
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) sum[u][v] += u_[u] * v_[v];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t i = i0 + ty + SYRK_THREADS * u;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int64_t j = j0 + tx + SYRK_THREADS * v;
+      if (i < d_out && j < d_in) acc[i * d_in + j] += scale * sum[u][v];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // fisher_energy: block (kb, bi) computes, for its 32 columns j and 64 rows i of M,
 // Σ_i q_ij (M[i, :] q_j) into partial[bi, j]; a second kernel sums partial over bi in order.
 constexpr int ENERGY_ROWS = 64;
@@ -330,6 +379,28 @@ void launch_syrk(DType x_dtype, DType acc_dtype, const void* x, const int64_t* r
     });
   });
   check_launch("syrk");
+}
+
+void launch_gradient(DType g_dtype, DType a_dtype, DType acc_dtype, const void* g, const int64_t* grows,
+                     int64_t g_col_stride, const void* a, const int64_t* arows, int64_t a_col_stride, int64_t n,
+                     int64_t d_out, int64_t d_in, void* acc, double scale, cudaStream_t stream) {
+  if (n == 0 || d_out == 0 || d_in == 0) return;
+  const dim3 grid(static_cast<unsigned>((d_in + SYRK_TILE - 1) / SYRK_TILE),
+                  static_cast<unsigned>((d_out + SYRK_TILE - 1) / SYRK_TILE));
+  const dim3 threads(SYRK_THREADS, SYRK_THREADS);
+  with_acc_type(acc_dtype, [&](auto acc_v) {
+    using acc_t = decltype(acc_v);
+    with_input_type(g_dtype, [&](auto g_v) {
+      using g_t = decltype(g_v);
+      with_input_type(a_dtype, [&](auto a_v) {
+        using a_t = decltype(a_v);
+        gradient_kernel<g_t, a_t, acc_t><<<grid, threads, 0, stream>>>(
+            static_cast<const g_t*>(g), grows, g_col_stride, static_cast<const a_t*>(a), arows, a_col_stride, n,
+            d_out, d_in, static_cast<acc_t*>(acc), static_cast<acc_t>(scale));
+      });
+    });
+  });
+  check_launch("gradient");
 }
 
 void launch_gather_rows(DType x_dtype, DType dst_dtype, const void* x, const int64_t* offsets, const bool* keep,

@@ -33,6 +33,13 @@ void launch_projected(DType x_dtype, DType acc_dtype, const void* x, const int64
                       int64_t col_stride, const void* Q, int64_t k, int64_t qs0, int64_t qs1, double* partial,
                       void* acc, cudaStream_t stream);
 
+// acc (d_out, d_in) row-major += scale * Σ_r g_r a_rᵀ over the n kept tokens, g's row r at element
+// offset grows[r] of g (columns g_col_stride apart), a's at arows[r] of a (device int64 offsets of the
+// same tokens). g and a may have different input dtypes; acc_dtype is kFloat or kDouble.
+void launch_gradient(DType g_dtype, DType a_dtype, DType acc_dtype, const void* g, const int64_t* grows,
+                     int64_t g_col_stride, const void* a, const int64_t* arows, int64_t a_col_stride, int64_t n,
+                     int64_t d_out, int64_t d_in, void* acc, double scale, cudaStream_t stream);
+
 // Helpers of the tensor-core paths (cuda/gemm_cuda.cu, docs/DESIGN.md §11).
 // dst (n, d) row-major of dst_dtype: row r is x's row at element offset offsets[r] (columns
 // col_stride apart), converted, or zeros where keep[r] is false (keep may be null: keep all).

@@ -29,7 +29,7 @@ def run(args) -> int:
                         dtype=dtype, stats_bytes=4 if cfg.stats_dtype == "float32" else 8,
                         bases_bytes=dtype.itemsize if cfg.bases_dtype == "model" else 4,
                         fisher_type=cfg.fisher_type.value, mc_samples=cfg.mc_samples,
-                        quantisation=settings_from_flags(args))
+                        quantisation=settings_from_flags(args), gradient=cfg.init.needs_gradient)
     if args.json:
         text = json.dumps({"model": str(args.model), "tokens": args.num_samples * args.max_length,
                            "plans": [p.to_dict() for p in plans]}, indent=1)

@@ -6,9 +6,10 @@ shapes, dtypes and formula:
 - :mod:`.syrk`: ``acc += scale · x_mᵀ x_m`` (upper-triangle tiles, dense or packed ``acc``)
 - :mod:`.fisher_energy`: ``diag(Qᵀ M Q)`` streamed over tiles of ``M``'s upper triangle
 - :mod:`.projected_sq`: ``acc += Σ_t (Qᵀ x_t)²`` tiled over tokens
+- :mod:`.gradient`: ``acc += scale · g_mᵀ a_m`` (the weight gradient; transposed for ``Conv1D``)
 
 This module is the backend seen by :mod:`fisherlora.ops.dispatch`: :func:`supports` and the
-three op functions (positional arguments already validated by :mod:`fisherlora.ops`). Each op is
+four op functions (positional arguments already validated by :mod:`fisherlora.ops`). Each op is
 a ``torch.library.custom_op`` (namespace ``fisherlora``, names prefixed ``triton_``) with a fake
 implementation, so it can be traced by ``torch.compile``.
 
@@ -40,10 +41,12 @@ if not _os.path.isfile(_os.path.join(__path__[0], "_common.py")):  # a source tr
 
 from . import _common  # noqa: E402
 from . import fisher_energy as _energy_mod  # noqa: E402
+from . import gradient as _gradient_mod  # noqa: E402
 from . import projected_sq as _projected_mod  # noqa: E402
 from . import syrk as _syrk_mod  # noqa: E402
 
-__all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "INTERPRET"]
+__all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "gradient_accumulate_",
+           "INTERPRET"]
 
 INTERPRET = _common.INTERPRET
 
@@ -93,6 +96,17 @@ def _(acc, x, Q, mask):
     return None
 
 
+@torch.library.custom_op("fisherlora::triton_gradient_accumulate_", mutates_args=("acc",))
+def _gradient_op(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                 transpose: bool) -> None:
+    _impl(_gradient_mod, "gradient_accumulate_", acc, g, a)(acc, g, a, mask, scale, transpose)
+
+
+@_gradient_op.register_fake
+def _(acc, g, a, mask, scale, transpose):
+    return None
+
+
 def syrk_accumulate_(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
     """``acc += scale · x_mᵀ x_m`` (upper triangle); see :mod:`.syrk`."""
@@ -109,4 +123,11 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
                              mask: torch.Tensor | None) -> torch.Tensor:
     """``acc += Σ_t (Qᵀ x_t)²`` over unmasked rows; see :mod:`.projected_sq`."""
     _projected_op(acc, x, Q, mask)
+    return acc
+
+
+def gradient_accumulate_(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, transpose: bool) -> torch.Tensor:
+    """``acc += scale · g_mᵀ a_m`` (``a_mᵀ g_m`` with ``transpose``); see :mod:`.gradient`."""
+    _gradient_op(acc, g, a, mask, float(scale), bool(transpose))
     return acc

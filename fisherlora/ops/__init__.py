@@ -18,6 +18,7 @@ __all__ = [
     "syrk_accumulate_",
     "fisher_energy",
     "projected_sq_accumulate_",
+    "gradient_accumulate_",
     "symmetrize_",
     "pack_triu",
     "unpack_triu",
@@ -32,20 +33,20 @@ _INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _ACC_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_mask(mask: torch.Tensor | None, x: torch.Tensor, op: str) -> None:
+def _check_mask(mask: torch.Tensor | None, x: torch.Tensor, op: str, name: str = "x") -> None:
     """A mask must have exactly the token dims ``x.shape[:-1]``: one with the same number of
     elements but another shape (transposed, flattened, an extra dim) is refused, never reshaped,
     because which row each element stands for would be a guess (the caller reshapes, knowingly)."""
     if mask is None:
         return
     if mask.device != x.device:
-        raise ValueError(f"{op}: mask is on {mask.device} but x is on {x.device}")
+        raise ValueError(f"{op}: mask is on {mask.device} but {name} is on {x.device}")
     if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
         raise TypeError(f"{op}: mask must be bool or an integer 0/1 tensor, got {mask.dtype}")
     if mask.shape != x.shape[:-1]:
         raise ValueError(
             f"{op}: mask of shape {tuple(mask.shape)} does not match the token dims "
-            f"{tuple(x.shape[:-1])} of x (x.shape[:-1]); pass a mask of exactly that shape"
+            f"{tuple(x.shape[:-1])} of {name} ({name}.shape[:-1]); pass a mask of exactly that shape"
         )
 
 
@@ -63,13 +64,13 @@ def _check_strided(op: str, **tensors: torch.Tensor | None) -> None:
             raise TypeError(f"{op}: {name} must be a dense tensor, got layout {t.layout}")
 
 
-def _check_x(x: torch.Tensor, op: str) -> None:
-    _check_strided(op, x=x)
+def _check_x(x: torch.Tensor, op: str, name: str = "x", d: str = "d") -> None:
+    _check_strided(op, **{name: x})
     if x.dtype not in _INPUT_DTYPES:
-        raise TypeError(f"{op}: x must be bf16/fp16/fp32/fp64, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must be bf16/fp16/fp32/fp64, got {x.dtype}")
     if x.dim() < 1:
-        raise ValueError(f"{op}: x must have shape (..., d), got a scalar")
-    _check_at_least_one(op, "d", x.shape[-1], "x", x)
+        raise ValueError(f"{op}: {name} must have shape (..., {d}), got a scalar")
+    _check_at_least_one(op, d, x.shape[-1], name, x)
 
 
 def _check_q(Q: torch.Tensor, d: int | None, op: str) -> None:
@@ -83,12 +84,12 @@ def _check_q(Q: torch.Tensor, d: int | None, op: str) -> None:
     _check_at_least_one(op, "k", Q.shape[1], "Q", Q)
 
 
-def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str) -> None:
+def _check_acc(acc: torch.Tensor, x: torch.Tensor, op: str, name: str = "x") -> None:
     _check_strided(op, acc=acc)
     if acc.dtype not in _ACC_DTYPES:
         raise TypeError(f"{op}: acc must be float32 (or float64 for references), got {acc.dtype}")
     if acc.device != x.device:
-        raise ValueError(f"{op}: acc is on {acc.device} but x is on {x.device}")
+        raise ValueError(f"{op}: acc is on {acc.device} but {name} is on {x.device}")
     if not acc.is_contiguous():
         raise ValueError(f"{op}: acc must be contiguous")
     if acc.requires_grad:
@@ -219,4 +220,67 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
         raise ValueError(f"{op}: acc must be ({Q.shape[1]},), got {tuple(acc.shape)}")
     _check_mask(mask, x, op)
     _run(op, backend, x.device, acc, x, Q, mask)
+    return acc
+
+
+def gradient_accumulate_(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None = None,
+                         scale: float = 1.0, *, transpose: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Accumulate a masked, scaled weight gradient: ``acc += scale · Σ_t g_t a_tᵀ`` in place.
+
+    Summed over the counted tokens ``t`` of a calibration set, ``Σ_t g_t a_tᵀ = g_mᵀ a_m`` is the
+    layer's weight gradient ``∇W`` (``g_t = ∂L/∂y_t`` its output gradients, ``a_t`` its inputs):
+    the statistic K-FAC preconditions into the natural gradient ``G⁻¹ ∇W A⁻¹`` (Martens & Grosse
+    2015, §4), gathered in the same hooks and over the same tokens as the factors ``A`` and ``G``
+    of :func:`syrk_accumulate_` (docs/DESIGN.md §3).
+
+    Args:
+        acc: float32 (float64 for references) accumulator on ``g``'s device, contiguous, not
+            requiring grad, of shape ``(d_out, d_in)`` (the ``nn.Linear`` weight's), or
+            ``(d_in, d_out)`` with ``transpose=True``.
+        g: ``(..., d_out)`` output gradients, ``d_out >= 1``, bf16/fp16/fp32 (fp64 for
+            references), any strides.
+        a: ``(..., d_in)`` layer inputs, ``d_in >= 1``, same token dims as ``g``
+            (``a.shape[:-1] == g.shape[:-1]``), on ``g``'s device, bf16/fp16/fp32 (fp64 for
+            references; it may differ from ``g``'s dtype, e.g. under autocast), any strides;
+            any number of tokens, zero included.
+        mask: optional bool or 0/1 integer tensor of exactly the token dims ``g.shape[:-1]``
+            (never reshaped); rows where it is false are skipped in both ``g`` and ``a`` (no
+            gathered copy is made by the fast backends) and never read: NaN/inf in masked-out
+            rows do not reach ``acc``.
+        scale: multiplies the update (a Python float).
+        transpose: accumulate ``scale · Σ_t a_t g_tᵀ`` into a ``(d_in, d_out)`` ``acc`` instead,
+            the layout of a GPT-2 ``Conv1D`` weight.
+        backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"triton"`` or ``"ext"``.
+
+    Returns:
+        ``acc``.
+
+    Raises:
+        TypeError: wrong dtype of ``acc``, ``g``, ``a`` or ``mask``, or a non-dense tensor.
+        ValueError: shapes or devices that do not match (token dims of ``g`` and ``a``, ``acc``'s
+            shape, a mask not of exactly the token dims), ``d_out = 0`` or ``d_in = 0``, or an
+            ``acc`` that requires grad.
+        RuntimeError: an explicitly requested backend is unavailable or lacks this op.
+    """
+    op = "gradient_accumulate_"
+    _check_x(g, op, "g", "d_out")
+    _check_x(a, op, "a", "d_in")
+    if a.device != g.device:
+        raise ValueError(f"{op}: a is on {a.device} but g is on {g.device}")
+    if a.shape[:-1] != g.shape[:-1]:
+        raise ValueError(
+            f"{op}: the token dims of g {tuple(g.shape[:-1])} and a {tuple(a.shape[:-1])} differ "
+            f"(g of shape {tuple(g.shape)}, a of shape {tuple(a.shape)}); they must be equal"
+        )
+    _check_acc(acc, g, op, "g")
+    d_out, d_in = g.shape[-1], a.shape[-1]
+    want = (d_in, d_out) if transpose else (d_out, d_in)
+    if acc.shape != want:
+        names = "(d_in, d_out)" if transpose else "(d_out, d_in)"
+        raise ValueError(
+            f"{op}: acc must be {names} = {want} for g with d_out={d_out} and a with d_in={d_in}"
+            f"{' (transpose=True)' if transpose else ''}, got {tuple(acc.shape)}"
+        )
+    _check_mask(mask, g, op, "g")
+    _run(op, backend, g.device, acc, g, a, mask, float(scale), bool(transpose))
     return acc

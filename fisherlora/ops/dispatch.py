@@ -1,8 +1,11 @@
 """Backend selection for the curvature ops. The only module that knows which backends exist.
 
-A backend is a module exposing the three op functions with the reference signatures
+A backend is a module exposing the op functions with the reference signatures
 (``syrk_accumulate_(acc, x, mask, scale)``, ``fisher_energy(M, Q)``,
-``projected_sq_accumulate_(acc, x, Q, mask)``) and ``supports(device_type) -> bool``:
+``projected_sq_accumulate_(acc, x, Q, mask)``, ``gradient_accumulate_(acc, g, a, mask, scale,
+transpose)``) and ``supports(device_type) -> bool``. A backend may lack an op (one built before the
+op existed, e.g. a stale ``fisherlora._C``): ``auto`` then skips it for that op, and naming it
+explicitly raises a ``RuntimeError`` that says so.
 
 - ``torch``: :mod:`fisherlora.ops.reference`, always there, any device, float64-capable.
 - ``triton``: :mod:`fisherlora.kernels` (GPU; on CPU only under ``TRITON_INTERPRET=1``).
@@ -27,7 +30,7 @@ import torch
 import fisherlora.ops.table as table
 
 BACKENDS = ("torch", "triton", "ext")
-OPS = ("syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_")
+OPS = ("syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "gradient_accumulate_")
 
 #: ``backend="auto"`` tries these in order, by device type (first available wins).
 AUTO_ORDER = {"cuda": ("triton", "ext", "torch"), "cpu": ("ext", "torch")}
@@ -63,14 +66,20 @@ def _supports(module: ModuleType, device_type: str) -> bool:
     return bool(module.supports(device_type))
 
 
+def _has_op(module: ModuleType, op: str | None) -> bool:
+    """Whether ``module`` implements ``op`` (``None``: any op; a backend may predate an op)."""
+    return op is None or callable(getattr(module, op, None))
+
+
 def load_error(backend: str) -> str | None:
     """Why ``backend`` could not be imported (``None`` if it imported or was never tried)."""
     _load(backend)
     return _errors.get(backend)
 
 
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends usable for tensors on ``device``, in ``backend="auto"`` preference order."""
+def available_backends(device: torch.device | str = "cpu", op: str | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (and implementing ``op`` when given), in
+    ``backend="auto"`` preference order."""
     device_type = torch.device(device).type
     order = AUTO_ORDER.get(device_type, ("torch",))
     if device_type == "cpu":
@@ -78,7 +87,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     found = []
     for name in order:
         module = _load(name)
-        if module is not None and _supports(module, device_type):
+        if module is not None and _supports(module, device_type) and _has_op(module, op):
             found.append(name)
     return found
 
@@ -88,7 +97,7 @@ def _measured_choice(op: str, device_type: str, args: tuple) -> tuple[str, calla
     if not table.load().get(device_type, {}).get(op):
         return None
     available = tuple(n for n in AUTO_ORDER.get(device_type, ("torch",))
-                      if _load(n) is not None and _supports(_loaded[n], device_type))
+                      if _load(n) is not None and _supports(_loaded[n], device_type) and _has_op(_loaded[n], op))
     name = _choose(op, device_type, *table.shape_key(op, args), available)
     return None if name is None or name not in available else (name, getattr(_loaded[name], op))
 
@@ -128,7 +137,7 @@ def resolve(op: str, backend: str, device: torch.device, args: tuple | None = No
                         stacklevel=3,
                     )
                 continue
-            if _supports(module, device_type):
+            if _supports(module, device_type) and _has_op(module, op):
                 return name, getattr(module, op)
         raise RuntimeError(f"no backend supports {op} on device type {device_type!r}")
     if backend not in BACKENDS:
@@ -141,4 +150,9 @@ def resolve(op: str, backend: str, device: torch.device, args: tuple | None = No
         )
     if not _supports(module, device_type):
         raise RuntimeError(f"fisherlora backend {backend!r} does not support {device_type!r} tensors")
+    if not _has_op(module, op):
+        raise RuntimeError(
+            f"fisherlora backend {backend!r} has no {op} (it predates the op"
+            f"{'; rebuild the extension' if backend == 'ext' else ''}); use backend='auto' or 'torch'"
+        )
     return backend, getattr(module, op)

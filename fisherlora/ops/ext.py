@@ -22,7 +22,8 @@ except Exception as exc:  # not built, or built against another torch (undefined
         "build it with `pip install --no-build-isolation -e .` after installing torch"
     ) from exc
 
-__all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "built_with_cuda"]
+__all__ = ["supports", "syrk_accumulate_", "fisher_energy", "projected_sq_accumulate_", "gradient_accumulate_",
+           "built_with_cuda"]
 
 _ops = torch.ops.fisherlora_ext
 
@@ -54,6 +55,25 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
     """``acc += Σ_t (Qᵀ x_t)²`` over kept rows. See :func:`fisherlora.ops.projected_sq_accumulate_`."""
     _ops.projected_sq_accumulate_(acc, x, Q, mask)
     return acc
+
+
+def _has_kernel(name: str) -> bool:
+    """Whether this build of ``fisherlora._C`` registers ``fisherlora_ext::name`` (a build from
+    before the op was added does not)."""
+    return hasattr(_ops, name)  # the schema and its CPU kernel are registered together (csrc/bindings.cpp)
+
+
+if _has_kernel("gradient_accumulate_"):
+    def gradient_accumulate_(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None,
+                             scale: float, transpose: bool) -> torch.Tensor:
+        """``acc += scale · g_mᵀ a_m`` (``a_mᵀ g_m`` with ``transpose``), tile by tile.
+        See :func:`fisherlora.ops.gradient_accumulate_`."""
+        _ops.gradient_accumulate_(acc, g, a, mask, float(scale), bool(transpose))
+        return acc
+
+    @torch.library.register_fake("fisherlora_ext::gradient_accumulate_")
+    def _gradient_accumulate_fake(acc, g, a, mask, scale, transpose) -> None:
+        return None
 
 
 @torch.library.register_fake("fisherlora_ext::fisher_energy")

@@ -21,6 +21,7 @@ __all__ = [
     "syrk_accumulate_",
     "fisher_energy",
     "projected_sq_accumulate_",
+    "gradient_accumulate_",
 ]
 
 
@@ -120,4 +121,14 @@ def projected_sq_accumulate_(acc: torch.Tensor, x: torch.Tensor, Q: torch.Tensor
     """``acc += Σ_t (Qᵀ x_t)²`` (reference). See :func:`fisherlora.ops.projected_sq_accumulate_`."""
     x2 = _rows(x, mask, acc.dtype)
     acc.add_((x2 @ Q.to(acc.dtype)).square().sum(0))
+    return acc
+
+
+def gradient_accumulate_(acc: torch.Tensor, g: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None = None,
+                         scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """``acc += scale * g_mᵀ a_m`` (``a_mᵀ g_m`` with ``transpose``) (reference).
+    See :func:`fisherlora.ops.gradient_accumulate_`."""
+    g2, a2 = _rows(g, mask, acc.dtype), _rows(a, mask, acc.dtype)
+    update = a2.mT @ g2 if transpose else g2.mT @ a2
+    acc.add_(update, alpha=scale)
     return acc

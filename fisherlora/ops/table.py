@@ -1,8 +1,10 @@
 """The measured choice of ``backend="auto"``, per op and shape (docs/DESIGN.md §11).
 
 A *table* holds, per device type and op, measured rows: the op's width ``d`` (``x.shape[-1]``,
-or ``Q.shape[0]`` for ``fisher_energy``), the accumulator's or ``M``'s layout (``"dense"`` or
-``"packed"``) and the median seconds of each provider, the naive PyTorch path included::
+``Q.shape[0]`` for ``fisher_energy``, the geometric mean ``round(√(d_out·d_in))`` for
+``gradient_accumulate_``), the accumulator's or ``M``'s layout (``"dense"`` or ``"packed"``;
+``"dense"`` or ``"transposed"`` for ``gradient_accumulate_``) and the median seconds of each
+provider, the naive PyTorch path included::
 
     {"cuda": {"syrk_accumulate_": [{"d": 4096, "layout": "dense",
                                     "seconds": {"naive": 0.011, "triton": 0.006, "ext": 0.004}}]}}
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["from_benchmark", "load", "choose", "shape_key", "TABLE_FILE", "ENV"]
+__all__ = ["from_benchmark", "load", "choose", "shape_key", "gradient_width", "TABLE_FILE", "ENV"]
 
 ENV = "FISHERLORA_DISPATCH_TABLE"
 TABLE_FILE = Path(__file__).with_name("dispatch_table.json")
@@ -84,11 +86,21 @@ def load() -> dict:
     return data
 
 
+def gradient_width(d_out: int, d_in: int) -> int:
+    """The ``d`` of a ``gradient_accumulate_`` row: ``round(√(d_out·d_in))`` (its work per token is
+    ``d_out·d_in``, as a ``d``-wide square's)."""
+    return max(1, round(math.sqrt(d_out * d_in)))
+
+
 def shape_key(op: str, args: tuple) -> tuple[int, str]:
     """``(d, layout)`` of an op call's positional arguments (as :mod:`fisherlora.ops` passes them)."""
     if op == "fisher_energy":
         M, Q = args[0], args[1]
         return int(Q.shape[0]), "packed" if M.dim() == 1 else "dense"
+    if op == "gradient_accumulate_":  # (acc, g, a, mask, scale, transpose)
+        g, a = args[1], args[2]
+        transpose = len(args) > 5 and bool(args[5])
+        return gradient_width(int(g.shape[-1]), int(a.shape[-1])), "transposed" if transpose else "dense"
     acc, x = args[0], args[1]
     layout = "packed" if op == "syrk_accumulate_" and acc.dim() == 1 else "dense"
     return int(x.shape[-1]), layout
