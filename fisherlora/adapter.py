@@ -20,11 +20,10 @@ from torch import nn
 
 from fisherlora import digest, quant, sharded
 from fisherlora.decompose import LayerInit, residual_weight
+from fisherlora.fingerprint import fingerprints_match, module_fingerprint
 from fisherlora.layers import (
     check_model,
     find_target_modules,
-    fingerprints_match,
-    module_fingerprint,
     unwrap_model,
     weight_storage,
     weight_view,

@@ -4,7 +4,7 @@ a memory mode. Nothing is allocated; :mod:`fisherlora.plan` turns these into pla
 
 The phases, each counted beyond the weights (which are allocated before a run starts):
 
-- ``fingerprints``: one target's weight in float64 (:func:`fisherlora.layers.weight_fingerprint`);
+- ``fingerprints``: one target's weight in float64 (:func:`fisherlora.fingerprint.weight_fingerprint`);
 - ``svd`` (projected only): a layer group's singular bases so far and one SVD's workspace;
 - ``calibration``: the statistics held, one batch's activations with a hook's op call in them;
 - ``decomposition``: the statistics, one SVD's workspace next to the previous layer's bases, or

@@ -16,6 +16,7 @@ from fisherlora.calibration import EmptyCalibrationError
 from fisherlora.collect import collect_statistics
 from fisherlora.config import FisherLoraConfig, MemoryMode
 from fisherlora.decompose import compute_initialization, rank_deficient, warn_rank_deficient
+from fisherlora.fingerprint import module_fingerprint
 from fisherlora.gradient_init import check_gradient_ranks
 from fisherlora.heads import default_lora_config, resolve_head
 from fisherlora.layers import (
@@ -24,7 +25,6 @@ from fisherlora.layers import (
     find_target_modules,
     layer_groups,
     layer_shape,
-    module_fingerprint,
     ranks_and_scalings,
     unwrap_model,
     weight_views,

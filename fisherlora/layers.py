@@ -1,6 +1,7 @@
 """The target layers of a model: which modules are adapted, their weights' shape and orientation,
-their decoder-layer index and group, their rank and scaling, and the fingerprint that recognises
-a weight. Every other module of the package reads layers through these functions.
+their decoder-layer index and group, their rank and scaling, and the checks of what can be adapted
+(the fingerprint that recognises a weight is :mod:`fisherlora.fingerprint`). Every other module
+of the package reads layers through these functions.
 
 A target is a ``torch.nn.Linear`` or a ``transformers`` ``Conv1D`` (GPT-2), whose weight is
 stored transposed, ``(d_in, d_out)``, or a supported quantised layer (:mod:`fisherlora.quant`,
@@ -37,9 +38,6 @@ __all__ = [
     "check_not_shared",
     "check_finite",
     "check_model",
-    "weight_fingerprint",
-    "fingerprints_match",
-    "module_fingerprint",
 ]
 
 
@@ -406,40 +404,3 @@ def check_model(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     check_target_weights(modules)
     check_not_shared(model, modules)
     check_finite(model)
-
-
-def weight_fingerprint(W: torch.Tensor, probes: int = 4) -> dict:
-    """A sketch that recognises a weight: ``{"rms": ‖W‖_F/√(d_out·d_in), "sketch": [uₖᵀ W zₖ]}``.
-
-    ``uₖ`` and ``zₖ`` are fixed unit Gaussian vectors (seeded by the shape), so any change of
-    ``W`` beyond rounding (a permutation, a fine-tuning step) moves the sketch at first order,
-    unlike the Frobenius norm. Computed in float64 on the CPU. Used to recognise the base model
-    of a saved initialisation and the model statistics were collected on.
-    """
-    d_out, d_in = W.shape
-    g = torch.Generator().manual_seed(1_000_003 * d_out + d_in)
-    u = torch.randn(probes, d_out, generator=g, dtype=torch.float64)
-    z = torch.randn(probes, d_in, generator=g, dtype=torch.float64)
-    u, z = u / u.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
-    Wd = W.detach().to("cpu", torch.float64)
-    return {"rms": float(Wd.norm()) / (d_out * d_in) ** 0.5, "sketch": ((u @ Wd) * z).sum(1).tolist()}
-
-
-def fingerprints_match(a: dict, b: dict, rtol: float = 1e-3) -> bool:
-    """Sketches equal up to ``rtol`` of the weight's rms entry (a sketch's typical size): float32
-    rounding passes, a different dtype's rounding (bf16 vs fp32) or any real change does not;
-    nor does another quantisation (the ``"quantisation"`` entries of :func:`module_fingerprint` differ)."""
-    tol = rtol * max(a["rms"], 1e-30)
-    return (a.get("quantisation") == b.get("quantisation") and len(a["sketch"]) == len(b["sketch"])
-            and all(abs(x - y) <= tol for x, y in zip(a["sketch"], b["sketch"])))
-
-
-def module_fingerprint(module: nn.Module) -> dict:
-    """The fingerprint of a target layer's weight as the model holds it: :func:`weight_fingerprint`
-    of :func:`weight_view`, so a quantised layer's DEQUANTISED weight, plus its settings under
-    ``"quantisation"`` (:func:`fisherlora.quant.settings`), which must match too: a residual is
-    requantised the same way only under the same settings (docs/DESIGN.md §8)."""
-    fp = weight_fingerprint(weight_view(module))
-    if quant.is_quantised(module):
-        fp["quantisation"] = quant.settings(module)
-    return fp

@@ -33,7 +33,7 @@ class FisherStatistics:
             whole model they were collected on (:func:`fisherlora.digest.model_digest`) and its
             head's kind, against which reuse is checked.
         kind: the :class:`~fisherlora.config.MemoryMode` they were collected in.
-        fingerprints: layer name -> :func:`fisherlora.layers.weight_fingerprint` of the weight
+        fingerprints: layer name -> :func:`fisherlora.fingerprint.weight_fingerprint` of the weight
             the statistics were collected on (so they are refused on another model).
         grad: layer name -> the weight gradient ``∇W = (1/N_G) Σ_t g_t a_tᵀ``, ``(d_out, d_in)`` in
             the statistics' dtype (Conv1D layers too: the ``weight_view`` orientation), over the

@@ -4,14 +4,13 @@ import pytest
 import torch
 from torch import nn
 
+from fisherlora.fingerprint import fingerprints_match, weight_fingerprint
 from fisherlora.layers import (
     check_ranks,
     decoder_layer_index,
-    fingerprints_match,
     layer_groups,
     layer_kind,
     layer_shape,
-    weight_fingerprint,
     weight_view,
     write_weight,
 )
