@@ -392,13 +392,10 @@ def collect_statistics(model: nn.Module, modules: dict[str, nn.Module], batches,
         model: a model with a head of :mod:`fisherlora.heads` (default: a causal LM, output with
             ``.logits``). modules: layer name -> module. head: its :class:`fisherlora.heads.Head`
             (default :func:`fisherlora.heads.resolve_head`; a custom one carries the ``loss_fn``).
-        batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask",
-            "labels"}``).
-        config: fisher type, label draws, seed, statistics dtype, backend, and whether the
-            initialisation needs the weight gradient (``init``).
-        mode, bases: the memory mode and, for ``projected``, the singular bases (see
-            :class:`fisherlora.StatisticsCollector`); projected also recomputes the decoder layers
-            in the backward pass (activation checkpointing).
+        batches: iterable of batches for that head (a causal LM: ``{"input_ids", "attention_mask", "labels"}``).
+        config: fisher type, label draws, seed, statistics dtype, backend, ``init`` (weight gradient or not).
+        mode, bases: the memory mode and, for ``projected``, the singular bases (:class:`StatisticsCollector`;
+            projected also recomputes the decoder layers in the backward pass: activation checkpointing).
         process_group: inside an initialised ``torch.distributed`` (or with this group), every rank
             passes the SAME ``batches``, runs its share and gets the statistics of all (§7).
 
