@@ -234,6 +234,7 @@ def test_packed_statistics_and_two_layer_groups_give_the_same_adapter(init, resu
                                            rtol=1e-8, atol=1e-10, msg=f"{n} {key} with {kw}")
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # PEFT's preprocess_loraga hooks
 def test_the_gradient_start_matches_peft_lora_ga_subspace_on_one_batch():
     """PEFT 0.21.2's ``lora_ga`` (ArB2r) on the same single batch: its A rows span the same right
     directions and its B columns the same left ones (its gradient is of the MEAN loss and its SVD
