@@ -8,6 +8,19 @@ import pytest
 pytest.importorskip("matplotlib")
 
 
+def run_init_methods(tmp_path, methods: list[str]) -> dict:
+    """``bench/init_methods.py`` at toy size over ``methods``, in process; its JSON report, once
+    every method ran without error, in the order given."""
+    from bench import init_methods
+
+    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12", "--rank", "2",
+                            "--methods", ",".join(methods), "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "init_methods.json").read_text())
+    failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
+    assert rc == 0 and not failed, failed
+    assert [r["method"] for r in report["results"]] == methods
+    return report
+
 def test_init_methods_every_method_on_tiny_llama(tmp_path):
     from bench import init_methods
 
@@ -15,12 +28,7 @@ def test_init_methods_every_method_on_tiny_llama(tmp_path):
     assert variants and init_methods.select_methods("fisherlora", "cpu") == variants
     torch_variant = next(v for v in variants if v.startswith("fisherlora[torch"))
     methods = ["floor", torch_variant, *init_methods.STATIC_METHODS[1:]]
-    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12", "--rank", "2",
-                            "--methods", ",".join(methods), "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "init_methods.json").read_text())
-    failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
-    assert rc == 0 and not failed, failed
-    assert [r["method"] for r in report["results"]] == methods
+    report = run_init_methods(tmp_path, methods)
     for r in report["results"]:
         assert r["total_s"] > 0 and r["cpu_s"] > 0 and r["x_floor"] is not None, r["method"]
     assert report["results"][1]["statistics_mb"] > 0 and report["results"][2]["statistics_mb"] > 0
@@ -38,12 +46,7 @@ def test_init_methods_lists_and_runs_the_gradient_starts_beside_lora_ga(tmp_path
     starts = [f"fisherlora[torch,full,init={i}]" for i in ("gradient", "natural_gradient")]
     assert set(starts) <= set(variants) and init_methods.select_methods(",".join(starts), "cpu") == starts
     methods = [*starts, "lora_ga"]
-    rc = init_methods.main(["--tiny", "--in-process", "--num-samples", "4", "--max-length", "12", "--rank", "2",
-                            "--methods", ",".join(methods), "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "init_methods.json").read_text())
-    failed = {r["method"]: r["error"] for r in report["results"] if "error" in r}
-    assert rc == 0 and not failed, failed
-    assert [r["method"] for r in report["results"]] == methods
+    run_init_methods(tmp_path, methods)
 
 
 def test_milora_keeps_outputs_and_takes_minor_components():

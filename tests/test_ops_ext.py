@@ -59,6 +59,16 @@ def _full(acc, d):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", SYRK_CASES)
+
+def single_threaded(fn):
+    """``fn()`` on one intra-op thread, the caller's thread count restored afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
 def test_syrk_ext_matches_reference(case, device):
     device = _device(device)
     x, mask = case.make_x(device)
@@ -152,13 +162,7 @@ def test_gradient_is_deterministic_across_runs_and_thread_counts():
     def run():
         return ops.gradient_accumulate_(torch.zeros(600, 300), g, a, mask, backend="ext")
 
-    first = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
+    first, single = run(), single_threaded(run)
     assert torch.equal(first, run()) and torch.equal(first, single)
 
 
@@ -313,13 +317,7 @@ def test_results_are_deterministic_across_runs_and_thread_counts():
         proj = ops.projected_sq_accumulate_(torch.zeros(200), x, Q, mask, backend="ext")
         return acc, ops.fisher_energy(acc, Q, backend="ext"), proj
 
-    first = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
+    first, single = run(), single_threaded(run)
     for a, b, c in zip(first, run(), single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 
