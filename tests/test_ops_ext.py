@@ -57,9 +57,6 @@ def _full(acc, d):
     return ops.symmetrize_(acc.clone()) if acc.dim() == 2 else ops.unpack_triu(acc, d)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", SYRK_CASES)
-
 def single_threaded(fn):
     """``fn()`` on one intra-op thread, the caller's thread count restored afterwards."""
     threads = torch.get_num_threads()
@@ -69,6 +66,9 @@ def single_threaded(fn):
     finally:
         torch.set_num_threads(threads)
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SYRK_CASES)
 def test_syrk_ext_matches_reference(case, device):
     device = _device(device)
     x, mask = case.make_x(device)
