@@ -168,6 +168,7 @@ class Footprint:
 
     # tile sizes of the compiled kernels (csrc/cpu/curvature_cpu.cpp)
     SYRK_TILE, ENERGY_COLS, ENERGY_ROWS, PROJ_TOKENS, PROJ_CHUNK, PROJ_GROUPS = 256, 64, 256, 128, 512, 64
+    GRAD_PANEL_BYTES, GRAD_MIN_CHUNK = 32 << 20, 256
 
     def __init__(self, shapes, ranks, a_key, arch: Architecture, mode: MemoryMode | None, *, batch_size: int,
                  max_length: int, elem: int, stats_bytes: int, bases_bytes: int, reference: bool, threads: int,
@@ -228,10 +229,13 @@ class Footprint:
 
     def gradient_op(self, d_out: int, d_in: int) -> int:
         """One ``gradient_accumulate_`` call (an estimate): the reference's float copies of the
-        rows and its ``(d_out, d_in)`` product; a compiled kernel's tiles as ``syrk``'s."""
+        rows and its ``(d_out, d_in)`` product; the compiled kernel's two panels of one token
+        chunk (at most ``GRAD_PANEL_BYTES``, at least ``GRAD_MIN_CHUNK`` rows) and row offsets."""
+        row = (d_out + d_in) * self.s
         if self.reference:
-            return 2 * self.n * (d_out + d_in) * self.s + d_out * d_in * self.s
-        return self.syrk(max(d_out, d_in))
+            return 2 * self.n * row + d_out * d_in * self.s
+        chunk = min(self.n, max(self.GRAD_MIN_CHUNK, self.GRAD_PANEL_BYTES // row))
+        return chunk * row + 16 * self.n
 
     def syrk(self, d: int) -> int:
         """One ``syrk_accumulate_`` call on a ``d``-wide factor."""

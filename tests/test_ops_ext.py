@@ -140,10 +140,12 @@ def test_gradient_ext_matches_reference(case, device):
     assert_close_to_reference(out64, ref, ref, case.id + "-acc64", rel_floor=1e-12)
 
 
-@pytest.mark.parametrize("d_out, d_in", [(255, 257), (257, 513), (1, 300)])
-def test_gradient_tiles_at_odd_sizes_accumulate_onto_acc(d_out, d_in):
-    """Sizes that end just inside or past a 256-tile (csrc/cpu), several token panels (600 kept of
-    800), integer mask, float64 exact; the accumulator's previous contents are kept."""
+@pytest.mark.parametrize("d_out, d_in", [(63, 257), (65, 513), (1, 300), (129, 40000)])
+def test_gradient_blocks_and_chunks_at_odd_sizes_accumulate_onto_acc(d_out, d_in):
+    """Sizes that end just inside or past a 64-row block of acc (csrc/cpu), in both orientations;
+    d_in = 40000 makes a float64 token chunk 256 rows (GRAD_PANEL_BYTES), so the 600 kept tokens of
+    800 take three chunks, the last one partial; integer mask, float64 exact; the accumulator's
+    previous contents are kept."""
     gen = torch.Generator().manual_seed(d_out + d_in)
     g, a = torch.randn(800, d_out, generator=gen), torch.randn(800, d_in, generator=gen).to(torch.bfloat16)
     mask = (torch.rand(800, generator=gen) > 0.25).to(torch.int64)

@@ -29,7 +29,9 @@ constexpr int64_t ENERGY_COL_TILE = 64;    // columns of Q per task
 constexpr int64_t PROJ_TOKEN_TILE = 128;   // kept rows per step of projected_sq
 constexpr int64_t PROJ_COL_CHUNK = 512;    // columns of Q converted at a time when Q's dtype differs
 constexpr int64_t PROJ_GROUPS = 64;        // fixed token groups (deterministic partial sums)
-constexpr int64_t GRAD_TILE = 256;         // rows and columns of one tile of the (d_out, d_in) gradient
+constexpr int64_t GRAD_ROWS = 64;           // rows of the (d_out, d_in) gradient per task
+constexpr int64_t GRAD_PANEL_BYTES = 32 << 20;  // gathered g and a rows of one token chunk, at most
+constexpr int64_t GRAD_MIN_CHUNK = 256;     // kept tokens per chunk, at least (wide layers)
 // Row panels of a diagonal SYRK tile: panel a (columns [a*P, a*P + P)) is multiplied only with
 // the columns from a*P on, so the strictly lower half is skipped except inside the P x P blocks
 // on the diagonal. Multiply-adds per kept token of an n-wide diagonal tile:
@@ -257,45 +259,39 @@ void load_rows(const at::Tensor& x, const int64_t* rows, int64_t n, int64_t col0
   });
 }
 
-// acc (d_out, d_in) += scale * g_rᵀ a_r: one task per (GRAD_TILE x GRAD_TILE) tile of acc, which
-// it owns; the kept rows of g (offsets grows) and of a (offsets arows, same tokens) are gathered
-// TOKEN_TILE at a time, converted on load into per-thread panels, and multiplied through BLAS.
+// acc (d_out, d_in) += scale * g_rᵀ a_r, one chunk of kept tokens at a time: the chunk's rows of g
+// and of a (offsets grows, arows: the same tokens) are gathered and converted on load into two
+// float panels (threads split the rows), then every task owns GRAD_ROWS rows of acc and adds
+// scale * panel_gᵀ panel_a to them with one BLAS product as wide as acc (d_in columns, the chunk's
+// tokens deep). The panels hold at most GRAD_PANEL_BYTES (at least GRAD_MIN_CHUNK rows); the
+// partition depends on the shape only, so results do not depend on the thread count.
 template <typename acc_t>
 void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
                      const std::vector<int64_t>& grows, const std::vector<int64_t>& arows, double scale) {
   const int64_t d_out = g.size(-1), d_in = a.size(-1);
   const int64_t n = static_cast<int64_t>(grows.size());
-  const int64_t nbi = (d_out + GRAD_TILE - 1) / GRAD_TILE, nbj = (d_in + GRAD_TILE - 1) / GRAD_TILE;
-  acc_t* ap = acc.data_ptr<acc_t>();
-  const acc_t s = static_cast<acc_t>(scale);
+  const int64_t row_bytes = (d_out + d_in) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t chunk = std::min(n, std::max(GRAD_MIN_CHUNK, GRAD_PANEL_BYTES / row_bytes));
   const auto opts = acc.options();
-  const int64_t tb = std::min(TOKEN_TILE, n);
+  at::Tensor pg = at::empty({chunk, d_out}, opts);
+  at::Tensor pa = at::empty({chunk, d_in}, opts);
+  const int64_t nblocks = (d_out + GRAD_ROWS - 1) / GRAD_ROWS;
 
-  at::parallel_for(0, nbi * nbj, 1, [&](int64_t p0, int64_t p1) {
-    // buffers as small as the shape allows: a narrow layer's task holds no 256-wide ones
-    const int64_t tm = std::min(GRAD_TILE, d_out), tn = std::min(GRAD_TILE, d_in);
-    at::Tensor bufg = at::empty({tb, tm}, opts);
-    at::Tensor bufa = at::empty({tb, tn}, opts);
-    at::Tensor tilebuf = at::empty({tm, tn}, opts);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t i0 = (p / nbj) * GRAD_TILE, j0 = (p % nbj) * GRAD_TILE;
-      const int64_t ni = std::min(GRAD_TILE, d_out - i0), nj = std::min(GRAD_TILE, d_in - j0);
-      at::Tensor tile = tilebuf.narrow(0, 0, ni).narrow(1, 0, nj);
-      tile.zero_();
-      for (int64_t t0 = 0; t0 < n; t0 += tb) {
-        const int64_t nt = std::min(tb, n - t0);
-        load_rows<acc_t>(g, grows.data() + t0, nt, i0, ni, bufg.data_ptr<acc_t>(), tm);
-        load_rows<acc_t>(a, arows.data() + t0, nt, j0, nj, bufa.data_ptr<acc_t>(), tn);
-        tile.addmm_(bufg.narrow(0, 0, nt).narrow(1, 0, ni).t(), bufa.narrow(0, 0, nt).narrow(1, 0, nj));
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int64_t nt = std::min(chunk, n - t0);
+    at::parallel_for(0, nt, TOKEN_TILE, [&](int64_t r0, int64_t r1) {
+      load_rows<acc_t>(g, grows.data() + t0 + r0, r1 - r0, 0, d_out, pg.data_ptr<acc_t>() + r0 * d_out, d_out);
+      load_rows<acc_t>(a, arows.data() + t0 + r0, r1 - r0, 0, d_in, pa.data_ptr<acc_t>() + r0 * d_in, d_in);
+    });
+    const at::Tensor g_rows = pg.narrow(0, 0, nt), a_rows = pa.narrow(0, 0, nt);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * GRAD_ROWS, ni = std::min(GRAD_ROWS, d_out - i0);
+        at::Tensor block = acc.narrow(0, i0, ni);  // acc is contiguous: a contiguous block of rows
+        block.addmm_(g_rows.narrow(1, i0, ni).t(), a_rows, /*beta=*/1, /*alpha=*/scale);
       }
-      const acc_t* tp = tilebuf.const_data_ptr<acc_t>();
-      for (int64_t r = 0; r < ni; ++r) {
-        acc_t* dst = ap + (i0 + r) * d_in + j0;
-        const acc_t* src = tp + r * tn;
-        for (int64_t c = 0; c < nj; ++c) dst[c] += s * src[c];
-      }
-    }
-  });
+    });
+  }
 }
 
 void check_cpu(const at::Tensor& t, const char* op, const char* name) {
