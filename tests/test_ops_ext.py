@@ -142,7 +142,8 @@ def test_gradient_ext_matches_reference(case, device):
 
 @pytest.mark.parametrize("d_out, d_in", [(63, 257), (65, 513), (1, 300), (129, 40000)])
 def test_gradient_blocks_and_chunks_at_odd_sizes_accumulate_onto_acc(d_out, d_in):
-    """Sizes that end just inside or past a 64-row block of acc (csrc/cpu), in both orientations;
+    """Sizes whose tiles of acc (csrc/cpu: near-equal, multiples of 16) end ragged, and d_out = 1
+    (one row split no further), in both orientations;
     d_in = 40000 makes a float64 token chunk 256 rows (GRAD_PANEL_BYTES), so the 600 kept tokens of
     800 take three chunks, the last one partial; integer mask, float64 exact; the accumulator's
     previous contents are kept."""

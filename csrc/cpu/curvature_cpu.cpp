@@ -29,7 +29,8 @@ constexpr int64_t ENERGY_COL_TILE = 64;    // columns of Q per task
 constexpr int64_t PROJ_TOKEN_TILE = 128;   // kept rows per step of projected_sq
 constexpr int64_t PROJ_COL_CHUNK = 512;    // columns of Q converted at a time when Q's dtype differs
 constexpr int64_t PROJ_GROUPS = 64;        // fixed token groups (deterministic partial sums)
-constexpr int64_t GRAD_ROWS = 64;           // rows of the (d_out, d_in) gradient per task
+constexpr int64_t GRAD_COLS = 192;          // columns of the (d_out, d_in) gradient per task, about
+constexpr int64_t GRAD_MIN_TASKS = 8;       // tiles of the gradient, at least (rows split to reach it)
 constexpr int64_t GRAD_PANEL_BYTES = 32 << 20;  // gathered g and a rows of one token chunk, at most
 constexpr int64_t GRAD_MIN_CHUNK = 256;     // kept tokens per chunk, at least (wide layers)
 // Row panels of a diagonal SYRK tile: panel a (columns [a*P, a*P + P)) is multiplied only with
@@ -259,12 +260,22 @@ void load_rows(const at::Tensor& x, const int64_t* rows, int64_t n, int64_t col0
   });
 }
 
+// [0, d) in `parts` near-equal blocks, multiples of 16 wide (fewer where d is small): (start, width) pairs.
+std::vector<std::pair<int64_t, int64_t>> near_equal_blocks(int64_t d, int64_t parts) {
+  const int64_t w = ((d + parts - 1) / parts + 15) / 16 * 16;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t i = 0; i < d; i += w) out.emplace_back(i, std::min(w, d - i));
+  return out;
+}
+
 // acc (d_out, d_in) += scale * g_rᵀ a_r, one chunk of kept tokens at a time: the chunk's rows of g
 // and of a (offsets grows, arows: the same tokens) are gathered and converted on load into two
-// float panels (threads split the rows), then every task owns GRAD_ROWS rows of acc and adds
-// scale * panel_gᵀ panel_a to them with one BLAS product as wide as acc (d_in columns, the chunk's
-// tokens deep). The panels hold at most GRAD_PANEL_BYTES (at least GRAD_MIN_CHUNK rows); the
-// partition depends on the shape only, so results do not depend on the thread count.
+// float panels (threads split the rows); then every task owns one tile of acc and adds
+// scale * panel_gᵀ panel_a to it with one BLAS product as deep as the chunk. Tiles are column
+// blocks about GRAD_COLS wide, their rows split further only until there are GRAD_MIN_TASKS of
+// them (narrow tiles and shallow products run BLAS below its rate). The panels hold at most
+// GRAD_PANEL_BYTES (at least GRAD_MIN_CHUNK rows). The tiling depends on the shape only, so
+// results do not depend on the thread count.
 template <typename acc_t>
 void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tensor& a,
                      const std::vector<int64_t>& grows, const std::vector<int64_t>& arows, double scale) {
@@ -275,7 +286,10 @@ void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tenso
   const auto opts = acc.options();
   at::Tensor pg = at::empty({chunk, d_out}, opts);
   at::Tensor pa = at::empty({chunk, d_in}, opts);
-  const int64_t nblocks = (d_out + GRAD_ROWS - 1) / GRAD_ROWS;
+  const auto cols = near_equal_blocks(d_in, (d_in + GRAD_COLS - 1) / GRAD_COLS);
+  const int64_t ncols = static_cast<int64_t>(cols.size());
+  const auto rows = near_equal_blocks(d_out, std::min((GRAD_MIN_TASKS + ncols - 1) / ncols, (d_out + 15) / 16));
+  const int64_t ntiles = ncols * static_cast<int64_t>(rows.size());
 
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t nt = std::min(chunk, n - t0);
@@ -284,11 +298,12 @@ void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tenso
       load_rows<acc_t>(a, arows.data() + t0 + r0, r1 - r0, 0, d_in, pa.data_ptr<acc_t>() + r0 * d_in, d_in);
     });
     const at::Tensor g_rows = pg.narrow(0, 0, nt), a_rows = pa.narrow(0, 0, nt);
-    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t i0 = b * GRAD_ROWS, ni = std::min(GRAD_ROWS, d_out - i0);
-        at::Tensor block = acc.narrow(0, i0, ni);  // acc is contiguous: a contiguous block of rows
-        block.addmm_(g_rows.narrow(1, i0, ni).t(), a_rows, /*beta=*/1, /*alpha=*/scale);
+    at::parallel_for(0, ntiles, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const auto [i0, ni] = rows[p / ncols];
+        const auto [j0, nj] = cols[p % ncols];
+        at::Tensor tile = acc.narrow(0, i0, ni).narrow(1, j0, nj);  // a strided view: BLAS writes in place
+        tile.addmm_(g_rows.narrow(1, i0, ni).t(), a_rows.narrow(1, j0, nj), /*beta=*/1, /*alpha=*/scale);
       }
     });
   }
