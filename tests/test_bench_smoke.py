@@ -29,3 +29,18 @@ def test_op_benchmarks_run_at_toy_size(tmp_path):
     for b in results:
         info = b["extra_info"]
         assert info["median_s"] > 0 and info["tflops"] > 0 and info["peak_mem_bytes"] is not None, b["name"]
+
+
+def test_the_gradient_op_check_compares_ext_with_autograds_product(tmp_path):
+    """bench/gradient_cpu_check.py at toy size: both sides time the same product (they agree to
+    float32 rounding), and the json holds the per-shape and total ratios."""
+    from bench import gradient_cpu_check
+
+    out = tmp_path / "op.json"
+    assert gradient_cpu_check.main(["--batch", "2", "--tokens", "40", "--repeats", "1", "--shapes", "33x70,16x16",
+                                    "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(c["d_out"], c["d_in"]) for c in res["cases"]] == [(33, 70), (16, 16)]
+    for c in res["cases"]:
+        assert c["max_rel_diff"] < 1e-5 and c["ext_over_autograd"] > 0 and 0 < c["kept_tokens"] <= 80
+    assert res["total_ext_over_autograd"] > 0
