@@ -279,7 +279,7 @@ def test_a_loss_fn_returning_a_tensor_without_a_graph_is_named():
     with pytest.raises(ValueError, match=r"loss_fn returned a tensor without a graph") as err:
         fisherlora.initialize_fisher_lora(model, None, batches(), FisherLoraConfig(rank=2, backend="torch"),
                                           progress=False,
-                                          loss_fn=lambda out, b: torch.tensor(float(out.logits.sum())))
+                                          loss_fn=lambda out, b: torch.tensor(float(out.logits.detach().sum())))
     assert "computed from the model's outputs" in str(err.value), str(err.value)
     assert_restored(model, snap)
 
