@@ -75,8 +75,9 @@ def run(args, work: Path) -> int:
                         response_field="answer")
     train = Dataset.from_dict({"prompt": [str(q) for q in rows["question"]],
                                "completion": [str(a) for a in rows["answer"]]})
-    # SFTConfig trains in bf16 by default; a CPU without native bf16 matrix units emulates it (a step
-    # of this example on a 2-core CPU: about 170 s in bf16, 40 s in float32), so bf16 only on a GPU
+    # SFTConfig trains in bf16 by default; a CPU without native bf16 matrix units emulates it, several
+    # times slower (one step here: about 170 s in bf16, 40 s in float32, both on a loaded 2-core
+    # machine, so not a benchmark), so bf16 only on a GPU
     gpu = torch.cuda.is_available()
     config = SFTConfig(output_dir=str(work / "sft-run"), max_steps=args.max_steps, per_device_train_batch_size=2,
                        learning_rate=2e-4, logging_steps=1, save_strategy="no", report_to=[],
