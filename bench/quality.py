@@ -91,14 +91,9 @@ def with_answer_tokens(data):
 
 def embedded_tokenizer():
     """The embedded SmolLM2 tokenizer alone (pad = eos), for the toy model."""
-    from transformers import AutoTokenizer
+    from fisherlora.models import load_tokenizer
 
-    from fisherlora.models import embedded_model_path
-
-    path = embedded_model_path()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
+    return load_tokenizer()
 
 
 class Gsm8kTask:

@@ -92,6 +92,7 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
     blocked.write_text("")
     monkeypatch.setenv(models.CACHE_ENV, str(blocked / "cache"))  # cannot be made: the load goes on without it
     plain, _ = models.load_model_and_tokenizer(models.EMBEDDED_MODEL, tokenizer=False)
+    gguf_config = models.load_config(models.EMBEDDED_MODEL)
     root = tmp_path / "cache"
     monkeypatch.setenv(models.CACHE_ENV, str(root))
     first, tok1 = models.load_model_and_tokenizer(models.EMBEDDED_MODEL)
@@ -99,6 +100,10 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
     assert (folder / "fisherlora-cache.json").is_file() and (folder / "model.safetensors").is_file()
     second, tok2 = models.load_model_and_tokenizer(models.embedded_model_path())
     assert loads == ["gguf", "gguf", "folder"]
+    # the config and the tokenizer alone come from the cache too, as the GGUF file gives them
+    assert models.load_config(models.EMBEDDED_MODEL).to_dict() == gguf_config.to_dict()
+    tok3 = models.load_tokenizer()
+    assert tok3.name_or_path == tok1.name_or_path and tok3(["6 x 7 = 42"]).input_ids == tok1(["6 x 7 = 42"]).input_ids
 
     for model in (first, second):
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -129,16 +134,18 @@ def test_the_cache_is_keyed_by_file_and_dtype_and_can_be_turned_off(tmp_path, mo
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
     f32, ident = models._embedded_cache(gguf, torch.float32)
-    assert models._embedded_cache(gguf, torch.bfloat16)[0] != f32
+    assert f32.name.endswith("-float32") and models._embedded_cache(gguf, torch.bfloat16)[0] != f32
     os.utime(gguf, ns=(0, 12345))
     assert models._embedded_cache(gguf, torch.float32)[0] != f32
     f32, ident = models._embedded_cache(gguf, torch.float32)
     kwargs = {"dtype": torch.float32, "local_files_only": True}
     assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # nothing there
+    assert models._any_cache(gguf) is None
     f32.mkdir(parents=True)
     (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident[:-1] + ["torch.float16"]}))
     assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # made for another dtype
     (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident, "config": {}}))
+    assert models._any_cache(gguf)[0] == f32  # config and tokenizer: any dtype's folder serves
     (f32 / "config.json").write_text("{not json")
     assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # damaged
     for off in ("off", "0", ""):
