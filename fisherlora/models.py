@@ -224,6 +224,7 @@ def _load_cached(folder: Path, identity: list, path: Path, kwargs: dict, tokeniz
         return None, None
     lm.config.name_or_path = str(path.parent)  # what the GGUF load records
     lm.name_or_path = ""  # as _as_float_model leaves it
+    lm.is_quantized = False  # as the quantizer's remove_quantization_config leaves it
     return lm, tok
 
 

@@ -108,6 +108,10 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
     for model in (first, second):
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert model.name_or_path == "" and getattr(model.config, "quantization_config", None) is None
+        assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None
+    public = [{k: v for k, v in vars(m).items() if not k.startswith("_") and not isinstance(v, torch.nn.Module)}
+              for m in (plain, first, second)]  # the model's own attributes, as the GGUF load leaves them
+    assert public[0].keys() == public[1].keys() == public[2].keys()
     assert models.loaded_from(first) == models.EMBEDDED_MODEL
     assert models.loaded_from(second) == str(models.embedded_model_path())
     ref = plain.state_dict()
