@@ -4,17 +4,18 @@ on the meta device from a config (for planning)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import shutil
 import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from fisherlora import gguf_cache
+from fisherlora.gguf_cache import CACHE_ENV, cache_root
 
 __all__ = ["EMBEDDED_MODEL", "embedded_model_path", "EMBEDDED_ENCODER", "embedded_encoder_path",
            "load_model_and_tokenizer", "meta_model_from_config", "load_config",
@@ -97,14 +98,14 @@ def load_model_and_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL, *, dtype
     try:
         if path.is_file():  # GGUF
             embedded = _is_embedded(model, path)
-            cache = _embedded_cache(path, dtype) if embedded and quantization_config is None else None
-            lm, tok = _load_cached(*cache, path, kwargs, tokenizer) if cache is not None else (None, None)
+            cache = gguf_cache.folder_for(path, dtype) if embedded and quantization_config is None else None
+            lm, tok = gguf_cache.load(*cache, path, kwargs, tokenizer) if cache is not None else (None, None)
             if lm is None:
                 tok = _tokenizer(path, embedded) if tokenizer or cache is not None else None
                 lm = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
                 _as_float_model(lm)
                 if cache is not None:
-                    _write_cache(*cache, lm, tok, path)
+                    gguf_cache.write(*cache, lm, tok, lambda: _gguf_config(path))
                     tok = tok if tokenizer else None
             _LOADED_FROM[lm] = EMBEDDED_MODEL if str(model) == EMBEDDED_MODEL else str(path)
         else:
@@ -125,24 +126,6 @@ def _model_path(model: str | os.PathLike) -> Path:
     return path
 
 
-#: environment variable naming the folder of fisherlora's cache (:func:`cache_root`); ``off`` turns it off
-CACHE_ENV = "FISHERLORA_CACHE"
-_CACHE_FORMAT = 2  # bump when what a cache folder holds changes
-_CACHE_MARK = "fisherlora-cache.json"  # written last: a folder without it is no cache
-
-
-def cache_root() -> Path | None:
-    """The folder fisherlora caches the de-quantised embedded model in: ``$FISHERLORA_CACHE``,
-    else ``$XDG_CACHE_HOME/fisherlora``, else ``~/.cache/fisherlora``; ``None`` when
-    ``FISHERLORA_CACHE`` is ``off``, ``0``, ``no``, ``false`` or empty (no cache is read or written)."""
-    value = os.environ.get(CACHE_ENV)
-    if value is not None and value.strip().lower() in ("", "0", "off", "no", "false"):
-        return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fisherlora"
-
-
 def _is_embedded(model: str | os.PathLike, path: Path) -> bool:
     """Whether ``model`` (resolved to ``path``) is the embedded model, by its name or its file."""
     if str(model) == EMBEDDED_MODEL:
@@ -151,81 +134,6 @@ def _is_embedded(model: str | os.PathLike, path: Path) -> bool:
         return path.is_file() and path.resolve() == embedded_model_path().resolve()
     except FileNotFoundError:  # the embedded package is not installed: any GGUF file is another one
         return False
-
-
-def _cache_identity(path: Path) -> list:
-    """What the cache of a GGUF file is made from: the file (path, size, modification time) and the
-    libraries that de-quantise and save it. A cache folder adds the dtype it was loaded as."""
-    import transformers
-
-    stat = path.stat()
-    return [_CACHE_FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__,
-            torch.__version__]
-
-
-def _cache_prefix(path: Path) -> tuple[Path, list] | None:
-    """``(<root>/embedded/<stem>-<hash>, identity)``, every dtype's folder is the prefix plus ``-<dtype>``;
-    ``None`` when the cache is off."""
-    root = cache_root()
-    if root is None:
-        return None
-    identity = _cache_identity(path)
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
-    return root / "embedded" / f"{path.stem}-{key}", identity
-
-
-def _embedded_cache(path: Path, dtype: torch.dtype) -> tuple[Path, list] | None:
-    """``(folder, identity)`` of the cache of ``path`` loaded as ``dtype``; ``None`` when the cache is off."""
-    prefix = _cache_prefix(path)
-    if prefix is None:
-        return None
-    name = str(dtype).removeprefix("torch.")
-    return prefix[0].with_name(f"{prefix[0].name}-{name}"), prefix[1] + [str(dtype)]
-
-
-def _cache_record(folder: Path, identity: list, any_dtype: bool = False) -> dict | None:
-    """The record of the cache ``folder`` if it is complete and was made from ``identity`` (the
-    GGUF file's, with the dtype left out when ``any_dtype``)."""
-    try:
-        record = json.loads((folder / _CACHE_MARK).read_text())
-        made_from = record["identity"][:-1] if any_dtype else record["identity"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return record if made_from == identity else None
-
-
-def _any_cache(path: Path) -> tuple[Path, dict] | None:
-    """A complete cache folder of the GGUF ``path``, of any dtype (its config and tokenizer are
-    the same in every one), with its record; ``None`` when there is none."""
-    prefix = _cache_prefix(path)
-    if prefix is None or not prefix[0].parent.is_dir():
-        return None
-    for folder in sorted(prefix[0].parent.glob(f"{prefix[0].name}-*")):
-        record = _cache_record(folder, prefix[1], any_dtype=True)
-        if record is not None:
-            return folder, record
-    return None
-
-
-def _load_cached(folder: Path, identity: list, path: Path, kwargs: dict, tokenizer: bool):
-    """``(model, tokenizer or None)`` from the cache ``folder``, as the GGUF load gives them; ``(None, None)``
-    when there is no complete cache there or it cannot be read."""
-    from transformers import AutoModelForCausalLM
-
-    record = _cache_record(folder, identity)
-    if record is None:
-        return None, None
-    try:
-        tok = _cached_tokenizer(folder, path) if tokenizer else None
-        lm = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        _restore_config(lm.config, record["config"])
-    except Exception as exc:  # noqa: BLE001 - a damaged cache (a truncated file, another library's error) is skipped
-        log.info("fisherlora: the cached embedded model in %s cannot be read (%s); loading the GGUF file", folder, exc)
-        return None, None
-    lm.config.name_or_path = str(path.parent)  # what the GGUF load records
-    lm.name_or_path = ""  # as _as_float_model leaves it
-    lm.is_quantized = False  # as the quantizer's remove_quantization_config leaves it
-    return lm, tok
 
 
 def load_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL):
@@ -252,59 +160,13 @@ def _tokenizer(path: Path, embedded: bool):
 
     if path.is_dir():
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    cached = _any_cache(path) if embedded else None
+    cached = gguf_cache.any_folder(path) if embedded else None
     if cached is not None:
         try:
-            return _cached_tokenizer(cached[0], path)
-        except Exception as exc:  # noqa: BLE001 - as in _load_cached
+            return gguf_cache.load_tokenizer(cached[0], path)
+        except Exception as exc:  # noqa: BLE001 - as in gguf_cache.load
             log.info("fisherlora: the cached tokenizer in %s cannot be read (%s)", cached[0], exc)
     return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-
-
-def _cached_tokenizer(folder: Path, path: Path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    tok.name_or_path = str(path.parent)  # what the GGUF load records
-    return tok
-
-
-def _config_json(config) -> dict:
-    return json.loads(config.to_json_string(use_diff=False))  # as JSON has it: id2label's keys are strings
-
-
-def _restore_config(config, fields: dict) -> None:
-    """Set back the config fields that ``save_pretrained`` changes (``architectures``: ``None`` in a GGUF
-    config), so the cached model's config is the GGUF-loaded one's."""
-    now = _config_json(config)
-    for key, value in fields.items():
-        if now.get(key) != value:
-            setattr(config, key, value)
-
-
-def _write_cache(folder: Path, identity: list, lm, tok, path: Path) -> None:
-    """Save the just-loaded embedded model and its tokenizer as the cache ``folder``, with the GGUF
-    file's own config (what :func:`load_config` reads; parsed once more here): written beside it and
-    renamed into place, so a reader sees a whole cache or none (a process that loses the race to
-    another keeps the other's)."""
-    from transformers import AutoConfig
-
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.partial"
-    loaded = _config_json(lm.config)
-    try:
-        gguf_config = plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True))
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        record = {"identity": identity, "config": loaded, "gguf_config": _config_json(gguf_config)}
-        (tmp / _CACHE_MARK).write_text(json.dumps(record))
-        os.rename(tmp, folder)  # refused when another process's cache is already there: it is kept
-    except Exception as exc:  # noqa: BLE001 - a cache that cannot be written leaves the load as it was
-        log.info("fisherlora: the embedded model is not cached in %s (%s)", folder, exc)
-    finally:
-        _restore_config(lm.config, loaded)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: the source each GGUF model was loaded from (:func:`loaded_from`); weak keys, nothing kept alive
@@ -377,10 +239,10 @@ def load_config(model: str | os.PathLike):
     if not path.exists() and name in bundled_configs():
         path = CONFIGS_DIR / f"{name}.json"
     if path.suffix == ".gguf" and path.is_file():
-        cached = _any_cache(path) if _is_embedded(model, path) else None
+        cached = gguf_cache.any_folder(path) if _is_embedded(model, path) else None
         if cached is not None:  # the GGUF file's own config, kept with the cached model
             return AutoConfig.for_model(**cached[1]["gguf_config"])
-        return plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True))
+        return _gguf_config(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
@@ -393,6 +255,12 @@ def load_config(model: str | os.PathLike):
         return AutoConfig.for_model(**fields)
     except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{str(path)!r} is not a transformers model config: {exc}") from None
+
+
+def _gguf_config(path: Path):
+    from transformers import AutoConfig
+
+    return plain_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True))
 
 
 def meta_model_from_config(model_or_config) -> nn.Module:

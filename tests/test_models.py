@@ -78,7 +78,7 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
     from peft import LoraConfig, get_peft_model
     from transformers.trainer_utils import validate_quantization_for_training
 
-    from fisherlora import models
+    from fisherlora import gguf_cache, models
 
     loads = []
     real = transformers.AutoModelForCausalLM.from_pretrained.__func__
@@ -90,11 +90,11 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
     blocked = tmp_path / "a-file"
     blocked.write_text("")
-    monkeypatch.setenv(models.CACHE_ENV, str(blocked / "cache"))  # cannot be made: the load goes on without it
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocked / "cache"))  # cannot be made: the load goes on without it
     plain, _ = models.load_model_and_tokenizer(models.EMBEDDED_MODEL, tokenizer=False)
     gguf_config = models.load_config(models.EMBEDDED_MODEL)
     root = tmp_path / "cache"
-    monkeypatch.setenv(models.CACHE_ENV, str(root))
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(root))
     first, tok1 = models.load_model_and_tokenizer(models.EMBEDDED_MODEL)
     (folder,) = (root / "embedded").iterdir()  # one whole cache folder, no partial one beside it
     assert (folder / "fisherlora-cache.json").is_file() and (folder / "model.safetensors").is_file()
@@ -132,29 +132,29 @@ def test_the_cache_is_keyed_by_file_and_dtype_and_can_be_turned_off(tmp_path, mo
     """A cache folder belongs to one GGUF file (its size and time included), one dtype and the
     library versions; a folder whose record says otherwise, or a damaged one, is not read; and
     ``FISHERLORA_CACHE=off`` reads and writes none."""
-    from fisherlora import models
+    from fisherlora import gguf_cache
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "c"))
-    f32, ident = models._embedded_cache(gguf, torch.float32)
-    assert f32.name.endswith("-float32") and models._embedded_cache(gguf, torch.bfloat16)[0] != f32
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "c"))
+    f32, ident = gguf_cache.folder_for(gguf, torch.float32)
+    assert f32.name.endswith("-float32") and gguf_cache.folder_for(gguf, torch.bfloat16)[0] != f32
     os.utime(gguf, ns=(0, 12345))
-    assert models._embedded_cache(gguf, torch.float32)[0] != f32
-    f32, ident = models._embedded_cache(gguf, torch.float32)
+    assert gguf_cache.folder_for(gguf, torch.float32)[0] != f32
+    f32, ident = gguf_cache.folder_for(gguf, torch.float32)
     kwargs = {"dtype": torch.float32, "local_files_only": True}
-    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # nothing there
-    assert models._any_cache(gguf) is None
+    assert gguf_cache.load(f32, ident, gguf, kwargs, True) == (None, None)  # nothing there
+    assert gguf_cache.any_folder(gguf) is None
     f32.mkdir(parents=True)
     (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident[:-1] + ["torch.float16"]}))
-    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # made for another dtype
+    assert gguf_cache.load(f32, ident, gguf, kwargs, True) == (None, None)  # made for another dtype
     (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident, "config": {}}))
-    assert models._any_cache(gguf)[0] == f32  # config and tokenizer: any dtype's folder serves
+    assert gguf_cache.any_folder(gguf)[0] == f32  # config and tokenizer: any dtype's folder serves
     (f32 / "config.json").write_text("{not json")
-    assert models._load_cached(f32, ident, gguf, kwargs, True) == (None, None)  # damaged
+    assert gguf_cache.load(f32, ident, gguf, kwargs, True) == (None, None)  # damaged
     for off in ("off", "0", ""):
-        monkeypatch.setenv(models.CACHE_ENV, off)
-        assert models.cache_root() is None and models._embedded_cache(gguf, torch.float32) is None
-    monkeypatch.delenv(models.CACHE_ENV)
+        monkeypatch.setenv(gguf_cache.CACHE_ENV, off)
+        assert gguf_cache.cache_root() is None and gguf_cache.folder_for(gguf, torch.float32) is None
+    monkeypatch.delenv(gguf_cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert models.cache_root() == tmp_path / "xdg" / "fisherlora"
+    assert gguf_cache.cache_root() == tmp_path / "xdg" / "fisherlora"
