@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -29,19 +30,30 @@ def cache_root() -> Path | None:
     value = os.environ.get(CACHE_ENV)
     if value is not None and value.strip().lower() in ("", "0", "off", "no", "false"):
         return None
-    if value:
-        return Path(value).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fisherlora"
+    try:
+        if value:
+            return Path(value).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fisherlora"
+    except RuntimeError as exc:  # "~user" of no user, or no home directory at all: no cache
+        log.info("fisherlora: no cache folder (%s)", exc)
+        return None
 
 
 def identity_of(path: Path) -> list:
     """What the cache of a GGUF file is made from: the file (path, size, modification time) and the
-    libraries that de-quantise and save it. A cache folder adds the dtype it was loaded as."""
-    import transformers
+    libraries that de-quantise, tokenise and save it (torch, transformers, gguf, tokenizers). A
+    cache folder adds the dtype it was loaded as."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     stat = path.stat()
-    return [FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, transformers.__version__,
-            torch.__version__]
+    return [FORMAT, str(path.resolve()), stat.st_size, stat.st_mtime_ns, torch.__version__,
+            *(installed(name) for name in ("transformers", "gguf", "tokenizers"))]
 
 
 def prefix_of(path: Path) -> tuple[Path, list] | None:
@@ -102,6 +114,7 @@ def load(folder: Path, identity: list, path: Path, kwargs: dict, tokenizer: bool
         restore_config(lm.config, record["config"])
     except Exception as exc:  # noqa: BLE001 - a damaged cache (a truncated file, another library's error) is skipped
         log.info("fisherlora: the cached embedded model in %s cannot be read (%s); loading the GGUF file", folder, exc)
+        discard(folder)  # so that this load's write replaces it
         return None, None
     lm.config.name_or_path = str(path.parent)  # what the GGUF load records
     lm.name_or_path = ""  # as _as_float_model leaves it
@@ -130,16 +143,39 @@ def restore_config(config, fields: dict) -> None:
             setattr(config, key, value)
 
 
+def discard(folder: Path) -> None:
+    """Remove a damaged cache ``folder``: renamed away first (atomic), so no reader sees it half removed."""
+    gone = folder.with_name(f".{folder.name}.{os.getpid()}-{threading.get_ident()}.damaged")
+    try:
+        os.rename(folder, gone)
+    except OSError:
+        return  # already gone (another process discarded or replaced it)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def remove_abandoned(parent: Path) -> None:
+    """Remove the ``.partial`` folders in ``parent`` whose writer process no longer runs (killed mid-write)."""
+    for partial in parent.glob(".*.partial"):
+        try:
+            pid = int(partial.name.rsplit(".", 2)[-2].split("-")[0])
+            os.kill(pid, 0)  # raises ProcessLookupError when no such process runs
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except (ValueError, IndexError, OSError):  # not ours, or a process we may not signal: kept
+            continue
+
+
 def write(folder: Path, identity: list, lm, tok, read_config) -> None:
     """Save the just-loaded embedded model and its tokenizer as the cache ``folder``, with the GGUF
     file's own config (``read_config()``, what :func:`fisherlora.models.load_config` reads; parsed
     once more here): written beside it and renamed into place, so a reader sees a whole cache or
     none (a process that loses the race to another keeps the other's)."""
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}-{threading.get_ident()}.partial"
     loaded = config_json(lm.config)
     try:
         gguf_config = read_config()
         folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(folder.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -241,7 +241,10 @@ def load_config(model: str | os.PathLike):
     if path.suffix == ".gguf" and path.is_file():
         cached = gguf_cache.any_folder(path) if _is_embedded(model, path) else None
         if cached is not None:  # the GGUF file's own config, kept with the cached model
-            return AutoConfig.for_model(**cached[1]["gguf_config"])
+            try:
+                return AutoConfig.for_model(**cached[1]["gguf_config"])
+            except Exception as exc:  # noqa: BLE001 - a damaged record: parsed from the file instead
+                log.info("fisherlora: the cached config in %s cannot be read (%s)", cached[0], exc)
         return _gguf_config(path)
     if path.is_dir():
         path = path / "config.json"

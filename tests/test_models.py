@@ -130,14 +130,18 @@ def test_the_embedded_model_is_cached_and_the_cache_gives_the_same_model(tmp_pat
 
 def test_the_cache_is_keyed_by_file_and_dtype_and_can_be_turned_off(tmp_path, monkeypatch):
     """A cache folder belongs to one GGUF file (its size and time included), one dtype and the
-    library versions; a folder whose record says otherwise, or a damaged one, is not read; and
-    ``FISHERLORA_CACHE=off`` reads and writes none."""
+    library versions; a folder whose record says otherwise is not read, a damaged one is removed
+    (so that the load's own write replaces it), and so is the partial folder of a writer that was
+    killed; ``FISHERLORA_CACHE=off``, or a home that cannot be found, reads and writes none."""
+    from importlib.metadata import version
+
     from fisherlora import gguf_cache
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "c"))
     f32, ident = gguf_cache.folder_for(gguf, torch.float32)
+    assert version("transformers") in ident and version("tokenizers") in ident and version("gguf") in ident
     assert f32.name.endswith("-float32") and gguf_cache.folder_for(gguf, torch.bfloat16)[0] != f32
     os.utime(gguf, ns=(0, 12345))
     assert gguf_cache.folder_for(gguf, torch.float32)[0] != f32
@@ -151,10 +155,29 @@ def test_the_cache_is_keyed_by_file_and_dtype_and_can_be_turned_off(tmp_path, mo
     (f32 / "fisherlora-cache.json").write_text(json.dumps({"identity": ident, "config": {}}))
     assert gguf_cache.any_folder(gguf)[0] == f32  # config and tokenizer: any dtype's folder serves
     (f32 / "config.json").write_text("{not json")
-    assert gguf_cache.load(f32, ident, gguf, kwargs, True) == (None, None)  # damaged
-    for off in ("off", "0", ""):
+    assert gguf_cache.load(f32, ident, gguf, kwargs, True) == (None, None)  # damaged: removed
+    assert not f32.exists() and list(f32.parent.iterdir()) == []
+    dead, alive = (f32.parent / f".{f32.name}.{pid}-1.partial" for pid in (2**22 + 1, os.getpid()))
+    for folder in (dead, alive):
+        folder.mkdir()
+    gguf_cache.remove_abandoned(f32.parent)
+    assert not dead.exists() and alive.exists()  # pids above 2**22 (the kernel's limit) never run
+    for off in ("off", "0", "", "~no-such-user-here/cache"):
         monkeypatch.setenv(gguf_cache.CACHE_ENV, off)
         assert gguf_cache.cache_root() is None and gguf_cache.folder_for(gguf, torch.float32) is None
     monkeypatch.delenv(gguf_cache.CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert gguf_cache.cache_root() == tmp_path / "xdg" / "fisherlora"
+
+
+@pytest.mark.slow
+def test_a_damaged_cached_config_is_parsed_from_the_gguf_file_instead(tmp_path, monkeypatch):
+    """A record whose own config is missing or unreadable: ``load_config`` parses the file."""
+    from fisherlora import gguf_cache, models
+
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "c"))
+    folder, ident = gguf_cache.folder_for(models.embedded_model_path(), torch.float32)
+    folder.mkdir(parents=True)
+    for record in ({"identity": ident}, {"identity": ident, "gguf_config": {"model_type": "no-such-model"}}):
+        (folder / "fisherlora-cache.json").write_text(json.dumps(record))
+        assert models.load_config(models.EMBEDDED_MODEL).num_hidden_layers == 30
