@@ -143,6 +143,9 @@ def load_tokenizer(model: str | os.PathLike = EMBEDDED_MODEL):
     Args:
         model: ``"smollm2-135m"``, a ``.gguf`` file or a local ``transformers`` folder.
 
+    Returns:
+        a ``transformers`` tokenizer with a pad token.
+
     Raises:
         FileNotFoundError: the path does not exist.
     """
