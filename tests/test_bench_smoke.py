@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_op_benchmarks_run_at_toy_size(tmp_path):
     out = tmp_path / "ops.json"
-    env = dict(os.environ, FISHERLORA_BENCH_QUICK="1", FISHERLORA_BENCH_DEVICE="cpu")
+    # a pytest of its own: not an xdist worker, whose variables would make pytest-benchmark disable itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env.update(FISHERLORA_BENCH_QUICK="1", FISHERLORA_BENCH_DEVICE="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(ROOT / "bench" / "test_bench_ops.py"), "--benchmark-only", f"--benchmark-json={out}"],

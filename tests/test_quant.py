@@ -167,14 +167,15 @@ def test_init_on_a_quantised_base_requantises_the_residual_within_the_quantiser_
     for name, layer in lora_layers(result.model):
         base = layer.get_base_layer()
         assert quant.is_quantised(base), f"{name} is still quantised after init"
-        B, A, s = layer.lora_B["default"].weight, layer.lora_A["default"].weight, layer.scaling["default"]
+        B, A = layer.lora_B["default"].weight.detach(), layer.lora_A["default"].weight.detach()
+        s = layer.scaling["default"]
         R = quant.dequantise(base)
         assert torch.isfinite(R).all() and R.abs().amax() > 0, f"{name}: an all-zero or NaN residual"
         assert torch.isfinite(B).all() and B.abs().amax() > 0 and A.abs().amax() > 0, name
         W_res = deq[name] - s * (B @ A)
         err = (R - W_res).abs()
         assert (err <= _elementwise_bound(base, W_res)).all(), f"{name}: beyond the quantiser's rounding bound"
-        measured = float((R + s * (B @ A) - deq[name]).detach().norm() / deq[name].norm())
+        measured = float((R + s * (B @ A) - deq[name]).norm() / deq[name].norm())
         entry = report["layers"][name]
         assert entry["requant_error"] == pytest.approx(measured, rel=1e-3, abs=1e-7)
         # the quantiser's relative error on W_res is that on the float weight W (same kind of matrix)
