@@ -203,13 +203,17 @@ class _Timer:
         self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - c0
 
 
-def floor_pass(model, batches) -> int:
+def floor_pass(model, batches, trainable=()) -> int:
     """Forward + backward of the sum-reduced label loss, no hooks, frozen weights: the gradient
-    reaches every layer through the input embeddings (which require grad), as in fisherlora."""
+    reaches every layer through the input embeddings (which require grad), as in fisherlora.
+    ``trainable``: parameters left trainable, whose gradients autograd then accumulates in
+    ``.grad`` (``bench/gradient_pass.py``). Every parameter's flag is restored."""
     from fisherlora.calibration import position_ids_from_mask, token_loss_sum
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
     embed = model.get_input_embeddings()
     device = next(model.parameters()).device
     tokens = 0

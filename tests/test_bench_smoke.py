@@ -46,3 +46,18 @@ def test_the_gradient_op_check_compares_ext_with_autograds_product(tmp_path):
     for c in res["cases"]:
         assert c["max_rel_diff"] < 1e-5 and c["ext_over_autograd"] > 0 and 0 < c["kept_tokens"] <= 80
     assert res["total_ext_over_autograd"] > 0
+
+
+def test_the_gradient_pass_check_times_four_passes_on_the_same_batches(tmp_path):
+    """bench/gradient_pass.py at toy size: every pass runs once per repeat, and autograd's pass
+    forms a weight gradient for every target (it raises otherwise)."""
+    from bench import gradient_pass
+
+    out = tmp_path / "pass.json"
+    res = gradient_pass.main(["--tiny", "--num-samples", "4", "--max-length", "32", "--batch-size", "2",
+                              "--repeats", "2", "--json", str(out)])
+    assert json.loads(out.read_text())["median_s"] == res["median_s"]
+    assert set(res["times_s"]) == set(gradient_pass.VARIANTS)
+    assert all(len(t) == 2 and min(t) > 0 for t in res["times_s"].values())
+    lo, hi = res["gradient_share_per_repeat"]
+    assert lo <= hi and res["tokens"] > 0 and res["settings"]["model"] == "tiny random Llama"
