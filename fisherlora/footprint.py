@@ -230,9 +230,7 @@ class Footprint:
     def gradient_op(self, d_out: int, d_in: int) -> int:
         """One ``gradient_accumulate_`` call (an estimate): the reference's float copies of the
         rows and its ``(d_out, d_in)`` product; the compiled kernel's two panels of one token
-        chunk (at most ``GRAD_PANEL_BYTES``, at least ``GRAD_MIN_CHUNK`` rows) and row offsets.
-        The CPU kernel needs no panels where float32 rows are read in place (long runs of kept
-        tokens); they are counted anyway, since the padding of the batches is not known here."""
+        chunk (at most ``GRAD_PANEL_BYTES``, at least ``GRAD_MIN_CHUNK`` rows) and row offsets."""
         row = (d_out + d_in) * self.s
         if self.reference:
             return 2 * self.n * row + d_out * d_in * self.s

@@ -169,48 +169,6 @@ def test_gradient_is_deterministic_across_runs_and_thread_counts():
     assert torch.equal(first, run()) and torch.equal(first, single)
 
 
-def _padded_batch(d, lengths, T, left, gen, *, wide=0):
-    """(B, T, d) float32 rows (a slice of a (B, T, d + wide) tensor: row stride d + wide) and the
-    mask of ``lengths`` kept tokens per sequence, padded on the left or the right."""
-    x = torch.randn(len(lengths), T, d + wide, generator=gen)[..., wide // 2: wide // 2 + d]
-    pos = torch.arange(T)
-    mask = torch.stack([(pos >= T - n) if left else (pos < n) for n in lengths])
-    return x, mask
-
-
-@pytest.mark.parametrize("left", [False, True], ids=["right-padded", "left-padded"])
-@pytest.mark.parametrize("wide", [0, 24], ids=["contiguous", "row-stride-wider"])
-def test_gradient_reads_long_runs_of_float32_rows_in_place(left, wide):
-    """float32 g and a whose kept tokens form long runs (the sequences of a padded batch, also as
-    slices of wider rows) are multiplied where they lie: the op allocates nothing, in both
-    orientations, and matches float64 onto the accumulator's previous contents, with any thread
-    count. Rows it must convert (bf16 a) or short runs (a scattered mask) are still gathered."""
-    from functools import partial
-
-    from fisherlora.testing import peak_memory
-
-    def allocated(fn):
-        return peak_memory(fn, torch.device("cpu"))[0]
-
-    gen = torch.Generator().manual_seed(11 + wide)
-    g, mask = _padded_batch(96, [150, 97, 70], 150, left, gen, wide=wide)
-    a, _ = _padded_batch(80, [150, 97, 70], 150, left, gen, wide=wide)
-    for transpose in (False, True):
-        ref = 7.0 + 0.5 * _gradient64(g, a, mask, transpose)
-        outs = [torch.full(ref.shape, 7.0) for _ in range(2)]
-        op = partial(ops.gradient_accumulate_, g=g, a=a, mask=mask, scale=0.5, transpose=transpose, backend="ext")
-        assert allocated(partial(op, outs[0])) == 0
-        single_threaded(partial(op, outs[1]))
-        torch.testing.assert_close(outs[0].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-        assert torch.equal(outs[0], outs[1])
-    scattered = torch.rand(mask.shape, generator=gen) > 0.5
-    for a_in, m in ((a.bfloat16(), mask), (a, scattered)):
-        acc = torch.zeros(96, 80)
-        assert allocated(partial(ops.gradient_accumulate_, acc, g, a_in, m, 1.0, backend="ext")) > 0
-        ref = _gradient64(g, a_in, m)
-        torch.testing.assert_close(acc.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("d_out, d_in, tokens", [(4096, 1024, 9000), (2048, 14336, 700), (77, 50, 50)])
 def test_cuda_gradient_tensor_core_path_matches_float64_and_never_synchronises(d_out, d_in, tokens):

@@ -12,7 +12,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <array>
 #include <vector>
 
 #include "../curvature.h"
@@ -34,7 +33,6 @@ constexpr int64_t GRAD_COLS = 192;          // columns of the (d_out, d_in) grad
 constexpr int64_t GRAD_MIN_TASKS = 8;       // tiles of the gradient, at least (rows split to reach it)
 constexpr int64_t GRAD_PANEL_BYTES = 32 << 20;  // gathered g and a rows of one token chunk, at most
 constexpr int64_t GRAD_MIN_CHUNK = 256;     // kept tokens per chunk, at least (wide layers)
-constexpr int64_t GRAD_MIN_RUN = 64;        // kept tokens per run read in place, on average, at least
 // Row panels of a diagonal SYRK tile: panel a (columns [a*P, a*P + P)) is multiplied only with
 // the columns from a*P on, so the strictly lower half is skipped except inside the P x P blocks
 // on the diagonal. Multiply-adds per kept token of an n-wide diagonal tile:
@@ -270,36 +268,7 @@ std::vector<std::pair<int64_t, int64_t>> near_equal_blocks(int64_t d, int64_t pa
   return out;
 }
 
-// Runs of kept tokens that g and a both hold one row stride after the previous kept token (each
-// sequence of a right-padded (B, T, d) batch; consecutive sequences of a contiguous batch merge):
-// (element offset in g, element offset in a, rows). Empty, so that the rows are gathered instead,
-// unless both are already in acc_t with unit column stride and row strides of at least their width,
-// and the runs hold GRAD_MIN_RUN kept tokens on average (short runs make shallow products).
-template <typename acc_t>
-std::vector<std::array<int64_t, 3>> in_place_runs(const at::Tensor& g, const at::Tensor& a,
-                                                   const std::vector<int64_t>& grows,
-                                                   const std::vector<int64_t>& arows) {
-  std::vector<std::array<int64_t, 3>> runs;
-  const auto dtype = c10::CppTypeToScalarType<acc_t>::value;
-  if (g.scalar_type() != dtype || a.scalar_type() != dtype || g.dim() < 2 || a.dim() < 2 || g.stride(-1) != 1 ||
-      a.stride(-1) != 1)
-    return runs;
-  const int64_t rg = g.stride(-2), ra = a.stride(-2);
-  if (rg < g.size(-1) || ra < a.size(-1)) return runs;
-  const int64_t n = static_cast<int64_t>(grows.size());
-  for (int64_t t = 0; t < n; ++t) {
-    if (t > 0 && grows[t] - grows[t - 1] == rg && arows[t] - arows[t - 1] == ra)
-      ++runs.back()[2];
-    else
-      runs.push_back({grows[t], arows[t], 1});
-  }
-  if (static_cast<int64_t>(runs.size()) * GRAD_MIN_RUN > n) runs.clear();
-  return runs;
-}
-
-// acc (d_out, d_in) += scale * g_rᵀ a_r. Where in_place_runs finds long runs, each task adds its
-// tile's share of every run's product, reading the rows of g and a where they are (no copy, no
-// panel). Otherwise one chunk of kept tokens at a time: the chunk's rows of g
+// acc (d_out, d_in) += scale * g_rᵀ a_r, one chunk of kept tokens at a time: the chunk's rows of g
 // and of a (offsets grows, arows: the same tokens) are gathered and converted on load into two
 // float panels (threads split the rows); then every task owns one tile of acc and adds
 // scale * panel_gᵀ panel_a to it with one BLAS product as deep as the chunk. Tiles are column
@@ -312,32 +281,16 @@ void gradient_kernel(const at::Tensor& acc, const at::Tensor& g, const at::Tenso
                      const std::vector<int64_t>& grows, const std::vector<int64_t>& arows, double scale) {
   const int64_t d_out = g.size(-1), d_in = a.size(-1);
   const int64_t n = static_cast<int64_t>(grows.size());
+  const int64_t row_bytes = (d_out + d_in) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t chunk = std::min(n, std::max(GRAD_MIN_CHUNK, GRAD_PANEL_BYTES / row_bytes));
+  const auto opts = acc.options();
+  at::Tensor pg = at::empty({chunk, d_out}, opts);
+  at::Tensor pa = at::empty({chunk, d_in}, opts);
   const auto cols = near_equal_blocks(d_in, (d_in + GRAD_COLS - 1) / GRAD_COLS);
   const int64_t ncols = static_cast<int64_t>(cols.size());
   const auto rows = near_equal_blocks(d_out, std::min((GRAD_MIN_TASKS + ncols - 1) / ncols, (d_out + 15) / 16));
   const int64_t ntiles = ncols * static_cast<int64_t>(rows.size());
 
-  const auto runs = in_place_runs<acc_t>(g, a, grows, arows);
-  if (!runs.empty()) {
-    std::vector<std::pair<at::Tensor, at::Tensor>> views;  // (rows, d_out) of g and (rows, d_in) of a per run
-    for (const auto& [go, ao, nr] : runs)
-      views.emplace_back(g.as_strided({nr, d_out}, {g.stride(-2), 1}, g.storage_offset() + go),
-                         a.as_strided({nr, d_in}, {a.stride(-2), 1}, a.storage_offset() + ao));
-    at::parallel_for(0, ntiles, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const auto [i0, ni] = rows[p / ncols];
-        const auto [j0, nj] = cols[p % ncols];
-        at::Tensor tile = acc.narrow(0, i0, ni).narrow(1, j0, nj);
-        for (const auto& [gv, av] : views) tile.addmm_(gv.narrow(1, i0, ni).t(), av.narrow(1, j0, nj), 1, scale);
-      }
-    });
-    return;
-  }
-
-  const int64_t row_bytes = (d_out + d_in) * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t chunk = std::min(n, std::max(GRAD_MIN_CHUNK, GRAD_PANEL_BYTES / row_bytes));
-  at::Tensor pg = at::empty({chunk, d_out}, acc.options());
-  at::Tensor pa = at::empty({chunk, d_in}, acc.options());
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int64_t nt = std::min(chunk, n - t0);
     at::parallel_for(0, nt, TOKEN_TILE, [&](int64_t r0, int64_t r1) {
