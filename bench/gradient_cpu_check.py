@@ -5,8 +5,9 @@ per layer, as autograd's own weight gradient does. This times ``gradient_accumul
 against that product on the kept rows (``g[mask].T @ a[mask]``, the rows gathered beforehand, so
 the naive side is charged for the product only) at SmolLM2-135M's four weight shapes, one
 calibration batch of the quality benchmark's size (4 × 256 tokens, 85 % kept, float32 as the
-CPU runs). Both run in the same process, interleaved, on the same inputs; time is the median of
-wall-clock repeats.
+CPU runs; ``--padded`` keeps each sequence's prefix as a padded batch does, which the op reads in
+place, where the default scattered mask makes it gather). Both run in the same process,
+interleaved, on the same inputs; time is the median of wall-clock repeats.
 
     python -m bench.gradient_cpu_check [--json bench/runs/gradient_cost/gradient_op_cpu.json]
 """
@@ -27,10 +28,19 @@ from fisherlora import ops
 SHAPES = ((576, 576), (192, 576), (1536, 576), (576, 1536))
 
 
-def case(d_out: int, d_in: int, batch: int, tokens: int, repeats: int) -> dict:
+def make_mask(batch: int, tokens: int, padded: bool, gen: torch.Generator) -> torch.Tensor:
+    """About 85 % of the tokens kept: scattered at random, or (``padded``) as the calibration
+    batches keep them, each sequence a prefix (right padding) of a length drawn from 70-100 %."""
+    if not padded:
+        return torch.rand(batch, tokens, generator=gen) < 0.85
+    lengths = (tokens * (0.7 + 0.3 * torch.rand(batch, generator=gen))).long().clamp(1, tokens)
+    return torch.arange(tokens) < lengths[:, None]
+
+
+def case(d_out: int, d_in: int, batch: int, tokens: int, repeats: int, padded: bool = False) -> dict:
     gen = torch.Generator().manual_seed(d_out * 7 + d_in)
     g, a = torch.randn(batch, tokens, d_out, generator=gen), torch.randn(batch, tokens, d_in, generator=gen)
-    mask = torch.rand(batch, tokens, generator=gen) < 0.85
+    mask = make_mask(batch, tokens, padded, gen)
     kept_g, kept_a = g[mask], a[mask]
     acc_naive, acc_ext = torch.zeros(d_out, d_in), torch.zeros(d_out, d_in)
     providers = {"autograd_product": lambda: acc_naive.addmm_(kept_g.T, kept_a),
@@ -57,13 +67,17 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i in SHAPES),
                         help="comma list of d_outxd_in (default: SmolLM2-135M's)")
+    parser.add_argument("--padded", action="store_true",
+                        help="keep each sequence's prefix, as a padded calibration batch does (default: a "
+                             "scattered 85 %% of the tokens, which the op must gather)")
     parser.add_argument("--json", default="bench/runs/gradient_cost/gradient_op_cpu.json")
     args = parser.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    results = {"batch": args.batch, "tokens": args.tokens, "threads": torch.get_num_threads(),
+    results = {"batch": args.batch, "tokens": args.tokens, "mask": "padded" if args.padded else "scattered",
+               "threads": torch.get_num_threads(),
                "torch": torch.__version__, "load_avg": os.getloadavg()[0], "cases": []}
     for d_out, d_in in shapes:
-        c = case(d_out, d_in, args.batch, args.tokens, args.repeats)
+        c = case(d_out, d_in, args.batch, args.tokens, args.repeats, args.padded)
         results["cases"].append(c)
         ms = c["median_ms"]
         print(f"{d_out:>5} x {d_in:<5}: autograd's product {ms['autograd_product']:.2f} ms, ext {ms['ext']:.2f} ms "

@@ -38,14 +38,15 @@ def test_the_gradient_op_check_compares_ext_with_autograds_product(tmp_path):
     float32 rounding), and the json holds the per-shape and total ratios."""
     from bench import gradient_cpu_check
 
-    out = tmp_path / "op.json"
-    assert gradient_cpu_check.main(["--batch", "2", "--tokens", "40", "--repeats", "1", "--shapes", "33x70,16x16",
-                                    "--json", str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert [(c["d_out"], c["d_in"]) for c in res["cases"]] == [(33, 70), (16, 16)]
-    for c in res["cases"]:
-        assert c["max_rel_diff"] < 1e-5 and c["ext_over_autograd"] > 0 and 0 < c["kept_tokens"] <= 80
-    assert res["total_ext_over_autograd"] > 0
+    for mask in ([], ["--padded"]):
+        out = tmp_path / "op.json"
+        assert gradient_cpu_check.main(["--batch", "2", "--tokens", "40", "--repeats", "1", "--shapes",
+                                        "33x70,16x16", "--json", str(out), *mask]) == 0
+        res = json.loads(out.read_text())
+        assert [(c["d_out"], c["d_in"]) for c in res["cases"]] == [(33, 70), (16, 16)]
+        for c in res["cases"]:
+            assert c["max_rel_diff"] < 1e-5 and c["ext_over_autograd"] > 0 and 0 < c["kept_tokens"] <= 80
+        assert res["total_ext_over_autograd"] > 0 and res["mask"] == ("padded" if mask else "scattered")
 
 
 def test_the_gradient_pass_check_times_four_passes_on_the_same_batches(tmp_path):
