@@ -98,7 +98,11 @@ def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem:
     float32 and ``16h`` in float64); the loss (the logits ``V·e`` and ``4h``, ``6h`` below float32 and ``12h`` in
     float64, and the backward's chunks of logits in at least float32); a hook's op call with what
     it reads in flight: two hidden gradients (``2h``, at least float32), the top MLP's input,
-    product and output (``(2h + i)·e``, when its down projection's input is accumulated), or the
+    product and output (``(2h + i)·e``, when its down projection's input is accumulated) with,
+    outside float32, ``h·e`` each for the hidden states the forward holds beside them: the
+    residual stream, the top layer's input (held by the model's loop over its layers) and the
+    embeddings' output (held to the forward's end). In float32 the norms save these very tensors
+    (counted in ``S``); otherwise they save float32 copies, and the streams stay beside them. Or the
     logits' gradient when ``head_target`` (an output head is hooked).
     ``mc_samples`` label draws of the true Fisher (0: the empirical one) add 24 bytes per token
     for each draw's labels and the sampling moment (the logits and two float32 copies of the
@@ -115,7 +119,11 @@ def activation_bytes(arch: Architecture, batch_size: int, max_length: int, elem:
     half, double = elem < 4, elem > 4  # the norms and the loss work in float32 (at least)
     layer = 8 * h + 8 + (4 * q + 3 * i + max_length) * elem + max(elem, 4) * arch.heads
     mlp_backward = 3 * i * elem + max(elem, 4) * h
-    in_flight = max(2 * h * max(elem, 4), (2 * h + i) * elem, arch.vocab * elem + 4 * h if head_target else 0)
+    # outside float32 the norms save float32 copies, not the hidden states the forward holds: the residual
+    # stream, and unless checkpointed (which counts every layer's input), the top layer's input and the embeddings'
+    stream = (h * elem if elem != 4 else 0) * (1 if checkpointed else 3)
+    mlp_forward = (2 * h + i) * elem + stream
+    in_flight = max(2 * h * max(elem, 4), mlp_forward, arch.vocab * elem + 4 * h if head_target else 0)
     norm_backward = n * (6 * h * elem + (14 * h if half else 16 * h if double else 0))
     loss = n * (arch.vocab * elem + (6 if half else 12 if double else 4) * h) + _loss_chunks(arch.vocab, n, elem)
     once = n * (2 * arch.head_dim * elem + 33)
