@@ -106,24 +106,42 @@ def model_card(report: dict, base_model: str | None, data: str | None, dtype: st
     front = ["---", "library_name: peft", "tags:", "- fisherlora", "- lora", "- peft", *(f"- {t}" for t in tags)]
     if base_model:
         front.insert(1, f"base_model: {base_model}")
+    start = cfg.get("init", "filet")
+    if start == "filet":
+        how = ("each target weight's singular directions were ranked by their Fisher energy (uᵀGu)(vᵀAv) on the "
+               "calibration data, the top r became the LoRA factors")
+        made = [f"- Fisher: {cfg.get('fisher_type')} (score `{cfg.get('score')}`, magnitude `{cfg.get('magnitude')}`, "
+                f"damping {cfg.get('damping')})"]
+        figures = (f"- Fisher energy captured (mean over layers): {report.get('mean_energy_captured', 0):.1%}; overlap "
+                   f"with PiSSA's top-r: {report.get('mean_pissa_overlap', 0):.1%} (report.md explains both)")
+    else:  # a gradient start: score and magnitude do not apply, and the selection is of the gradient's spectrum
+        natural = start == "natural_gradient"
+        how = ("the loss gradient of each target weight, ∇W = Σ g aᵀ over the calibration data"
+               + (", whitened by the damped K-FAC factors (the natural gradient (G+λI)⁻¹ ∇W (A+λI)⁻¹)" if natural
+                  else "") + ", gave the LoRA factors in LoRA-GA's split (A its first r singular directions, "
+               "B the next r)")
+        made = [f"- start: `init={start}`"
+                + (f" ({cfg.get('fisher_type')} Fisher, damping {cfg.get('damping')}; 0: automatic)" if natural
+                   else "")]
+        figures = (f"- the {'whitened ' if natural else ''}gradient's top-r share of Σσ² (mean over layers): "
+                   f"{report.get('mean_energy_captured', 0):.1%} (report.md explains it)")
     lines = front + ["---", "", "# fisherlora initial adapter", "",
         "An initial LoRA adapter made by fisherlora (the Python package `fisherlora`; FILet, arXiv 2605.01046): "
-        "each target weight's singular directions were ranked by their Fisher energy (uᵀGu)(vᵀAv) on the "
-        "calibration data, the top r became the LoRA factors, and the rest stays in a residual base weight "
-        "W − s·BA that `fisherlora.load` rebuilds from the original base. At step 0 the model computes what the "
-        "base computes.",
+        f"{how}, "
+        "and the rest stays in a residual base weight W − s·BA that `fisherlora.load` rebuilds from the original "
+        "base. At step 0 the model computes what the base computes. Plain `PeftModel.from_pretrained` on the "
+        "original base W would compute W + s·BA, not W (the adapter belongs to the residual base): use "
+        "`fisherlora.load`, or `convert` below.",
         "", "## How it was made", "",
         f"- model: `{base_model}` ({dtype})",
         f"- data: `{data or 'calibration batches passed from Python'}`",
         f"- calibration: {cal.get('sequences', 0)} sequences, {cal.get('tokens', 0):,} tokens "
         f"({cal.get('label_tokens', 0):,} with loss)",
-        f"- Fisher: {cfg.get('fisher_type')} (score `{cfg.get('score')}`, magnitude `{cfg.get('magnitude')}`, "
-        f"damping {cfg.get('damping')})",
+        *made,
         f"- rank allocation: {_rank_allocation(report)}; alpha {cfg.get('alpha')}"
         f"{', rsLoRA' if cfg.get('use_rslora') else ''}; {report.get('num_layers', 0)} layers "
         f"(targets `{cfg.get('target_modules')}`)",
-        f"- Fisher energy captured (mean over layers): {report.get('mean_energy_captured', 0):.1%}; overlap with "
-        f"PiSSA's top-r: {report.get('mean_pissa_overlap', 0):.1%} (report.md explains both)",
+        figures,
         "", "## Load, train, convert", "",
         "```python", "import torch", "import fisherlora", base_loading_code(base_model, dtype),
         'model = fisherlora.load(base, "<this folder>", is_trainable=True)   # a PeftModel, LoRA weights trainable',

@@ -80,3 +80,24 @@ def test_saved_files_travel(tmp_path):
     again.extra.update(model=str(folder), data=str(data))
     out2 = again.save(tmp_path / "out2")
     assert (out2 / "adapter_config.json").read_text() == (out / "adapter_config.json").read_text()
+
+
+@pytest.mark.parametrize("start", ["filet", "gradient", "natural_gradient"])
+def test_the_card_describes_the_start_that_made_the_adapter(start):
+    """A gradient start's card says where its factors came from and drops the filet-only settings
+    (score, magnitude) and figures (Fisher energy captured, PiSSA overlap), which do not apply."""
+    from fisherlora.card import model_card
+
+    report = {"config": {"init": start, "fisher_type": "empirical", "score": "fisher", "magnitude": "top_sigma",
+                         "damping": 0.0, "alpha": 32, "target_modules": ["q_proj"]},
+              "layers": [{"name": "model.layers.0.self_attn.q_proj", "rank": 16}], "num_layers": 1,
+              "mean_energy_captured": 0.156, "mean_pissa_overlap": 1.0}
+    card = model_card(report, "smollm2-135m", "gsm8k")
+    filet = start == "filet"
+    assert ("ranked by their Fisher energy" in card) is filet
+    assert ("score `fisher`, magnitude `top_sigma`" in card) is filet
+    assert ("PiSSA's top-r" in card) is filet
+    assert ("Fisher energy captured" in card) is filet
+    assert (f"`init={start}`" in card) is not filet
+    assert ("whitened" in card) is (start == "natural_gradient")
+    assert "15.6%" in card and "fisherlora.load" in card and "W + s·BA" in card
