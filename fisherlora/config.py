@@ -143,14 +143,20 @@ class FisherLoraConfig:
         "(bench/RESULTS.md)",
         default=Magnitude.TOP_SIGMA)
     damping: float = _help(
-        "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G; for "
-        "init='natural_gradient' added to A and G before they are inverted (0: 1e-2 x each factor's mean "
-        "eigenvalue, docs/DESIGN.md §1 step 6)",
+        "added to both curvature factors of the energy: (uᵀGu + λ)(vᵀAv + λ), in the units of A and G (0: no "
+        "damping); for init='natural_gradient' added to A and G before they are inverted (there 0 means "
+        "automatic: 1e-2 x each factor's mean eigenvalue, docs/DESIGN.md §1 step 6)",
         default=0.0,
     )
-    stats_dtype: str = _help("dtype of the accumulated statistics: 'float32' or 'float64'", default="float32",
+    stats_dtype: str = _help("dtype of the accumulated statistics A, G (and the weight gradient): 'float32' or "
+                             "'float64' (twice the memory, for very long calibration sets or ill-conditioned "
+                             "factors)", default="float32",
                              choices=_DTYPES)
-    memory_mode: MemoryMode = _help("'full', 'packed', 'projected' or 'auto' (fastest that fits)",
+    memory_mode: MemoryMode = _help("how the statistics are held: 'full' (dense d x d A and G per layer, fastest), "
+                                    "'packed' (their upper triangles, about half the memory), 'projected' (only "
+                                    "each singular direction's uᵀGu and vᵀAv, on bases computed first: the least "
+                                    "memory, filet only) or 'auto' (the fastest that fits; `fisherlora plan` shows "
+                                    "each)",
                                     default=MemoryMode.FULL)
     layer_groups: int = _help(
         "passes over the calibration data, each collecting statistics for one contiguous group of decoder "
@@ -158,7 +164,10 @@ class FisherLoraConfig:
     bases_dtype: str = _help("dtype of the singular bases U, V held by the projected mode: 'float32' or "
                              "'model' (the weights' dtype, half the memory for bf16)", default="float32",
                              choices=_BASES_DTYPES)
-    backend: str = _help("op backend: 'auto', 'torch', 'triton' or 'ext'", default="auto", choices=_BACKENDS)
+    backend: str = _help("op backend: 'auto' (the first available of triton, ext, torch on a GPU, of ext, torch on "
+                         "a CPU; the measured dispatch table where it has rows), 'torch' (the plain PyTorch "
+                         "reference), 'triton' (the fused Triton kernels) or 'ext' (fisherlora's compiled C++/CUDA "
+                         "extension)", default="auto", choices=_BACKENDS)
     seed: int = _help("seed for the calibration sample and for true-Fisher label draws", default=0)
     rank_allocation: str = _help(
         "'uniform' (every layer gets rank r) or 'global' (a budget of r x number of target layers shared across "
