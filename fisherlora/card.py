@@ -110,8 +110,8 @@ def model_card(report: dict, base_model: str | None, data: str | None, dtype: st
     if start == "filet":
         how = ("each target weight's singular directions were ranked by their Fisher energy (uᵀGu)(vᵀAv) on the "
                "calibration data, the top r became the LoRA factors")
-        made = [f"- Fisher: {cfg.get('fisher_type')} (score `{cfg.get('score')}`, magnitude `{cfg.get('magnitude')}`, "
-                f"damping {cfg.get('damping')})"]
+        made = (f"- Fisher: {cfg.get('fisher_type')} (score `{cfg.get('score')}`, magnitude `{cfg.get('magnitude')}`, "
+                f"damping {cfg.get('damping')})")
         figures = (f"- Fisher energy captured (mean over layers): {report.get('mean_energy_captured', 0):.1%}; overlap "
                    f"with PiSSA's top-r: {report.get('mean_pissa_overlap', 0):.1%} (report.md explains both)")
     else:  # a gradient start: score and magnitude do not apply, and the selection is of the gradient's spectrum
@@ -120,9 +120,8 @@ def model_card(report: dict, base_model: str | None, data: str | None, dtype: st
                + (", whitened by the damped K-FAC factors (the natural gradient (G+λI)⁻¹ ∇W (A+λI)⁻¹)" if natural
                   else "") + ", gave the LoRA factors in LoRA-GA's split (A its first r singular directions, "
                "B the next r)")
-        made = [f"- start: `init={start}`"
-                + (f" ({cfg.get('fisher_type')} Fisher, damping {cfg.get('damping')}; 0: automatic)" if natural
-                   else "")]
+        made = f"- start: `init={start}`" + (
+            f" ({cfg.get('fisher_type')} Fisher, damping {cfg.get('damping')}; 0: automatic)" if natural else "")
         figures = (f"- the {'whitened ' if natural else ''}gradient's top-r share of Σσ² (mean over layers): "
                    f"{report.get('mean_energy_captured', 0):.1%} (report.md explains it)")
     lines = front + ["---", "", "# fisherlora initial adapter", "",
@@ -137,7 +136,7 @@ def model_card(report: dict, base_model: str | None, data: str | None, dtype: st
         f"- data: `{data or 'calibration batches passed from Python'}`",
         f"- calibration: {cal.get('sequences', 0)} sequences, {cal.get('tokens', 0):,} tokens "
         f"({cal.get('label_tokens', 0):,} with loss)",
-        *made,
+        made,
         f"- rank allocation: {_rank_allocation(report)}; alpha {cfg.get('alpha')}"
         f"{', rsLoRA' if cfg.get('use_rslora') else ''}; {report.get('num_layers', 0)} layers "
         f"(targets `{cfg.get('target_modules')}`)",
